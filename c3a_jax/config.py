@@ -1,0 +1,185 @@
+"""C3AConfig: PEFT's C3A configuration, validated, read from and written to adapter_config.json.
+
+Example:
+  >>> import c3a_jax as c3a
+  >>> cfg = c3a.C3AConfig(block_size=64, target_modules=["query", "value"])
+  >>> cfg.to_dict()["peft_type"]
+  'C3A'
+  >>> c3a.C3AConfig(block_size=0)
+  Traceback (most recent call last):
+  ...
+  ValueError: C3AConfig.block_size must be a positive integer, got 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import warnings
+from typing import Any, Optional, Union
+
+from c3a_jax import ops
+from c3a_jax._io import atomic_write
+
+CONFIG_NAME = "adapter_config.json"
+BIAS = ("none", "all", "c3a_only")
+# PEFT bookkeeping that is read and written but means nothing to c3a-jax.
+_PEFT_EXTRAS = {"peft_type": "C3A", "auto_mapping": None, "revision": None,
+                "inference_mode": True}
+_PEFT_IGNORED = {"peft_version", "target_parameters"}
+
+
+def _strs(value: Any, field: str, *, allow_str: bool) -> Union[None, str, tuple[str, ...]]:
+  if value is None or (allow_str and isinstance(value, str)):
+    return value
+  if isinstance(value, str):
+    value = [value]
+  if not isinstance(value, (list, tuple, set, frozenset)) or not all(
+      isinstance(v, str) for v in value):
+    kinds = "a list of module names, a regex string" if allow_str else "a list of module names"
+    raise ValueError(f"C3AConfig.{field} must be {kinds} or None, got {value!r}")
+  # Sorted for sets (PEFT stores target_modules as a set); dict.fromkeys dedups, keeping order.
+  return tuple(dict.fromkeys(sorted(value) if isinstance(value, (set, frozenset)) else value))
+
+
+def _positive_int(value: Any, field: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"C3AConfig.{field} must be a positive integer, got {value!r}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class C3AConfig:
+  """Which Dense layers get a C3A kernel, how big its blocks are, and what else trains.
+
+  The fields, defaults and meanings are PEFT's ``C3AConfig`` (0.21):
+
+  Attributes:
+    block_size: block size ``b``; must divide the input and output size of every target.
+    block_size_pattern: ``{key: block_size}``; the first key (in order) with
+      ``re.match(rf".*\\.{key}$", path)`` sets a layer's block size.
+    target_modules: a list of module names (a path equal to one, or ending in ``.`` + one),
+      a regex matched against the whole path, ``"all-linear"``, or ``None`` for the model
+      type's defaults.
+    exclude_modules: a list of names or a regex; matching paths are never targets.
+    layers_to_transform: layer index or indices to adapt (only with a list of targets).
+    layers_pattern: the name before the layer index in paths, e.g. ``"layer"`` or ``"layers"``.
+    bias: ``"none"``, ``"all"`` (every bias trains) or ``"c3a_only"`` (biases of C3A layers train).
+    modules_to_save: subtrees (e.g. a classifier head) that train fully and are saved with the
+      adapter.
+    init_weights: ``"xavier_uniform"`` (default, also ``False``), ``"kaiming_uniform"``,
+      ``"gaussian"``, or ``True`` for zeros (a no-op adapter).
+    task_type: PEFT's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...), kept for PEFT.
+    base_model_name_or_path: the base model, kept for PEFT.
+  """
+
+  block_size: int = 256
+  block_size_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+  target_modules: Optional[Union[str, tuple[str, ...]]] = None
+  exclude_modules: Optional[Union[str, tuple[str, ...]]] = None
+  layers_to_transform: Optional[Union[int, tuple[int, ...]]] = None
+  layers_pattern: Optional[Union[str, tuple[str, ...]]] = None
+  bias: str = "none"
+  modules_to_save: Optional[tuple[str, ...]] = None
+  init_weights: ops.InitWeights = "xavier_uniform"
+  task_type: Optional[str] = None
+  base_model_name_or_path: Optional[str] = None
+
+  def __post_init__(self):
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    _positive_int(self.block_size, "block_size")
+    if not isinstance(self.block_size_pattern, dict):
+      raise ValueError("C3AConfig.block_size_pattern must be a dict {name or regex: block_size}, "
+                       f"got {self.block_size_pattern!r}")
+    for key, size in self.block_size_pattern.items():
+      _positive_int(size, f"block_size_pattern[{key!r}]")
+      _check_regex(key, "block_size_pattern key")
+    set_("block_size_pattern", dict(self.block_size_pattern))
+    set_("target_modules", _strs(self.target_modules, "target_modules", allow_str=True))
+    set_("exclude_modules", _strs(self.exclude_modules, "exclude_modules", allow_str=True))
+    set_("layers_pattern", _strs(self.layers_pattern, "layers_pattern", allow_str=True))
+    set_("modules_to_save", _strs(self.modules_to_save, "modules_to_save", allow_str=False))
+    for field in ("target_modules", "exclude_modules"):
+      if isinstance(getattr(self, field), str) and getattr(self, field) != "all-linear":
+        _check_regex(getattr(self, field), field)
+    layers = self.layers_to_transform
+    if layers is not None:
+      if isinstance(layers, (list, tuple)):
+        layers = tuple(layers)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+          raise ValueError("C3AConfig.layers_to_transform must be a non-negative int or a list "
+                           f"of them, got {self.layers_to_transform!r}")
+      elif isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise ValueError("C3AConfig.layers_to_transform must be a non-negative int or a list of "
+                         f"them, got {layers!r}")
+      set_("layers_to_transform", layers)
+    if isinstance(self.target_modules, str) and (
+        self.layers_to_transform is not None or self.layers_pattern is not None):
+      raise ValueError("C3AConfig.layers_to_transform and layers_pattern need target_modules as a "
+                       f"list of names, not the regex string {self.target_modules!r}")
+    if self.bias not in BIAS:
+      raise ValueError(f"C3AConfig.bias must be one of {BIAS}, got {self.bias!r}")
+    if not any(self.init_weights is v if isinstance(v, bool) else self.init_weights == v
+               for v in ops.INIT_WEIGHTS):
+      raise ValueError(f"C3AConfig.init_weights must be one of {ops.INIT_WEIGHTS}, "
+                       f"got {self.init_weights!r}")
+
+  def __hash__(self) -> int:
+    # block_size_pattern is a dict; hash the serialised form so configs work as static args.
+    return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+  def replace(self, **changes: Any) -> C3AConfig:
+    """A copy with ``changes`` applied (and validated)."""
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    """The adapter_config.json fields, as PEFT writes them."""
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    return {**_PEFT_EXTRAS, **d}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> C3AConfig:
+    """Builds a config from adapter_config.json fields; ``source`` names the origin in errors."""
+    if d.get("peft_type", "C3A") != "C3A":
+      raise ValueError(f"{source}: peft_type is {d['peft_type']!r}, not 'C3A'; "
+                       "this is not a C3A adapter")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names - set(_PEFT_EXTRAS) - _PEFT_IGNORED
+    if unknown:
+      warnings.warn(f"{source}: ignoring fields unknown to C3A: {sorted(unknown)}")
+    try:
+      return cls(**{k: v for k, v in d.items() if k in names})
+    except ValueError as e:
+      raise ValueError(f"{source}: {e}") from None
+
+  def save(self, directory: str) -> str:
+    """Writes ``directory/adapter_config.json`` atomically; returns its path."""
+    path = os.path.join(directory, CONFIG_NAME)
+    atomic_write(path, json.dumps(self.to_dict(), indent=2, sort_keys=True).encode())
+    return path
+
+  @classmethod
+  def load(cls, directory: str) -> C3AConfig:
+    """Reads ``directory/adapter_config.json`` (as written by PEFT or by :meth:`save`)."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path} does not exist: a C3A adapter directory holds "
+                              f"{CONFIG_NAME} and adapter_model.safetensors")
+    try:
+      with open(path) as f:
+        d = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+      raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
+    return cls.from_dict(d, source=path)
+
+
+def _check_regex(pattern: str, field: str) -> None:
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"C3AConfig.{field} {pattern!r} is not a valid regex: {e}") from None

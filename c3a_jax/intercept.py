@@ -1,0 +1,77 @@
+"""Runs a Flax model with its C3A kernels: an interceptor adds the FFT delta to adapted layers.
+
+Nothing about the model changes. Flax ignores the extra ``c3a_kernel`` leaves, so a plain call
+is the base model; under :func:`intercept` every ``nn.Dense`` (and transformers' ``FlaxConv1D``)
+whose scope holds a C3A kernel returns ``y + block_circulant_matmul(x, w)``.
+
+Example:
+  >>> import jax, jax.numpy as jnp, flax.linen as nn, c3a_jax as c3a
+  >>> model = nn.Dense(4)
+  >>> params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  >>> params["c3a_kernel"] = jnp.ones((2, 2, 2))
+  >>> with c3a.intercept():
+  ...   y = model.apply({"params": params}, jnp.ones((1, 4)))
+  >>> y_jit = jax.jit(c3a.wrap(model.apply))({"params": params}, jnp.ones((1, 4)))
+
+Put the interceptor inside what you ``jit`` (as :func:`wrap` does): a function traced without it
+and cached by ``jit`` would not see it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import flax.linen as nn
+
+from c3a_jax.ops import block_circulant_matmul
+from c3a_jax.targets import C3A_LEAVES
+
+C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _stores_out_in(module: nn.Module) -> bool:
+  # transformers' FlaxConv1D (GPT-2) keeps its kernel (out, in); matched by name so that
+  # transformers stays an optional dependency.
+  return type(module).__name__ == "FlaxConv1D"
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  module = context.module
+  out_in = _stores_out_in(module)
+  if context.method_name != "__call__" or not (out_in or isinstance(module, nn.Dense)):
+    return next_fun(*args, **kwargs)
+  y = next_fun(*args, **kwargs)
+  name, other = (C3A_KERNEL_OUT_IN, C3A_KERNEL) if out_in else (C3A_KERNEL, C3A_KERNEL_OUT_IN)
+  if module.has_variable("params", other):
+    path = ".".join(module.scope.path)
+    raise ValueError(
+        f"layer {path!r} is a {type(module).__name__} but holds {other!r}: its kernel is stored "
+        + ("(out, in); attach with model_type='gpt2' (or the model's type) so the C3A kernel "
+           "gets that layout" if out_in else "(in, out), not (out, in)"))
+  if not module.has_variable("params", name):
+    return y
+  x = args[0] if args else kwargs["inputs"]
+  # Cast x as Dense casts its inputs, so the delta sees what the base matmul saw.
+  return y + block_circulant_matmul(x.astype(y.dtype), module.get_variable("params", name))
+
+
+@contextlib.contextmanager
+def intercept() -> Iterator[None]:
+  """Within this context, Flax Dense layers holding a C3A kernel add its delta."""
+  with nn.intercept_methods(_interceptor):
+    yield
+
+
+def wrap(fn: F) -> F:
+  """``fn`` (e.g. ``model.apply``) run under :func:`intercept`; safe to ``jit``."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with intercept():
+      return fn(*args, **kwargs)
+
+  return wrapped

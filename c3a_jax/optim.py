@@ -1,0 +1,75 @@
+"""What trains under a C3AConfig, and an optax optimizer that trains only that.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, c3a_jax as c3a
+  >>> params = {"query": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)},
+  ...           "classifier": {"kernel": jnp.ones((8, 2)), "bias": jnp.zeros(2)}}
+  >>> cfg = c3a.C3AConfig(block_size=4, target_modules=["query"], modules_to_save=["classifier"])
+  >>> params = c3a.attach(params, cfg, jax.random.key(0))
+  >>> sorted(c3a.labels(params, cfg)["query"].items())
+  [('bias', 'frozen'), ('c3a_kernel', 'c3a'), ('kernel', 'frozen')]
+  >>> tx = c3a.optimizer(optax.adamw(1e-1), params, cfg, head_tx=optax.adamw(4e-6))
+  >>> state = tx.init(params)   # moments for c3a_kernel and the classifier only
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal, Optional
+
+import optax
+
+from c3a_jax import _tree
+from c3a_jax.config import C3AConfig
+from c3a_jax.targets import C3A_LEAVES, in_modules_to_save
+
+Label = Literal["c3a", "modules_to_save", "bias", "frozen"]
+
+
+def label(params: Mapping, path: str, name: str, cfg: Optional[C3AConfig] = None) -> Label:
+  """The label of leaf ``name`` of module ``path``: which group trains it, or ``"frozen"``."""
+  if name in C3A_LEAVES:
+    return "c3a"
+  if cfg is None:
+    return "frozen"
+  if cfg.modules_to_save and in_modules_to_save(path, cfg):
+    return "modules_to_save"
+  if name == "bias" and (cfg.bias == "all" or (
+      cfg.bias == "c3a_only" and any(n in _tree.get(params, path) for n in C3A_LEAVES))):
+    return "bias"
+  return "frozen"
+
+
+def labels(params: Mapping, cfg: Optional[C3AConfig] = None) -> dict:
+  """A tree shaped like ``params`` holding each leaf's :func:`label`."""
+
+  def walk(tree: Mapping, prefix: str) -> dict:
+    return {k: walk(v, f"{prefix}{k}.") if isinstance(v, Mapping)
+            else label(params, prefix[:-1], k, cfg) for k, v in tree.items()}
+
+  return walk(params, "")
+
+
+def optimizer(tx: optax.GradientTransformation, params: Mapping, cfg: C3AConfig, *,
+              head_tx: Optional[optax.GradientTransformation] = None,
+              ) -> optax.GradientTransformation:
+  """Wraps ``tx`` so that it trains only what ``cfg`` makes trainable, in a one-tree setup.
+
+  C3A kernels and the biases ``cfg.bias`` names are updated by ``tx``; ``cfg.modules_to_save``
+  subtrees by ``head_tx`` (default ``tx``), e.g. the paper's 3e-1 for C3A and 4e-6 for the
+  head. Frozen leaves get zero updates, no optimizer state and no weight decay.
+
+  Args:
+    tx: the optimizer for the C3A kernels (and trained biases).
+    params: the params tree (with C3A kernels) the optimizer will see.
+    cfg: the config the kernels were attached with.
+    head_tx: the optimizer for ``modules_to_save``.
+  """
+  tree = labels(params, cfg)
+  if all(v == "frozen" for _, _, v in _tree.leaves(tree)):
+    raise ValueError("optimizer: nothing in params is trainable; call c3a.attach(params, cfg, rng) "
+                     "first (or set modules_to_save / bias)")
+  transforms = {"c3a": tx, "bias": tx, "modules_to_save": head_tx or tx,
+                "frozen": optax.set_to_zero()}
+  return optax.multi_transform(transforms, lambda p: labels(p, cfg))
+

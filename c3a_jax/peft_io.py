@@ -1,0 +1,170 @@
+"""Adapters in Hugging Face PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+Keys are ``base_model.model.<module path>.c3a_kernel`` (shape ``(m, n, b)`` as is) and, for
+``modules_to_save`` and trained biases, ``base_model.model.<module path>.weight|bias`` in PyTorch
+layout (Dense ``kernel`` -> ``weight`` transposed, LayerNorm ``scale`` -> ``weight``, Embed
+``embedding`` -> ``weight``), as transformers names them. PEFT loads what this writes with
+``PeftModel.from_pretrained`` and this loads what PEFT saves.
+
+Example:
+  >>> import tempfile, jax, jax.numpy as jnp, c3a_jax as c3a
+  >>> params = {"layer": {"query": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}}
+  >>> cfg = c3a.C3AConfig(block_size=4, target_modules=["query"])
+  >>> params = c3a.attach(params, cfg, jax.random.key(0))
+  >>> path = tempfile.mkdtemp()
+  >>> c3a.save_adapter(path, params, cfg)
+  >>> adapter, cfg2 = c3a.load_adapter(path, params)
+  >>> bool((adapter["layer"]["query"]["c3a_kernel"] == params["layer"]["query"]["c3a_kernel"]).all())
+  True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from c3a_jax import _tree
+from c3a_jax._io import atomic_write
+from c3a_jax._tree import Params
+from c3a_jax.config import C3AConfig
+from c3a_jax.targets import C3A_LEAVES, block_size_for
+from c3a_jax.transform import combine, split
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
+
+
+def _to_torch(name: str, value: np.ndarray) -> tuple[str, np.ndarray]:
+  """A Flax leaf as transformers' Flax-to-PyTorch conversion names and lays it out."""
+  if name == "kernel":
+    # Dense (in, out) -> (out, in); Conv (*spatial, in, out) -> (out, in, *spatial).
+    nd = value.ndim
+    return "weight", value.transpose(nd - 1, nd - 2, *range(nd - 2))
+  if name in ("scale", "embedding"):
+    return "weight", value
+  return name, value
+
+
+def _kernel_from_torch(value: np.ndarray) -> np.ndarray:
+  nd = value.ndim
+  return value.transpose(*range(2, nd), 1, 0)
+
+
+def _from_torch(name: str, value: np.ndarray, module: Optional[Mapping], key: str) -> str:
+  """The Flax leaf name of a PyTorch ``name`` (``module`` resolves ``weight``; else by rank)."""
+  if name != "weight":
+    return name
+  if module is not None:
+    found = [n for n in ("kernel", "scale", "embedding") if n in module]
+    if not found:
+      raise ValueError(f"{key}: the model's module has no kernel, scale or embedding to take "
+                       f"this weight (it holds {sorted(module)})")
+    return found[0]
+  return "scale" if value.ndim == 1 else "kernel"
+
+
+def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
+  """Writes the trainable part of ``params`` as a PEFT C3A adapter into ``directory``.
+
+  ``params`` is the full tree or the adapter from :func:`c3a_jax.split`. Each file is written
+  atomically. ``target_modules`` of None or ``"all-linear"`` is saved as the list of adapted
+  layers, so PEFT adapts exactly those.
+
+  Raises:
+    ValueError: if ``params`` holds no C3A kernel, a kernel disagrees with ``cfg``'s block size,
+      or a layer stores its kernel ``(out, in)`` (GPT-2's Conv1D): PEFT's C3A supports
+      ``torch.nn.Linear`` only and would misread it.
+  """
+  adapter, _ = split(params, cfg)
+  tensors: dict[str, np.ndarray] = {}
+  adapted, out_in = [], []
+  for path, name, value in _tree.leaves(adapter):
+    value = np.asarray(value)
+    if name == C3A_KERNEL_OUT_IN:
+      out_in.append(path)
+      continue
+    if name == C3A_KERNEL:
+      adapted.append(path)
+      b = block_size_for(path, cfg)
+      if value.ndim != 3 or value.shape[2] != b:
+        raise ValueError(f"save_adapter: {path}.c3a_kernel has shape {value.shape} but the config "
+                         f"gives layer {path!r} block size {b}; PEFT could not load it")
+    else:
+      name, value = _to_torch(name, value)
+    if value.dtype == jnp.bfloat16:  # numpy safetensors has no bfloat16; PEFT casts on load.
+      value = value.astype(np.float32)
+    tensors[f"{PREFIX}{path}.{name}"] = np.ascontiguousarray(value)
+  if out_in:
+    raise ValueError(
+        f"save_adapter: layers {out_in} store their kernel (out, in) (transformers' Conv1D, as in "
+        "GPT-2). PEFT's C3A supports torch.nn.Linear only and would misread them, so no PEFT "
+        "adapter was written; keep such adapters with c3a.split and orbax or np.savez.")
+  if not adapted:
+    raise ValueError("save_adapter: params hold no c3a_kernel; call c3a.attach first")
+  if cfg.target_modules is None or cfg.target_modules == "all-linear":
+    cfg = cfg.replace(target_modules=tuple(adapted))
+  os.makedirs(directory, exist_ok=True)
+  atomic_write(os.path.join(directory, WEIGHTS_NAME), safetensors.numpy.save(tensors))
+  cfg.save(directory)
+
+
+def load_adapter(directory: str, params: Optional[Mapping] = None) -> tuple[Params, C3AConfig]:
+  """Reads a PEFT C3A adapter (saved by PEFT or :func:`save_adapter`) as ``(adapter, cfg)``.
+
+  Pass the model's ``params`` to check every key and shape against the model (and to place
+  ``modules_to_save`` weights exactly); then ``c3a.combine(adapter, params)`` runs it.
+
+  Raises:
+    FileNotFoundError: a file is missing.
+    ValueError: the directory is not a C3A adapter, or its keys or shapes do not fit ``params``.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"load_adapter: {directory} is not a directory")
+  cfg = C3AConfig.load(directory)
+  weights = os.path.join(directory, WEIGHTS_NAME)
+  if not os.path.isfile(weights):
+    hint = (" (only adapter_model.bin is there: re-save it with PEFT's safe_serialization=True)"
+            if os.path.isfile(os.path.join(directory, "adapter_model.bin")) else "")
+    raise FileNotFoundError(f"load_adapter: {weights} does not exist{hint}")
+  try:
+    tensors = safetensors.numpy.load_file(weights)
+  except Exception as e:  # safetensors raises its own error types for corrupt files.
+    raise ValueError(f"load_adapter: {weights} is not a readable safetensors file: {e}") from None
+  adapter: Params = {}
+  for key, value in tensors.items():
+    where = f"{weights}: key {key!r}"
+    if not key.startswith(PREFIX) or key.count(".") < 3:
+      raise ValueError(f"{where} is not a PEFT adapter key ({PREFIX}<module path>.<name>)")
+    path, name = key[len(PREFIX):].rsplit(".", 1)
+    module = None
+    if params is not None:
+      try:
+        module = _tree.get(params, path)
+      except KeyError as e:
+        raise ValueError(f"{where} names module {path!r}, which the model does not have "
+                         f"(no {e.args[0]!r})") from None
+    if name == C3A_KERNEL:
+      b = block_size_for(path, cfg)
+      if value.ndim != 3 or value.shape[2] != b:
+        raise ValueError(f"{where} has shape {value.shape}; adapter_config.json gives block "
+                         f"size {b}, so (d_out // {b}, d_in // {b}, {b}) was expected")
+    else:
+      name = _from_torch(name, value, module, where)
+      if name == "kernel":
+        value = _kernel_from_torch(value)
+    _tree.set_leaf(adapter, path, name, jnp.asarray(value))
+  if not any(name in C3A_LEAVES for _, name, _ in _tree.leaves(adapter)):
+    raise ValueError(f"load_adapter: {weights} holds no c3a_kernel tensors; not a C3A adapter")
+  if params is not None:
+    try:
+      combine(adapter, params)
+    except ValueError as e:
+      raise ValueError(f"load_adapter({directory}): {e}") from None
+  return adapter, cfg
+

@@ -1,0 +1,172 @@
+"""C3A as pure functions of a Flax params tree: attach, split, combine, merge, unmerge.
+
+A targeted Dense dict ``{"kernel", "bias"}`` gains a ``"c3a_kernel"`` leaf of shape
+``(d_out // b, d_in // b, b)``. Layers that store their kernel ``(out, in)`` (transformers'
+FlaxConv1D, in GPT-2) get ``"c3a_kernel_out_in"`` instead, so the tree alone says how to merge it.
+
+Example:
+  >>> import jax, jax.numpy as jnp, flax.linen as nn, c3a_jax as c3a
+  >>> model = nn.Dense(8)
+  >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+  >>> cfg = c3a.C3AConfig(block_size=4, target_modules=".*")
+  >>> params = c3a.attach({"dense": params}, cfg, jax.random.key(1))["dense"]
+  >>> params["c3a_kernel"].shape
+  (2, 2, 4)
+  >>> adapter, base = c3a.split(params)
+  >>> sorted(adapter), sorted(base)
+  (['c3a_kernel'], ['bias', 'kernel'])
+  >>> y = c3a.wrap(model.apply)({"params": c3a.combine(adapter, base)}, jnp.ones((1, 8)))
+  >>> bool(jnp.allclose(y, model.apply({"params": c3a.merge(params)}, jnp.ones((1, 8))),
+  ...                   atol=1e-5))
+  True
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from c3a_jax import _tree, ops
+from c3a_jax._tree import Params
+from c3a_jax.config import C3AConfig
+from c3a_jax.optim import label
+from c3a_jax.targets import C3A_LEAVES, select
+
+C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
+
+
+def attach(params: Mapping, cfg: C3AConfig, rng: jax.Array, *,
+           model_type: Optional[str] = None) -> Params:
+  """Returns ``params`` with a C3A kernel leaf in every Dense layer ``cfg`` selects.
+
+  Pure: ``params`` is not modified. Each layer's kernel is drawn from ``rng`` folded with a
+  hash of its path, so a layer's initial value does not depend on which other layers are adapted.
+
+  Args:
+    params: a Flax params tree.
+    cfg: the C3A config.
+    rng: a JAX PRNG key.
+    model_type: ``model.config.model_type`` for Hugging Face models: PEFT's default targets when
+      ``cfg.target_modules`` is None, and the layers stored ``(out, in)`` (GPT-2's Conv1D).
+
+  Raises:
+    ValueError: see :func:`c3a_jax.select`; errors name the layer, its shape and the block size.
+  """
+  out = _tree.to_dict(params)
+  for t in select(out, cfg, model_type=model_type):
+    key = jax.random.fold_in(rng, zlib.crc32(t.path.encode()))
+    _tree.set_leaf(out, t.path, C3A_KERNEL_OUT_IN if t.out_in else C3A_KERNEL,
+                   ops.init(key, t.shape, cfg.init_weights))
+  return out
+
+
+def split(params: Mapping, cfg: Optional[C3AConfig] = None) -> tuple[Params, Params]:
+  """Splits ``params`` into ``(adapter, base)``: the trainable leaves, and the frozen rest.
+
+  Without ``cfg`` the adapter holds the C3A kernels only; with it, also the ``modules_to_save``
+  subtrees and the biases ``cfg.bias`` trains. Both keep the full nesting (``base`` keeps empty
+  dicts where a whole module moved to ``adapter``), so :func:`combine` can check the fit.
+  """
+  params = _tree.to_dict(params)
+  adapter: Params = {}
+  base = _strip(params)
+  for path, name, value in _tree.leaves(params):
+    trainable = label(params, path, name, cfg) != "frozen"
+    _tree.set_leaf(adapter if trainable else base, path, name, value)
+  return adapter, base
+
+
+def _strip(tree: Mapping) -> dict:
+  """The nesting of ``tree`` with no leaves."""
+  return {k: _strip(v) for k, v in tree.items() if isinstance(v, Mapping)}
+
+
+def combine(adapter: Mapping, base: Mapping) -> Params:
+  """Places every leaf of ``adapter`` into ``base`` (the inverse of :func:`split`).
+
+  Adapter leaves replace base leaves of the same name (so a loaded head overrides the model's).
+  Shapes are checked: a C3A kernel must fit its layer's kernel, any other leaf the leaf it
+  replaces, and every adapter module must exist in ``base``.
+  """
+  out = _tree.to_dict(base)
+  for path, name, value in _tree.leaves(adapter):
+    try:
+      module = _tree.get(out, path)
+    except KeyError as e:
+      raise ValueError(f"combine: adapter leaf {path}.{name} does not fit the base, which has no "
+                       f"module {e.args[0]!r}") from None
+    if name in C3A_LEAVES:
+      _check_fits(path, module, name, value, "combine")
+    elif name in module and _tree.shape(module[name]) != _tree.shape(value):
+      raise ValueError(f"combine: adapter leaf {path}.{name} has shape {_tree.shape(value)}, "
+                       f"the base's has {_tree.shape(module[name])}")
+    module[name] = value
+  return out
+
+
+def _check_fits(path: str, module: Mapping, name: str, w: Any, what: str) -> None:
+  kernel = module.get("kernel")
+  shape = _tree.shape(w)
+  if kernel is None or len(_tree.shape(kernel)) != 2 or len(shape) != 3:
+    raise ValueError(f"{what}: {path}.{name} of shape {shape} needs a Dense layer with a 2-D "
+                     f"kernel, but {path!r} holds {sorted(module)}")
+  m, n, b = shape
+  expected = (m * b, n * b) if name == C3A_KERNEL_OUT_IN else (n * b, m * b)
+  if _tree.shape(kernel) != expected:
+    raise ValueError(
+        f"{what}: {path}.{name} has shape {shape} (m, n, b), for a layer with d_in={n * b} and "
+        f"d_out={m * b} at block size {b}; but layer {path!r} has kernel {_tree.shape(kernel)}")
+
+
+def _delta(name: str, w: jax.Array) -> jax.Array:
+  delta = ops.delta_weight(w)
+  return delta.T if name == C3A_KERNEL_OUT_IN else delta
+
+
+def merge(params: Mapping, *, safe: bool = False) -> Params:
+  """Folds every C3A kernel into its layer's kernel and drops the C3A leaves.
+
+  The sum is computed in float32 and stored in the kernel's dtype. The result runs at the base
+  model's speed without the interceptor.
+
+  Args:
+    params: a params tree holding C3A kernels.
+    safe: check that every merged kernel is finite, raising a ValueError naming the layer if not.
+      Needs concrete arrays (call it outside ``jit``).
+  """
+  out = _tree.to_dict(params)
+  for path, module in [("", out), *_tree.modules(out)]:
+    for name in C3A_LEAVES:
+      if name not in module:
+        continue
+      w = module.pop(name)
+      _check_fits(path, module, name, w, "merge")
+      kernel = module["kernel"]
+      merged = (kernel.astype(jnp.float32) + _delta(name, w)).astype(kernel.dtype)
+      if safe and not bool(jnp.isfinite(merged).all()):
+        raise ValueError(f"merge(safe=True): layer {path!r} would get non-finite weights; its C3A "
+                         f"kernel holds {int((~jnp.isfinite(w)).sum())} non-finite values")
+      module["kernel"] = merged
+  return out
+
+
+def unmerge(merged: Mapping, adapter: Mapping) -> Params:
+  """Undoes :func:`merge`: subtracts each C3A delta of ``adapter`` and puts its leaves back."""
+  out = _tree.to_dict(merged)
+  for path, name, w in _tree.leaves(adapter):
+    if name not in C3A_LEAVES:
+      continue
+    try:
+      module = _tree.get(out, path)
+    except KeyError:
+      raise ValueError(f"unmerge: the merged params have no layer {path!r}") from None
+    if any(n in module for n in C3A_LEAVES):
+      raise ValueError(f"unmerge: layer {path!r} still holds a C3A kernel, so it is not merged")
+    _check_fits(path, module, name, w, "unmerge")
+    kernel = module["kernel"]
+    module["kernel"] = (kernel.astype(jnp.float32) - _delta(name, w)).astype(kernel.dtype)
+  return combine(adapter, out)
