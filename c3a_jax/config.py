@@ -29,6 +29,9 @@ BIAS = ("none", "all", "c3a_only")
 _PEFT_EXTRAS = {"peft_type": "C3A", "auto_mapping": None, "revision": None,
                 "inference_mode": True}
 _PEFT_IGNORED = {"peft_version", "target_parameters"}
+# PEFT's task models make their heads trainable (and save them) whatever modules_to_save says.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
 
 
 def _strs(value: Any, field: str, *, allow_str: bool) -> Union[None, str, tuple[str, ...]]:
@@ -71,7 +74,9 @@ class C3AConfig:
       adapter.
     init_weights: ``"xavier_uniform"`` (default, also ``False``), ``"kaiming_uniform"``,
       ``"gaussian"``, or ``True`` for zeros (a no-op adapter).
-    task_type: PEFT's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...), kept for PEFT.
+    task_type: PEFT's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...). As in PEFT, SEQ_CLS and
+      TOKEN_CLS add ``"classifier"`` and ``"score"`` to ``modules_to_save``, QUESTION_ANS adds
+      ``"qa_outputs"``.
     base_model_name_or_path: the base model, kept for PEFT.
   """
 
@@ -101,6 +106,9 @@ class C3AConfig:
     set_("exclude_modules", _strs(self.exclude_modules, "exclude_modules", allow_str=True))
     set_("layers_pattern", _strs(self.layers_pattern, "layers_pattern", allow_str=True))
     set_("modules_to_save", _strs(self.modules_to_save, "modules_to_save", allow_str=False))
+    if self.task_type in TASK_HEADS:
+      set_("modules_to_save", tuple(dict.fromkeys((*(self.modules_to_save or ()),
+                                                   *TASK_HEADS[self.task_type]))))
     for field in ("target_modules", "exclude_modules"):
       if isinstance(getattr(self, field), str) and getattr(self, field) != "all-linear":
         _check_regex(getattr(self, field), field)
@@ -138,6 +146,9 @@ class C3AConfig:
     """The adapter_config.json fields, as PEFT writes them."""
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    if d["exclude_modules"] is None:
+      # PEFT 0.21's C3AConfig has no such field and warns about it; save_adapter never writes it.
+      del d["exclude_modules"]
     return {**_PEFT_EXTRAS, **d}
 
   @classmethod

@@ -21,7 +21,7 @@ import optax
 
 from c3a_jax import _tree
 from c3a_jax.config import C3AConfig
-from c3a_jax.targets import C3A_LEAVES, in_modules_to_save
+from c3a_jax.targets import C3A_LEAVES, trains_fully
 
 Label = Literal["c3a", "modules_to_save", "bias", "frozen"]
 
@@ -32,7 +32,7 @@ def label(params: Mapping, path: str, name: str, cfg: Optional[C3AConfig] = None
     return "c3a"
   if cfg is None:
     return "frozen"
-  if cfg.modules_to_save and in_modules_to_save(path, cfg):
+  if cfg.modules_to_save and trains_fully(path, cfg):
     return "modules_to_save"
   if name == "bias" and (cfg.bias == "all" or (
       cfg.bias == "c3a_only" and any(n in _tree.get(params, path) for n in C3A_LEAVES))):

@@ -61,7 +61,8 @@ def _from_torch(name: str, value: np.ndarray, module: Optional[Mapping], key: st
   if name != "weight":
     return name
   if module is not None:
-    found = [n for n in ("kernel", "scale", "embedding") if n in module]
+    # A Flax leaf may itself be called "weight" (transformers' FlaxLlamaRMSNorm).
+    found = [n for n in ("weight", "kernel", "scale", "embedding") if n in module]
     if not found:
       raise ValueError(f"{key}: the model's module has no kernel, scale or embedding to take "
                        f"this weight (it holds {sorted(module)})")
@@ -95,6 +96,8 @@ def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
       if value.ndim != 3 or value.shape[2] != b:
         raise ValueError(f"save_adapter: {path}.c3a_kernel has shape {value.shape} but the config "
                          f"gives layer {path!r} block size {b}; PEFT could not load it")
+    elif name == "bias" and any(n in _tree.get(adapter, path) for n in C3A_LEAVES):
+      name = "base_layer.bias"  # PEFT wraps an adapted Linear; its own bias sits in base_layer.
     else:
       name, value = _to_torch(name, value)
     if value.dtype == jnp.bfloat16:  # numpy safetensors has no bfloat16; PEFT casts on load.
@@ -107,8 +110,9 @@ def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
         "adapter was written; keep such adapters with c3a.split and orbax or np.savez.")
   if not adapted:
     raise ValueError("save_adapter: params hold no c3a_kernel; call c3a.attach first")
-  if cfg.target_modules is None or cfg.target_modules == "all-linear":
-    cfg = cfg.replace(target_modules=tuple(adapted))
+  if cfg.target_modules is None or cfg.target_modules == "all-linear" or cfg.exclude_modules:
+    # PEFT would resolve these its own way (and 0.21 has no exclude_modules): name the layers.
+    cfg = cfg.replace(target_modules=tuple(adapted), exclude_modules=None)
   os.makedirs(directory, exist_ok=True)
   atomic_write(os.path.join(directory, WEIGHTS_NAME), safetensors.numpy.save(tensors))
   cfg.save(directory)
@@ -118,7 +122,9 @@ def load_adapter(directory: str, params: Optional[Mapping] = None) -> tuple[Para
   """Reads a PEFT C3A adapter (saved by PEFT or :func:`save_adapter`) as ``(adapter, cfg)``.
 
   Pass the model's ``params`` to check every key and shape against the model (and to place
-  ``modules_to_save`` weights exactly); then ``c3a.combine(adapter, params)`` runs it.
+  ``modules_to_save`` weights exactly); then ``c3a.combine(adapter, params)`` runs it. PEFT's
+  extra keys are understood: ``<layer>.base_layer.bias`` (the bias of an adapted layer) and,
+  with ``bias="all"``, the copies under ``modules_to_save.`` and ``original_module.``.
 
   Raises:
     FileNotFoundError: a file is missing.
@@ -142,6 +148,10 @@ def load_adapter(directory: str, params: Optional[Mapping] = None) -> tuple[Para
     if not key.startswith(PREFIX) or key.count(".") < 3:
       raise ValueError(f"{where} is not a PEFT adapter key ({PREFIX}<module path>.<name>)")
     path, name = key[len(PREFIX):].rsplit(".", 1)
+    parts = path.split(".")
+    if "original_module" in parts:
+      continue  # PEFT's frozen copy of a modules_to_save module (saved under bias="all")
+    path = ".".join(p for p in parts if p not in ("base_layer", "modules_to_save"))
     module = None
     if params is not None:
       try:

@@ -61,8 +61,22 @@ def is_dense(node: Any) -> bool:
 
 
 def in_modules_to_save(path: str, cfg: C3AConfig) -> bool:
-  """Whether ``path`` lies in (or is) one of ``cfg.modules_to_save``."""
+  """Whether ``path`` lies in a ``modules_to_save`` entry, so it is never a C3A target.
+
+  PEFT's target check: the entry is a whole run of dotted segments of the path.
+  """
   return any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in cfg.modules_to_save or ())
+
+
+def trains_fully(path: str, cfg: C3AConfig) -> bool:
+  """Whether module ``path`` is (inside) a module PEFT wraps as ``modules_to_save``.
+
+  PEFT's ``_set_trainable`` wraps every module whose name ends with an entry, as plain
+  strings: ``"norm"`` takes Llama's ``input_layernorm`` too. Kept as is, so both train the same.
+  """
+  parts = path.split(".")
+  prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if path else []
+  return any(p.endswith(m) for p in prefixes for m in cfg.modules_to_save or ())
 
 
 def _ends_with(path: str, names: tuple[str, ...]) -> bool:

@@ -84,3 +84,20 @@ def test_summary_counts_like_peft():
   assert text.startswith(f"trainable params: {n_c3a + n_head:,} || all params: {total:,}")
   assert "enc.query.c3a_kernel" in text and "(2, 2, 4)" in text and "enc.key" not in text
   assert c3a.summary(params).trainable == n_c3a and not c3a.summary(params).layers
+
+
+def test_modules_to_save_trains_what_peft_trains():
+  # PEFT wraps every module whose name ends with an entry, as a plain string: "norm" takes
+  # input_layernorm too, but never makes it a C3A target (that rule wants whole segments).
+  ones = jnp.ones((8,))
+  params = {"model": {"layers": {"0": {"input_layernorm": {"weight": ones},
+                                       "q_proj": {"kernel": jnp.ones((8, 8))}}},
+                      "norm": {"weight": ones}, "prenorm": {"weight": ones}}}
+  cfg = c3a.C3AConfig(block_size=4, target_modules=["q_proj"], modules_to_save=["norm"])
+  flat = _flat(c3a.labels(params, cfg))
+  assert flat["model.norm.weight"] == flat["model.layers.0.input_layernorm.weight"] == \
+      "modules_to_save"
+  assert flat["model.prenorm.weight"] == "modules_to_save"  # "prenorm".endswith("norm")
+  assert flat["model.layers.0.q_proj.kernel"] == "frozen"
+  seq = c3a.C3AConfig(block_size=4, target_modules=["q_proj"], task_type="SEQ_CLS")
+  assert seq.modules_to_save == ("classifier", "score")  # PEFT's SEQ_CLS head, implicit

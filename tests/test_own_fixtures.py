@@ -42,6 +42,7 @@ def _logits(model, params, io, *, adapter):
 
 def _close(got, want, what):
   diff = float(np.abs(got - want).max())
+  print(f"[own fixtures] {what}: max abs diff {diff:.3g}")
   assert diff <= ATOL, f"{what}: max |c3a-jax - PEFT| = {diff:.3g} > {ATOL}"
   return diff
 

@@ -47,7 +47,8 @@ def test_file_layout_is_peft(saved):
   np.testing.assert_array_equal(tensors[p + "classifier.dense.weight"],
                                 np.asarray(params["classifier"]["dense"]["kernel"]).T)
   assert tensors[p + "classifier.norm.weight"].shape == (16,)
-  assert p + "encoder.layer.0.query.bias" in tensors  # bias="c3a_only"
+  # bias="c3a_only": an adapted layer's bias is PEFT's base_layer.bias.
+  assert p + "encoder.layer.0.query.base_layer.bias" in tensors
   assert p + "encoder.layer.0.norm.bias" not in tensors
   assert not any("kernel" in k and "c3a" not in k for k in tensors)
 
