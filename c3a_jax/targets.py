@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -120,9 +121,15 @@ def _matches(path: str, node: Mapping, cfg: C3AConfig, targets: Any) -> bool:
   return index == layers if isinstance(layers, int) else index in layers
 
 
+def _pattern_key(path: str, cfg: C3AConfig) -> Optional[str]:
+  # PEFT: the first key with re.match(rf".*\.{key}$", path), else the whole path as a key.
+  key = next((k for k in cfg.block_size_pattern if re.match(rf".*\.{k}$", path)), path)
+  return key if key in cfg.block_size_pattern else None
+
+
 def block_size_for(path: str, cfg: C3AConfig) -> int:
-  """The first ``block_size_pattern`` key matching ``path`` wins, else ``cfg.block_size``."""
-  key = next((k for k in cfg.block_size_pattern if re.match(rf".*\.{k}$", path)), None)
+  """The first ``block_size_pattern`` key matching ``path`` (or equal to it), else ``block_size``."""
+  key = _pattern_key(path, cfg)
   return cfg.block_size if key is None else cfg.block_size_pattern[key]
 
 
@@ -169,6 +176,9 @@ def select(params: Mapping, cfg: C3AConfig, *, model_type: Optional[str] = None)
       raise ValueError(f"layer {path!r} already holds a C3A kernel; c3a.split(params) first to "
                        "attach a fresh adapter to the base")
     out_in = _ends_with(path, out_in_names)
+    if model_type is None and _ends_with(path, OUT_IN_LAYERS["gpt2"]):
+      warnings.warn(f"layer {path!r} is named like GPT-2's Conv1D, whose kernel is stored "
+                    "(out, in); if this is GPT-2, pass model_type='gpt2' or merge will be wrong")
     rows, cols = _tree.shape(node["kernel"])
     d_in, d_out = (cols, rows) if out_in else (rows, cols)
     b = block_size_for(path, cfg)
@@ -182,8 +192,9 @@ def select(params: Mapping, cfg: C3AConfig, *, model_type: Optional[str] = None)
     raise ValueError(
         f"target_modules={targets!r} matched no layer. Dense layers here include: {dense[:8]}"
         + (" ..." if len(dense) > 8 else ""))
+  used = {_pattern_key(t.path, cfg) for t in selected}
   for key in cfg.block_size_pattern:
-    if not any(re.match(rf".*\.{key}$", t.path) for t in selected):
+    if key not in used and not any(re.match(rf".*\.{key}$", t.path) for t in selected):
       raise ValueError(f"block_size_pattern key {key!r} matches no C3A target; targets are "
                        f"{[t.path for t in selected][:8]}")
   return selected

@@ -142,3 +142,17 @@ def test_conv1d_layout_for_gpt2():
   assert t.out_in and (t.d_in, t.d_out) == (16, 64) and t.shape == (8, 2, 8)
   (t,) = c3a.select(params, cfg)
   assert not t.out_in and (t.d_in, t.d_out) == (64, 16)
+
+
+def test_block_size_pattern_key_may_be_the_whole_path():
+  # PEFT falls back to the full module name as a dict key when no regex key matches.
+  params = {"dense_0": {"kernel": np.zeros((32, 32))}, "enc": {"q": {"kernel": np.zeros((32, 32))}}}
+  cfg = c3a.C3AConfig(block_size=8, target_modules=["dense_0", "q"],
+                      block_size_pattern={"enc.q": 16, "dense_0": 4})
+  assert {t.path: t.block_size for t in c3a.select(params, cfg)} == {"dense_0": 4, "enc.q": 16}
+
+
+def test_gpt2_names_without_model_type_warn():
+  params = {"h": {"0": {"c_attn": {"kernel": np.zeros((16, 48))}}}}
+  with pytest.warns(UserWarning, match="'h.0.c_attn' is named like GPT-2's Conv1D"):
+    c3a.select(params, c3a.C3AConfig(block_size=8, target_modules=["c_attn"]))
