@@ -1,0 +1,136 @@
+"""Training checkpoints with orbax: the TrainState (adapter, optimizer state, step, RNG) and the
+data position; saved asynchronously, the last N kept, restored onto any mesh, resumed exactly.
+
+The frozen base is never written: it is the pretrained model, loaded again on resume. Orbax
+writes each step into a temporary directory and renames it when complete, so a process killed
+mid-save leaves the earlier checkpoints intact, and restore finds the newest complete one.
+
+Example:
+  >>> import tempfile, jax.numpy as jnp, optax, c3a_jax as c3a
+  >>> tx = optax.adam(1e-2)
+  >>> state = c3a.TrainState.create({"fc": {"c3a_kernel": jnp.ones((2, 2, 4))}}, tx)
+  >>> with c3a.Checkpointer(tempfile.mkdtemp(), max_to_keep=2) as ckpt:
+  ...   _ = ckpt.save(state, data_position=128)
+  ...   ckpt.wait()
+  ...   restored, position = ckpt.restore(state)
+  >>> position
+  128
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from c3a_jax.config import C3AConfig
+from c3a_jax.train import TrainState
+
+
+def _shapes(tree: Any) -> dict[str, list]:
+  return {jax.tree_util.keystr(p): [list(np.shape(x)), str(jax.numpy.result_type(x))]
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs carrying each leaf's sharding (the placement to restore onto)."""
+
+  def one(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x
+    return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x),
+                                sharding=getattr(x, "sharding", None))
+
+  return jax.tree.map(one, tree)
+
+
+def _differences(saved: dict, current: dict, what: str) -> list[str]:
+  out = []
+  for key in sorted(set(saved) | set(current)):
+    if key not in current:
+      out.append(f"{what} {key}: in the checkpoint ({saved[key]}), not here")
+    elif key not in saved:
+      out.append(f"{what} {key}: here ({current[key]}), not in the checkpoint")
+    elif saved[key] != current[key]:
+      out.append(f"{what} {key}: checkpoint has {saved[key]!r}, here {current[key]!r}")
+  return out
+
+
+class Checkpointer:
+  """Saves and restores :class:`~c3a_jax.TrainState` with orbax's CheckpointManager.
+
+  Args:
+    directory: where step directories go (created if missing).
+    max_to_keep: keep the last N complete checkpoints.
+    async_save: return from :meth:`save` while the write finishes in the background.
+    config: the C3AConfig of the run; restore refuses a checkpoint made with a different one.
+  """
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+               config: Optional[C3AConfig] = None):
+    if not isinstance(max_to_keep, int) or max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
+    self.directory = os.path.abspath(directory)
+    self.config = config
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("state", "meta"))
+
+  def save(self, state: TrainState, *, data_position: Any = None, force: bool = False) -> bool:
+    """Starts saving ``state`` at its step; ``data_position`` is any JSON value (e.g. the
+    index of the next batch). Returns whether a save was started."""
+    meta = {"step": int(state.step), "data_position": data_position, "state": _shapes(state),
+            "config": None if self.config is None else self.config.to_dict()}
+    return self._manager.save(int(state.step), force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def latest_step(self) -> Optional[int]:
+    """The newest complete checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def restore(self, target: TrainState, step: Optional[int] = None) -> tuple[TrainState, Any]:
+    """Restores ``(state, data_position)`` from ``step`` (default: the newest complete one).
+
+    ``target`` gives structure, shapes, dtypes and placement: a TrainState built for this run
+    (e.g. ``TrainState.create`` placed with ``jax.device_put(state, shardings)``), or one of
+    ``jax.ShapeDtypeStruct``s with shardings. A different mesh or device count than at save
+    time is fine. Raises ValueError naming what differs when the checkpoint was made for another
+    config or model, FileNotFoundError when there is no complete checkpoint.
+    """
+    self.wait()
+    step = self.latest_step() if step is None else step
+    if step is None or step not in self.all_steps():
+      raise FileNotFoundError(f"no complete checkpoint {'' if step is None else step} in "
+                              f"{self.directory} (complete steps: {self.all_steps()})")
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    meta = meta["meta"]
+    problems = _differences(meta["state"], _shapes(target), "state leaf")
+    if self.config is not None and meta["config"] is not None:
+      problems += _differences(meta["config"], self.config.to_dict(), "config field")
+    if problems:
+      raise ValueError(f"checkpoint {self.directory}/{step} was made for another config or "
+                       "model:\n  " + "\n  ".join(problems[:20]))
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(target))))
+    return restored["state"], meta["data_position"]
+
+  def wait(self) -> None:
+    """Blocks until an asynchronous save has finished."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
