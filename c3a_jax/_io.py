@@ -12,6 +12,7 @@ def atomic_write(path: str, data: bytes) -> None:
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give what open() would
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
@@ -20,3 +21,9 @@ def atomic_write(path: str, data: bytes) -> None:
   except BaseException:
     os.unlink(tmp)
     raise
+
+
+def current_umask() -> int:
+  umask = os.umask(0)
+  os.umask(umask)
+  return umask

@@ -10,11 +10,18 @@ import numpy as np
 Params = dict[str, Any]
 
 
-def to_dict(tree: Any) -> Any:
-  """A fresh nested ``dict`` (FrozenDicts and other mappings included); leaves are shared."""
-  if isinstance(tree, Mapping):
-    return {k: to_dict(v) for k, v in tree.items()}
-  return tree
+def to_dict(tree: Any, prefix: str = "") -> Any:
+  """A fresh nested ``dict`` (FrozenDicts and other mappings included); leaves are shared.
+
+  Keys must be strings without dots: they are joined with dots into module paths.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  for k in tree:
+    if not isinstance(k, str) or "." in k:
+      raise ValueError(f"params key {k!r} under {prefix or 'the root'!r}: c3a_jax needs string "
+                       "keys without dots (Flax params have them), as paths join keys with dots")
+  return {k: to_dict(v, f"{prefix}{k}.") for k, v in tree.items()}
 
 
 def modules(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, Mapping]]:
@@ -51,18 +58,6 @@ def set_leaf(tree: dict, path: str, name: str, value: Any) -> None:
   for key in path.split(".") if path else ():
     node = node.setdefault(key, {})
   node[name] = value
-
-
-def prune(tree: Mapping) -> dict:
-  """``tree`` without empty sub-dicts."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      value = prune(value)
-      if not value:
-        continue
-    out[key] = value
-  return out
 
 
 def shape(x: Any) -> tuple[int, ...]:

@@ -30,6 +30,8 @@ _PEFT_EXTRAS = {"peft_type": "C3A", "auto_mapping": None, "revision": None,
                 "inference_mode": True}
 _PEFT_IGNORED = {"peft_version", "target_parameters"}
 # PEFT's task models make their heads trainable (and save them) whatever modules_to_save says.
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+              "FEATURE_EXTRACTION")
 TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
               "QUESTION_ANS": ("qa_outputs",)}
 
@@ -106,12 +108,19 @@ class C3AConfig:
     set_("exclude_modules", _strs(self.exclude_modules, "exclude_modules", allow_str=True))
     set_("layers_pattern", _strs(self.layers_pattern, "layers_pattern", allow_str=True))
     set_("modules_to_save", _strs(self.modules_to_save, "modules_to_save", allow_str=False))
+    if self.task_type is not None and self.task_type not in TASK_TYPES:
+      raise ValueError(f"C3AConfig.task_type must be one of {TASK_TYPES} or None, "
+                       f"got {self.task_type!r}")
     if self.task_type in TASK_HEADS:
       set_("modules_to_save", tuple(dict.fromkeys((*(self.modules_to_save or ()),
                                                    *TASK_HEADS[self.task_type]))))
-    for field in ("target_modules", "exclude_modules"):
-      if isinstance(getattr(self, field), str) and getattr(self, field) != "all-linear":
-        _check_regex(getattr(self, field), field)
+    if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
+      set_("target_modules", "all-linear")  # PEFT accepts any case
+    for field in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
+      value = getattr(self, field)
+      for pattern in (value,) if isinstance(value, str) else value or ():
+        if pattern != "all-linear":
+          _check_regex(pattern, field)
     layers = self.layers_to_transform
     if layers is not None:
       if isinstance(layers, (list, tuple)):

@@ -20,6 +20,7 @@ and cached by ``jit`` would not see it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -41,29 +42,49 @@ def _stores_out_in(module: nn.Module) -> bool:
 
 def _interceptor(next_fun, args, kwargs, context):
   module = context.module
-  out_in = _stores_out_in(module)
-  if context.method_name != "__call__" or not (out_in or isinstance(module, nn.Dense)):
+  if context.method_name != "__call__":
     return next_fun(*args, **kwargs)
-  y = next_fun(*args, **kwargs)
-  name, other = (C3A_KERNEL_OUT_IN, C3A_KERNEL) if out_in else (C3A_KERNEL, C3A_KERNEL_OUT_IN)
-  if module.has_variable("params", other):
-    path = ".".join(module.scope.path)
+  out_in = _stores_out_in(module)
+  dense = out_in or isinstance(module, nn.Dense)
+  held = ([n for n in C3A_LEAVES if module.has_variable("params", n)]
+          if module.scope is not None else [])
+  if not held:
+    return next_fun(*args, **kwargs)
+  path = ".".join(module.scope.path)
+  if not dense:
+    raise ValueError(f"layer {path!r} holds a C3A kernel but is a {type(module).__name__}; the "
+                     "interceptor adapts flax.linen.Dense and transformers' FlaxConv1D only")
+  name = C3A_KERNEL_OUT_IN if out_in else C3A_KERNEL
+  if held != [name]:
     raise ValueError(
-        f"layer {path!r} is a {type(module).__name__} but holds {other!r}: its kernel is stored "
+        f"layer {path!r} is a {type(module).__name__} but holds {held[0]!r}: its kernel is stored "
         + ("(out, in); attach with model_type='gpt2' (or the model's type) so the C3A kernel "
            "gets that layout" if out_in else "(in, out), not (out, in)"))
-  if not module.has_variable("params", name):
-    return y
+  y = next_fun(*args, **kwargs)
   x = args[0] if args else kwargs["inputs"]
   # Cast x as Dense casts its inputs, so the delta sees what the base matmul saw.
   return y + block_circulant_matmul(x.astype(y.dtype), module.get_variable("params", name))
 
 
+_active = contextvars.ContextVar("c3a_intercept_active", default=False)
+
+
 @contextlib.contextmanager
 def intercept() -> Iterator[None]:
-  """Within this context, Flax Dense layers holding a C3A kernel add its delta."""
-  with nn.intercept_methods(_interceptor):
+  """Within this context, Flax Dense layers holding a C3A kernel add its delta.
+
+  Re-entrant: nested ``intercept()`` (e.g. a ``wrap``-ped function called inside one) adds
+  each delta once.
+  """
+  if _active.get():
     yield
+    return
+  token = _active.set(True)
+  try:
+    with nn.intercept_methods(_interceptor):
+      yield
+  finally:
+    _active.reset(token)
 
 
 def wrap(fn: F) -> F:

@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import jax
 import jax.numpy as jnp
@@ -39,17 +39,19 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   Returns:
     ``(..., m*b)`` in ``x``'s dtype. The FFT runs in float32 whatever the input dtype.
   """
-  m, n, b = w.shape
+  m, n, b = _kernel_shape(w, "block_circulant_matmul")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"block_circulant_matmul: x must be floating point, got {x.dtype}")
   if x.shape[-1] != n * b:
     raise ValueError(
         f"block_circulant_matmul: x has {x.shape[-1]} features but the C3A kernel of shape "
         f"{tuple(w.shape)} (m, n, b) expects n*b = {n * b}")
   lead = x.shape[:-1]
   xf = jnp.fft.rfft(x.astype(jnp.float32).reshape(*lead, n, b), axis=-1)
-  wf = jnp.conj(jnp.fft.rfft(w.astype(jnp.float32), axis=-1))
+  # The 1/d_in scale goes on the small kernel spectrum, not the (tokens, d_out) output.
+  wf = jnp.conj(jnp.fft.rfft(w.astype(jnp.float32), axis=-1)) / (n * b)
   yf = jnp.einsum("...jf,ijf->...if", xf, wf)
-  y = jnp.fft.irfft(yf, n=b, axis=-1).reshape(*lead, m * b)
-  return (y / (n * b)).astype(x.dtype)
+  return jnp.fft.irfft(yf, n=b, axis=-1).reshape(*lead, m * b).astype(x.dtype)
 
 
 def delta_weight(w: jax.Array) -> jax.Array:
@@ -57,7 +59,7 @@ def delta_weight(w: jax.Array) -> jax.Array:
 
   ``delta_weight(w).T`` is PEFT's ``get_delta_weight`` (PyTorch ``(out, in)`` layout).
   """
-  m, n, b = w.shape
+  m, n, b = _kernel_shape(w, "delta_weight")
   r = jnp.arange(b)
   # blocks[i, j, r, c] = w[i, j, (c - r) mod b]: each row is the previous one shifted right.
   blocks = w.astype(jnp.float32)[:, :, (r[None, :] - r[:, None]) % b]
@@ -72,7 +74,7 @@ def init(key: jax.Array, shape: tuple[int, int, int], init_weights: InitWeights)
   ``a = sqrt(3) * sqrt(2 / (d_in + d_out))`` over the full layer's fans.
   ``"kaiming_uniform"``: U(-1/sqrt(d_in), 1/sqrt(d_in)). ``"gaussian"``: N(0, 1).
   """
-  m, n, b = shape
+  m, n, b = _kernel_shape(shape, "init")
   d_in, d_out = n * b, m * b
   # `is` checks: True == 1 and False == 0 would otherwise let integers through.
   if init_weights is True:
@@ -86,3 +88,10 @@ def init(key: jax.Array, shape: tuple[int, int, int], init_weights: InitWeights)
   else:
     raise ValueError(f"init_weights={init_weights!r} is not one of {INIT_WEIGHTS}")
   return jax.random.uniform(key, shape, jnp.float32, -a, a)
+
+
+def _kernel_shape(w: Any, where: str) -> tuple[int, int, int]:
+  shape = tuple(getattr(w, "shape", w))
+  if len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f"{where}: a C3A kernel has shape (d_out // b, d_in // b, b), got {shape}")
+  return shape

@@ -15,7 +15,9 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
+
+import jax
 
 import optax
 
@@ -40,14 +42,14 @@ def label(params: Mapping, path: str, name: str, cfg: Optional[C3AConfig] = None
   return "frozen"
 
 
-def labels(params: Mapping, cfg: Optional[C3AConfig] = None) -> dict:
-  """A tree shaped like ``params`` holding each leaf's :func:`label`."""
+def labels(params: Mapping, cfg: Optional[C3AConfig] = None) -> Any:
+  """A tree shaped like ``params`` (same container types) holding each leaf's :func:`label`."""
 
-  def walk(tree: Mapping, prefix: str) -> dict:
-    return {k: walk(v, f"{prefix}{k}.") if isinstance(v, Mapping)
-            else label(params, prefix[:-1], k, cfg) for k, v in tree.items()}
+  def one(path, _):
+    keys = [getattr(k, "key", k) for k in path]
+    return label(params, ".".join(keys[:-1]), keys[-1], cfg)
 
-  return walk(params, "")
+  return jax.tree_util.tree_map_with_path(one, params)
 
 
 def optimizer(tx: optax.GradientTransformation, params: Mapping, cfg: C3AConfig, *,

@@ -21,6 +21,8 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Optional
 
@@ -29,7 +31,7 @@ import numpy as np
 import safetensors.numpy
 
 from c3a_jax import _tree
-from c3a_jax._io import atomic_write
+from c3a_jax._io import atomic_write, current_umask
 from c3a_jax._tree import Params
 from c3a_jax.config import C3AConfig
 from c3a_jax.targets import C3A_LEAVES, block_size_for
@@ -113,9 +115,26 @@ def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
   if cfg.target_modules is None or cfg.target_modules == "all-linear" or cfg.exclude_modules:
     # PEFT would resolve these its own way (and 0.21 has no exclude_modules): name the layers.
     cfg = cfg.replace(target_modules=tuple(adapted), exclude_modules=None)
-  os.makedirs(directory, exist_ok=True)
-  atomic_write(os.path.join(directory, WEIGHTS_NAME), safetensors.numpy.save(tensors))
-  cfg.save(directory)
+  if "" in adapted:
+    raise ValueError("save_adapter: the C3A layer sits at the params root, so it has no module "
+                     "name for PEFT; nest the params under the layer's name")
+  if os.path.exists(directory):
+    # Each file is replaced atomically; the config goes last, as it is what readers open first.
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), safetensors.numpy.save(tensors))
+    cfg.save(directory)
+    return
+  # A new directory appears whole: built beside its final place, then renamed.
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.")
+  try:
+    atomic_write(os.path.join(tmp, WEIGHTS_NAME), safetensors.numpy.save(tensors))
+    cfg.save(tmp)
+    os.chmod(tmp, 0o777 & ~current_umask())
+    os.rename(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
 
 
 def load_adapter(directory: str, params: Optional[Mapping] = None) -> tuple[Params, C3AConfig]:

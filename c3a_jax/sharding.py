@@ -11,7 +11,7 @@ The rule for parameters:
 
 Example:
   >>> import jax, jax.numpy as jnp, c3a_jax as c3a
-  >>> mesh = c3a.make_mesh(data=1, fsdp=1)
+  >>> mesh = c3a.make_mesh()  # every device on the "data" axis
   >>> tree = {"fc": {"kernel": jnp.ones((8, 4)), "c3a_kernel": jnp.ones((2, 2, 4))}}
   >>> sorted(str(s.spec) for s in jax.tree.leaves(c3a.param_shardings(tree, mesh)))
   ['P()', 'P()']

@@ -24,11 +24,13 @@ from c3a_jax import _tree
 from c3a_jax.config import C3AConfig
 
 # PEFT's TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING for the models transformers has in Flax.
+# ViT is not in PEFT's table; DESIGN.md adds it (its attention is named like BERT's).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "vit"), ("query", "value")),
-    **dict.fromkeys(("llama", "mistral", "gemma", "qwen2", "opt", "gptj", "gpt_neo", "bart",
-                     "mbart", "marian", "pegasus", "blenderbot"), ("q_proj", "v_proj")),
-    **dict.fromkeys(("t5", "mt5", "longt5"), ("q", "v")),
+    **dict.fromkeys(("llama", "mistral", "gemma", "qwen2", "opt", "gptj", "gpt_neo", "bart"),
+                    ("q_proj", "v_proj")),
+    **dict.fromkeys(("t5", "mt5"), ("q", "v")),
+    "bloom": ("query_key_value",),
     "gpt2": ("mlp.c_proj",),
 }
 # Layers whose kernel is stored (out, in) rather than Flax's (in, out): transformers' FlaxConv1D.
@@ -163,7 +165,8 @@ def select(params: Mapping, cfg: C3AConfig, *, model_type: Optional[str] = None)
     targets = DEFAULT_TARGETS[model_type]
   out_in_names = OUT_IN_LAYERS.get(model_type, ())
   selected = []
-  for path, node in _tree.modules(params):
+  root = [("", params)] if is_dense(params) else []  # a bare Dense's params
+  for path, node in [*root, *_tree.modules(params)]:
     if not _matches(path, node, cfg, targets):
       continue
     if not is_dense(node):

@@ -37,6 +37,7 @@ from c3a_jax.optim import label
 from c3a_jax.targets import C3A_LEAVES, select
 
 C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
+_WEIGHTS = ("kernel", "scale", "embedding", "weight")  # one per Flax layer, never two
 
 
 def attach(params: Mapping, cfg: C3AConfig, rng: jax.Array, *,
@@ -101,9 +102,14 @@ def combine(adapter: Mapping, base: Mapping) -> Params:
                        f"module {e.args[0]!r}") from None
     if name in C3A_LEAVES:
       _check_fits(path, module, name, value, "combine")
-    elif name in module and _tree.shape(module[name]) != _tree.shape(value):
-      raise ValueError(f"combine: adapter leaf {path}.{name} has shape {_tree.shape(value)}, "
-                       f"the base's has {_tree.shape(module[name])}")
+    elif name in module:
+      if _tree.shape(module[name]) != _tree.shape(value):
+        raise ValueError(f"combine: adapter leaf {path}.{name} has shape {_tree.shape(value)}, "
+                         f"the base's has {_tree.shape(module[name])}")
+    elif name in _WEIGHTS and any(n in module for n in _WEIGHTS):
+      # E.g. a PyTorch "weight" read as a Dense kernel where the layer is an Embed.
+      raise ValueError(f"combine: adapter leaf {path}.{name} does not fit the base, whose module "
+                       f"{path!r} holds {sorted(module)}; load adapters with the model's params")
     module[name] = value
   return out
 
@@ -147,6 +153,9 @@ def merge(params: Mapping, *, safe: bool = False) -> Params:
       _check_fits(path, module, name, w, "merge")
       kernel = module["kernel"]
       merged = (kernel.astype(jnp.float32) + _delta(name, w)).astype(kernel.dtype)
+      if safe and isinstance(merged, jax.core.Tracer):
+        raise ValueError("merge(safe=True) checks values, so it needs concrete arrays: call it "
+                         "outside jax.jit (or use safe=False inside)")
       if safe and not bool(jnp.isfinite(merged).all()):
         raise ValueError(f"merge(safe=True): layer {path!r} would get non-finite weights; its C3A "
                          f"kernel holds {int((~jnp.isfinite(w)).sum())} non-finite values")

@@ -96,3 +96,17 @@ def test_public_api_names():
                "merge", "unmerge", "save_adapter", "load_adapter", "summary", "labels", "select"]:
     assert callable(getattr(c3a, name)), name
   assert callable(c3a.ops.block_circulant_matmul) and callable(c3a.ops.delta_weight)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(task_type="seq_cls"), r"task_type must be one of \('SEQ_CLS'"),
+    (dict(target_modules=["q"], layers_pattern="la(yer"), "layers_pattern .* not a valid regex"),
+    (dict(modules_to_save=["cls("]), "modules_to_save .* not a valid regex"),
+])
+def test_more_bad_values(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    C3AConfig(**kwargs)
+
+
+def test_all_linear_in_any_case():
+  assert C3AConfig(target_modules="ALL-LINEAR").target_modules == "all-linear"

@@ -138,3 +138,13 @@ def test_init_schemes_follow_peft(scheme):
 def test_init_rejects_unknown_scheme():
   with pytest.raises(ValueError, match="init_weights='orthogonal'"):
     ops.init(jax.random.key(0), (1, 1, 4), "orthogonal")
+
+
+def test_bad_kernels_and_inputs_are_clear_errors():
+  with pytest.raises(ValueError, match=r"delta_weight: a C3A kernel has shape \(d_out // b, "
+                     r"d_in // b, b\), got \(4, 4\)"):
+    ops.delta_weight(jnp.ones((4, 4)))
+  with pytest.raises(ValueError, match=r"init: .* got \(2, 0, 4\)"):
+    ops.init(jax.random.key(0), (2, 0, 4), True)
+  with pytest.raises(TypeError, match="x must be floating point, got int32"):
+    ops.block_circulant_matmul(jnp.ones((2, 8), jnp.int32), jnp.ones((2, 2, 4)))

@@ -101,3 +101,14 @@ def test_modules_to_save_trains_what_peft_trains():
   assert flat["model.layers.0.q_proj.kernel"] == "frozen"
   seq = c3a.C3AConfig(block_size=4, target_modules=["q_proj"], task_type="SEQ_CLS")
   assert seq.modules_to_save == ("classifier", "score")  # PEFT's SEQ_CLS head, implicit
+
+
+def test_optimizer_on_frozendict_params():
+  import flax
+  params, cfg = tree()
+  frozen = flax.core.freeze(params)
+  tx = c3a.optimizer(optax.adam(1e-1), frozen, cfg)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, frozen), tx.init(frozen), frozen)
+  assert isinstance(updates, flax.core.FrozenDict)
+  assert not np.asarray(updates["enc"]["query"]["kernel"]).any()
+  assert np.asarray(updates["enc"]["query"]["c3a_kernel"]).all()

@@ -158,3 +158,21 @@ def test_load_rejects_missing_and_foreign_files(tmp_path, saved):
   json.dump({**cfg, "peft_type": "LORA"}, open(os.path.join(path, "adapter_config.json"), "w"))
   with pytest.raises(ValueError, match="peft_type is 'LORA', not 'C3A'"):
     c3a.load_adapter(path)
+
+
+def test_files_are_world_readable_and_a_new_directory_appears_whole(tmp_path):
+  params = c3a.attach(model_params(), CFG, jax.random.key(0))
+  target = tmp_path / "new" / "adapter"
+  c3a.save_adapter(str(target), params, CFG)
+  old = os.umask(0)
+  os.umask(old)
+  for name in os.listdir(target):
+    assert os.stat(target / name).st_mode & 0o777 == 0o666 & ~old
+  assert os.listdir(tmp_path / "new") == ["adapter"]  # no temporary left behind
+
+
+def test_save_refuses_a_root_level_layer(tmp_path):
+  params = {"kernel": jnp.ones((8, 8))}
+  cfg = c3a.C3AConfig(block_size=4, target_modules="all-linear")
+  with pytest.raises(ValueError, match="sits at the params root"):
+    c3a.save_adapter(str(tmp_path / "a"), c3a.attach(params, cfg, jax.random.key(0)), cfg)

@@ -178,3 +178,51 @@ def test_property_merge_then_unmerge_restores(case, dtype):
   np.testing.assert_allclose(np.asarray(restored["fc"]["kernel"], np.float32),
                              np.asarray(kernel, np.float32), atol=tol * 4, rtol=tol)
   np.testing.assert_array_equal(restored["fc"]["c3a_kernel"], params["fc"]["c3a_kernel"])
+
+
+def test_nested_interceptors_add_the_delta_once():
+  model, params = mlp_params(8, (8,))
+  params = c3a.attach(params, c3a.C3AConfig(block_size=4, target_modules=["fc0"],
+                                            init_weights="gaussian"), jax.random.key(1))
+  x = jnp.ones((2, 8))
+  once = c3a.wrap(model.apply)({"params": params}, x)
+  with c3a.intercept():
+    twice = jax.jit(c3a.wrap(model.apply))({"params": params}, x)
+  np.testing.assert_allclose(twice, once, rtol=1e-6)
+  np.testing.assert_allclose(once, model.apply({"params": c3a.merge(params)}, x), atol=1e-5)
+
+
+def test_a_c3a_kernel_on_a_layer_the_interceptor_cannot_adapt_is_an_error():
+  model = nn.DenseGeneral(8)
+  params = dict(model.init(jax.random.key(0), jnp.ones((1, 8)))["params"])
+  params["c3a_kernel"] = jnp.ones((2, 2, 4))
+  with pytest.raises(ValueError, match=r"holds a C3A kernel but is a DenseGeneral"):
+    c3a.wrap(model.apply)({"params": params}, jnp.ones((1, 8)))
+
+
+def test_root_level_dense_and_bad_keys():
+  model = nn.Dense(8)
+  params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+  cfg = c3a.C3AConfig(block_size=4, target_modules="all-linear", init_weights="gaussian")
+  adapted = c3a.attach(params, cfg, jax.random.key(1))
+  assert adapted["c3a_kernel"].shape == (2, 2, 4)
+  x = jnp.ones((2, 8))
+  np.testing.assert_allclose(c3a.wrap(model.apply)({"params": adapted}, x),
+                             model.apply({"params": c3a.merge(adapted)}, x), atol=1e-5)
+  with pytest.raises(ValueError, match=r"params key 0 under 'layers.': c3a_jax needs string keys"):
+    c3a.attach({"layers": {0: {"kernel": jnp.ones((8, 8))}}}, cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"params key 'a.b'"):
+    c3a.split({"a.b": {"kernel": jnp.ones((8, 8))}})
+
+
+def test_combine_refuses_a_weight_named_for_another_layer_type():
+  base = {"embed": {"embedding": jnp.ones((10, 8))}}
+  with pytest.raises(ValueError, match=r"embed.kernel does not fit the base, whose module 'embed' "
+                     r"holds \['embedding'\]"):
+    c3a.combine({"embed": {"kernel": jnp.ones((10, 8))}}, base)
+
+
+def test_safe_merge_under_jit_says_why():
+  params = {"fc": {"kernel": jnp.ones((8, 8)), "c3a_kernel": jnp.ones((2, 2, 4))}}
+  with pytest.raises(ValueError, match="needs concrete arrays: call it outside jax.jit"):
+    jax.jit(lambda p: c3a.merge(p, safe=True))(params)
