@@ -178,3 +178,23 @@ def test_compiled_memory_and_throughput():
       jax.block_until_ready(metrics)
   assert meter.steps == 3 and meter.step_time > 0
   assert meter.tokens_per_s == pytest.approx(32 / meter.step_time, rel=1.0)
+
+
+def test_remat_model_trains_like_the_plain_one():
+  import flax.linen as nn
+
+  class RematMLP(toy.MLP):
+    @nn.compact
+    def __call__(self, x, *, rng=None):
+      block = nn.remat(lambda mdl, h, name: nn.gelu(nn.Dense(toy.HIDDEN, name=name)(h)),
+                       static_argnums=(2,))
+      return nn.Dense(toy.CLASSES, name="head")(block(self, block(self, x, "fc0"), "fc1"))
+
+  adapter, base = c3a.split(toy.params(), toy.CFG)
+  tx = toy.tx()
+  step = jax.jit(c3a.make_train_step(toy.loss_fn(RematMLP()), tx))
+  state = c3a.TrainState.create(adapter, tx, rng=0)
+  for _ in range(STEPS):
+    state, _ = step(state, base, toy.data(32))
+  ref, _ = run_single()
+  assert_trees_close(state.params, ref.params, **TOL)
