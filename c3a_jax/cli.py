@@ -1,0 +1,167 @@
+"""``c3a-jax``: fine-tune with C3A from the command line.
+
+    c3a-jax train [--config FILE] [--resume | --overwrite] [key=value ...]
+    c3a-jax eval RUN_DIR
+    c3a-jax merge RUN_DIR OUT_DIR
+    c3a-jax suggest-block-size MODEL [--rank 8] [--target-modules query,value]
+
+With no config, ``train`` runs the offline default: the digits task (see c3a_jax.digits),
+C3A against head-only and full fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from c3a_jax.experiment import Experiment
+
+
+# The offline default: C3A on the digits MLP's hidden layers, the paper's large C3A learning rate.
+DIGITS_DEFAULT = {"task": "digits", "output_dir": "runs/c3a-digits",
+                  "train": {"steps": 300, "batch_size": 32, "lr": 0.3, "head_lr": 3e-3,
+                            "eval_every": 100, "save_every": 100, "log_every": 10}}
+
+
+def _log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _job(exp: Experiment):
+  if exp.task == "digits":
+    from c3a_jax import digits
+    return digits.job(exp.train.seed, log=_log)
+  from c3a_jax import hub
+  return hub.job(exp, log=_log)
+
+
+def train(args: argparse.Namespace) -> int:
+  from c3a_jax import runner
+  exp = (Experiment.load(args.config, args.overrides) if args.config
+         else Experiment.from_dict(DIGITS_DEFAULT, args.overrides, source="default config"))
+  job = _job(exp)
+  summaries = [runner.run(exp, job, resume=args.resume, overwrite=args.overwrite,
+                          quiet=args.quiet, log=_log)]
+  if exp.task == "digits" and exp.train.mode == "c3a":
+    # The comparison the default job exists for: same data and steps, other trainable sets.
+    for mode, lr in (("head", exp.train.head_lr), ("full", exp.train.head_lr)):
+      other = dataclasses.replace(
+          exp, output_dir=os.path.join(exp.output_dir, "baselines", mode),
+          train=dataclasses.replace(exp.train, mode=mode, lr=lr or exp.train.lr))
+      summaries.append(runner.run(other, job, overwrite=True, quiet=args.quiet, log=_log))
+  _print_table(summaries)
+  print(f"run directory: {exp.output_dir}")
+  return 0
+
+
+def _print_table(summaries: list[dict]) -> None:
+  names = {"c3a": "C3A", "head": "head only", "full": "full fine-tuning"}
+  print(f"{'training':<18} {'trainable params':>17} {'share':>8} {'eval accuracy':>14}")
+  for s in summaries:
+    share = s["trainable_params"] / s["total_params"]
+    acc = s.get("eval_accuracy", float("nan"))
+    print(f"{names[s['mode']]:<18} {s['trainable_params']:>17,} {share:>8.2%} {acc:>14.4f}")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+  from c3a_jax import runner
+  exp, params = _load_run(args.run_dir)
+  job = _job(exp)
+  if job.eval_data is None:
+    raise ValueError(f"{args.run_dir}: the config has no eval split (data.eval_split)")
+  print(json.dumps(runner.evaluate(job, params(job), exp.train.batch_size), indent=2))
+  return 0
+
+
+def _load_run(run_dir: str):
+  """(experiment, params_of(job)) for a finished run directory."""
+  import flax.serialization
+  from c3a_jax import peft_io, transform
+
+  config = os.path.join(run_dir, "config.yaml")
+  if not os.path.isfile(config):
+    raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
+  exp = Experiment.load(config)
+
+  def params(job):
+    if exp.train.mode == "c3a":
+      adapter, _ = peft_io.load_adapter(os.path.join(run_dir, "adapter"), job.params)
+      return transform.combine(adapter, job.params)
+    path = os.path.join(run_dir, "params.msgpack")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path} does not exist: the run did not finish")
+    with open(path, "rb") as f:
+      data = f.read()
+    if exp.train.mode == "full":
+      return flax.serialization.from_bytes(job.params, data)
+    adapter, _ = transform.split(job.params, exp.c3a)
+    return transform.combine(flax.serialization.from_bytes(adapter, data), job.params)
+
+  return exp, params
+
+
+def merge(args: argparse.Namespace) -> int:
+  from c3a_jax import transform
+  exp, params = _load_run(args.run_dir)
+  job = _job(exp)
+  merged = transform.merge(params(job), safe=True)
+  if job.save_merged is None:
+    import flax.serialization
+    from c3a_jax._io import atomic_write
+    os.makedirs(args.out_dir, exist_ok=True)
+    atomic_write(os.path.join(args.out_dir, "params.msgpack"),
+                 flax.serialization.to_bytes(merged))
+  else:
+    job.save_merged(merged, args.out_dir)
+  print(f"merged model written to {args.out_dir}")
+  return 0
+
+
+def suggest(args: argparse.Namespace) -> int:
+  from c3a_jax import blocks
+  print(blocks.report(args.model, rank=args.rank, target_modules=args.target_modules,
+                      from_pt=args.from_pt))
+  return 0
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="c3a-jax", description=__doc__.split("\n\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="fine-tune (no config: the offline digits default)")
+  t.add_argument("--config", help="YAML experiment config (see configs/)")
+  group = t.add_mutually_exclusive_group()
+  group.add_argument("--resume", action="store_true", help="continue the run in output_dir")
+  group.add_argument("--overwrite", action="store_true", help="replace the run in output_dir")
+  t.add_argument("--quiet", action="store_true", help="no progress bars")
+  t.add_argument("overrides", nargs="*", metavar="key=value",
+                 help="config overrides, e.g. train.lr=0.3 c3a.block_size=128")
+  t.set_defaults(fn=train)
+  e = sub.add_parser("eval", help="evaluate a finished run")
+  e.add_argument("run_dir")
+  e.set_defaults(fn=evaluate)
+  m = sub.add_parser("merge", help="fold the adapter into the model and save it")
+  m.add_argument("run_dir")
+  m.add_argument("out_dir")
+  m.set_defaults(fn=merge)
+  s = sub.add_parser("suggest-block-size",
+                     help="block sizes near a LoRA rank's parameter budget, for a model")
+  s.add_argument("model", help="a hub name, a local model directory, or 'digits'")
+  s.add_argument("--rank", type=int, default=8, help="the LoRA rank to match (default 8)")
+  s.add_argument("--target-modules", default=None,
+                 help="comma-separated layer names (default: the model type's)")
+  s.add_argument("--from-pt", action="store_true", help="load PyTorch weights")
+  s.set_defaults(fn=suggest)
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = parser().parse_args(argv)
+  try:
+    return args.fn(args)
+  except (ValueError, FileNotFoundError, OSError) as e:
+    print(f"c3a-jax {args.command}: error: {e}", file=sys.stderr)
+    return 2

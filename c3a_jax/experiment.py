@@ -1,0 +1,201 @@
+"""Experiment configs for the CLI: a YAML file plus ``key=value`` overrides, validated.
+
+Example:
+  >>> from c3a_jax.experiment import Experiment
+  >>> exp = Experiment.from_dict({"task": "seq_cls", "model": {"name": "roberta-base"},
+  ...                             "data": {"name": "glue", "subset": "sst2"}},
+  ...                            overrides=["train.lr=0.3", "c3a.block_size=128"])
+  >>> exp.train.lr, exp.c3a.block_size
+  (0.3, 128)
+  >>> Experiment.from_dict({"train": {"lr_c3a": 1}})
+  Traceback (most recent call last):
+  ...
+  ValueError: config: unknown key train.lr_c3a (train has: batch_size, compute_dtype, eval_every, grad_accum, head_lr, keep_checkpoints, log_every, lr, mode, save_every, seed, steps, warmup_steps, weight_decay)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from c3a_jax.config import C3AConfig
+
+TASKS = ("digits", "seq_cls", "causal_lm", "image_cls")
+MODES = ("c3a", "head", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The base model: a Hugging Face hub name or local directory."""
+
+  name: Optional[str] = None
+  from_pt: bool = False  # load PyTorch weights (model.safetensors / pytorch_model.bin)
+  revision: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """A ``datasets`` name (with ``subset``), a ``save_to_disk`` directory, or a CSV/JSON file."""
+
+  name: Optional[str] = None
+  subset: Optional[str] = None
+  train_split: str = "train"
+  eval_split: Optional[str] = "validation"
+  text_column: str = "text"
+  text_pair_column: Optional[str] = None
+  label_column: str = "label"
+  image_column: str = "image"
+  prompt_template: Optional[str] = None  # causal LM: e.g. "### Instruction:\n{instruction}\n..."
+  max_length: int = 128
+  num_labels: Optional[int] = None
+  max_train_examples: Optional[int] = None
+  max_eval_examples: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+  """Optimisation: ``lr`` is C3A's (PEFT's 1/d_in scale wants ~1e-1), ``head_lr`` the head's."""
+
+  mode: Literal["c3a", "head", "full"] = "c3a"
+  steps: int = 1000
+  batch_size: int = 32
+  lr: float = 1e-1
+  head_lr: Optional[float] = None
+  weight_decay: float = 0.0
+  warmup_steps: int = 0
+  grad_accum: int = 1
+  compute_dtype: Literal["float32", "bfloat16"] = "float32"
+  eval_every: int = 200
+  save_every: int = 200
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  seed: int = 0
+
+  def __post_init__(self):
+    for key in ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
+                "keep_checkpoints", "log_every"):
+      if getattr(self, key) < 1:
+        raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """Everything a run needs; ``c3a`` holds C3AConfig's fields (PEFT's names)."""
+
+  task: Literal["digits", "seq_cls", "causal_lm", "image_cls"] = "digits"
+  model: ModelSpec = ModelSpec()
+  data: DataSpec = DataSpec()
+  c3a: C3AConfig = C3AConfig(block_size=16, target_modules=["fc0", "fc1"],
+                             modules_to_save=["head"])
+  train: TrainSpec = TrainSpec()
+  output_dir: str = "runs/c3a-digits"
+
+  @classmethod
+  def from_dict(cls, d: dict, overrides: tuple[str, ...] | list[str] = (),
+                source: str = "config") -> Experiment:
+    """Builds and validates; ``overrides`` are ``dotted.key=value`` (value parsed as YAML)."""
+    if not isinstance(d, dict):
+      raise ValueError(f"{source}: the top level must be a mapping of sections, got "
+                       f"{type(d).__name__}")
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for item in overrides:
+      key, sep, value = item.partition("=")
+      if not sep or not key:
+        raise ValueError(f"override {item!r} is not key=value (e.g. train.lr=0.3)")
+      *parents, leaf = key.split(".")
+      node = d
+      for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+          raise ValueError(f"override {item!r}: {p} is not a section")
+      node[leaf] = yaml.safe_load(value)
+    exp = _build(cls, d, source, "")
+    if exp.task != "digits" and not exp.model.name:
+      raise ValueError(f"{source}: task {exp.task!r} needs model.name (a hub name or a path)")
+    if exp.task != "digits" and not exp.data.name:
+      raise ValueError(f"{source}: task {exp.task!r} needs data.name (a dataset or a file)")
+    return exp
+
+  @classmethod
+  def load(cls, path: str, overrides: tuple[str, ...] | list[str] = ()) -> Experiment:
+    """Reads a YAML (or JSON) config file."""
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+      with open(path) as f:
+        d = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+      raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    return cls.from_dict(d, overrides, source=path)
+
+  def to_dict(self) -> dict:
+    out = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, C3AConfig):
+        value = {k: v for k, v in value.to_dict().items()
+                 if k not in ("peft_type", "auto_mapping", "revision", "inference_mode")}
+      elif dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+      out[f.name] = value
+    return out
+
+
+def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
+  if not isinstance(d, dict):
+    raise ValueError(f"{source}: {prefix[:-1]} must be a mapping, got {d!r}")
+  if cls is C3AConfig:
+    try:
+      return C3AConfig(**d)
+    except TypeError as e:
+      known = ", ".join(f.name for f in dataclasses.fields(C3AConfig))
+      raise ValueError(f"{source}: {prefix[:-1]}: {e} (c3a has: {known})") from None
+    except ValueError as e:
+      raise ValueError(f"{source}: {e}") from None
+  hints = typing.get_type_hints(cls)
+  names = [f.name for f in dataclasses.fields(cls)]
+  for key in d:
+    if key not in names:
+      where = prefix[:-1] or "the top level"
+      raise ValueError(f"{source}: unknown key {prefix}{key} ({where} has: {', '.join(sorted(names))})")
+  kwargs = {}
+  for key, value in d.items():
+    hint = hints[key]
+    if dataclasses.is_dataclass(hint) or hint is C3AConfig:
+      kwargs[key] = _build(hint, value, source, f"{prefix}{key}.")
+    else:
+      kwargs[key] = _check(value, hint, f"{prefix}{key}", source)
+  try:
+    return cls(**kwargs)
+  except ValueError as e:
+    raise ValueError(f"{source}: {e}") from None
+
+
+def _check(value: Any, hint: Any, key: str, source: str) -> Any:
+  """Validates ``value`` against a simple type hint, with an error naming the key."""
+  origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin is Union:
+    if value is None and type(None) in args:
+      return None
+    hint = next(a for a in args if a is not type(None))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin is Literal:
+    if value not in args:
+      raise ValueError(f"{source}: {key} must be one of {args}, got {value!r}")
+    return value
+  if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+    try:
+      value = float(value)  # YAML reads 3e-1 (no dot) as a string
+    except ValueError:
+      raise ValueError(f"{source}: {key} must be a number, got {value!r}") from None
+  if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+    raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
+  if not isinstance(value, hint):
+    raise ValueError(f"{source}: {key} must be a {hint.__name__}, got {value!r}")
+  if hint in (int, float) and value < 0:
+    raise ValueError(f"{source}: {key} must not be negative, got {value!r}")
+  return value

@@ -1,0 +1,75 @@
+"""A Job: what the runner trains. A model function, its base params, and the data as arrays.
+
+Built by :mod:`c3a_jax.digits` (the offline default) and :mod:`c3a_jax.hub` (Hugging Face
+models and datasets); consumed by :func:`c3a_jax.runner.run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Job:
+  """``logits_fn(params, batch, rng, train)``; ``train_data``/``eval_data`` map names to arrays
+  with a shared leading axis; ``kind`` picks the loss: ``"classify"`` (``batch["labels"]``) or
+  ``"lm"`` (next-token prediction over ``batch["input_ids"]`` where ``batch["loss_mask"]``)."""
+
+  logits_fn: Callable[..., jax.Array]
+  params: Any
+  train_data: Batch
+  eval_data: Optional[Batch]
+  kind: str = "classify"
+  model_type: Optional[str] = None
+  tokens_per_example: int = 1
+  save_merged: Optional[Callable[[Any, str], None]] = None  # writes a merged model directory
+
+  def loss(self, params: Any, batch: Batch, rng: Optional[jax.Array], train: bool
+           ) -> tuple[jax.Array, dict]:
+    """Mean loss and metrics (accuracy) of ``batch``."""
+    logits = self.logits_fn(params, batch, rng, train).astype(jnp.float32)
+    if self.kind == "classify":
+      labels = batch["labels"]
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, {"accuracy": (logits.argmax(-1) == labels).mean()}
+    targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+    denom = jnp.maximum(mask.sum(), 1.0)
+    loss = (losses * mask).sum() / denom
+    return loss, {"accuracy": ((logits[:, :-1].argmax(-1) == targets) * mask).sum() / denom}
+
+  @property
+  def num_train(self) -> int:
+    return len(next(iter(self.train_data.values())))
+
+
+def batches(data: Batch, batch_size: int, seed: int, start: int = 0) -> Iterator[Batch]:
+  """Batch ``start``, ``start + 1``, ...: epochs of a seeded shuffle, so any position can be
+  rebuilt exactly on resume. Partial final batches are dropped."""
+  n = len(next(iter(data.values())))
+  per_epoch = n // batch_size
+  if per_epoch == 0:
+    raise ValueError(f"batch size {batch_size} is larger than the {n} training examples")
+  position = start
+  while True:
+    epoch, index = divmod(position, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    idx = order[index * batch_size:(index + 1) * batch_size]
+    yield {k: v[idx] for k, v in data.items()}
+    position += 1
+
+
+def eval_batches(data: Batch, batch_size: int) -> Iterator[Batch]:
+  """Every example once, in order; the last batch may be smaller."""
+  n = len(next(iter(data.values())))
+  for i in range(0, n, batch_size):
+    yield {k: v[i:i + batch_size] for k, v in data.items()}

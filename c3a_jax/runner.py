@@ -1,0 +1,230 @@
+"""The CLI's training loop: a Job and an Experiment in, a run directory out.
+
+The run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON
+object per log or eval), ``metrics.png`` (loss and accuracy), ``checkpoints/`` (orbax, for
+``--resume``), ``summary.json`` and, for C3A runs, ``adapter/`` in PEFT's format (head-only and
+full runs write ``params.msgpack`` instead). Ctrl-C saves a checkpoint and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import optax
+import yaml
+
+from c3a_jax import peft_io
+from c3a_jax._io import atomic_write
+from c3a_jax.checkpoint import Checkpointer
+from c3a_jax.experiment import Experiment
+from c3a_jax.intercept import intercept
+from c3a_jax.job import Job, batches, eval_batches
+from c3a_jax.optim import optimizer
+from c3a_jax.summary import summary
+from c3a_jax.train import TrainState, make_train_step
+from c3a_jax.transform import attach, combine, split
+
+INTERRUPTED = 130  # the shell's exit status for Ctrl-C
+
+
+class RunDirError(ValueError):
+  """The output directory holds another run, or not the run being resumed."""
+
+
+def prepare_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> str:
+  out = exp.output_dir
+  config_path = os.path.join(out, "config.yaml")
+  if resume:
+    if not os.path.isfile(config_path):
+      raise RunDirError(f"--resume: {out} holds no run (no config.yaml)")
+    with open(config_path) as f:
+      saved = yaml.safe_load(f)
+    now = exp.to_dict()
+    # A resumed run may go on for more steps; nothing else may change.
+    diff = [f"{section}.{k}" for section in now if isinstance(now[section], dict)
+            for k in set(now[section]) | set(saved.get(section) or {})
+            if (section, k) != ("train", "steps")
+            and now[section].get(k) != (saved.get(section) or {}).get(k)]
+    diff += [k for k in now if not isinstance(now[k], dict) and now[k] != saved.get(k)]
+    if diff:
+      raise RunDirError(f"--resume: the config differs from the run in {out} at "
+                        f"{', '.join(sorted(diff))}")
+  elif os.path.isdir(out) and os.listdir(out):
+    if not overwrite:
+      raise RunDirError(f"{out} holds another run; pass --resume to continue it or --overwrite "
+                        "to replace it")
+    shutil.rmtree(out)
+  os.makedirs(out, exist_ok=True)
+  atomic_write(config_path, yaml.safe_dump(exp.to_dict(), sort_keys=False).encode())
+  return out
+
+
+def _schedule(lr: float, warmup: int) -> optax.Schedule:
+  return optax.linear_schedule(0.0, lr, warmup) if warmup else optax.constant_schedule(lr)
+
+
+def _setup(exp: Experiment, job: Job):
+  """(trainable, base, tx) for the run's mode."""
+  cfg, t = exp.c3a, exp.train
+  adamw = lambda lr: optax.adamw(_schedule(lr, t.warmup_steps), weight_decay=t.weight_decay)
+  head_lr = t.head_lr if t.head_lr is not None else t.lr
+  if t.mode == "full":
+    return job.params, None, adamw(head_lr), job.params
+  params = job.params
+  if t.mode == "c3a":
+    params = attach(params, cfg, jax.random.key(t.seed), model_type=job.model_type)
+  trainable, base = split(params, cfg)
+  if not jax.tree.leaves(trainable):
+    raise ValueError(f"train.mode={t.mode!r} trains nothing: set c3a.modules_to_save "
+                     "(e.g. [classifier]) or c3a.bias")
+  return trainable, base, optimizer(adamw(t.lr), trainable, cfg, head_tx=adamw(head_lr)), params
+
+
+def _plot(records: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  train = [r for r in records if r["split"] == "train"]
+  evals = [r for r in records if r["split"] == "eval"]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+  ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+  ax1.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
+  ax1.set(xlabel="step", ylabel="loss", title="loss")
+  ax1.legend()
+  ax2.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train")
+  ax2.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", label="eval")
+  ax2.set(xlabel="step", ylabel="accuracy", title="accuracy")
+  ax2.legend()
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  plt.close(fig)
+  atomic_write(path, buf.getvalue())
+
+
+def _read_metrics(path: str) -> list[dict]:
+  if not os.path.isfile(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def evaluate(job: Job, params: Any, batch_size: int) -> dict[str, float]:
+  """Mean loss and accuracy over ``job.eval_data`` (adapted params, under the interceptor)."""
+  fn = _eval_fn(job)
+  totals, n = {}, 0
+  for batch in eval_batches(job.eval_data, batch_size):
+    size = len(next(iter(batch.values())))
+    loss, metrics = fn(params, batch)
+    for k, v in {"loss": loss, **metrics}.items():
+      totals[k] = totals.get(k, 0.0) + float(v) * size
+    n += size
+  return {k: v / n for k, v in totals.items()}
+
+
+def _eval_fn(job: Job):
+  @jax.jit
+  def fn(params, batch):
+    with intercept():
+      return job.loss(params, batch, None, False)
+  return fn
+
+
+def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = False,
+        quiet: bool = False, log=print) -> dict:
+  """Trains ``job`` as ``exp`` says; returns the final summary (also in summary.json)."""
+  from tqdm.auto import tqdm
+
+  out = prepare_dir(exp, resume=resume, overwrite=overwrite)
+  t = exp.train
+  trainable, base, tx, full_params = _setup(exp, job)
+  counts = summary(full_params if t.mode != "full" else job.params,
+                   exp.c3a if t.mode != "full" else None)
+  n_trainable = counts.trainable if t.mode != "full" else counts.total
+
+  def loss_fn(params, batch, rng):
+    return job.loss(params, batch, rng, True)
+
+  dtype = jnp.bfloat16 if t.compute_dtype == "bfloat16" else None
+  step_fn = jax.jit(make_train_step(loss_fn, tx, grad_accum=t.grad_accum, compute_dtype=dtype),
+                    donate_argnums=0)
+  combined = (lambda s: s.params) if base is None else (lambda s: combine(s.params, base))
+  # A copy: the step donates its state, and the job's params must outlive this run.
+  state = TrainState.create(jax.tree.map(jnp.copy, trainable), tx, rng=t.seed)
+  metrics_path = os.path.join(out, "metrics.jsonl")
+  ckpt = Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=t.keep_checkpoints,
+                      config=exp.c3a if t.mode == "c3a" else None)
+  position = 0
+  if resume and ckpt.latest_step() is not None:
+    state, position = ckpt.restore(state)
+    log(f"resumed {out} at step {int(state.step)}")
+  records = _read_metrics(metrics_path)
+  records = [r for r in records if r["step"] <= int(state.step)]  # drop lines past the ckpt
+  tokens = t.batch_size * job.tokens_per_example
+
+  def write(record):
+    records.append(record)
+    atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+  stream = batches(job.train_data, t.batch_size, t.seed, start=position)
+  saved = int(state.step)
+
+  def save():
+    nonlocal saved
+    if int(state.step) != saved:
+      ckpt.save(state, data_position=position, force=True)
+      saved = int(state.step)
+
+  bar = tqdm(total=t.steps, initial=int(state.step), disable=quiet, file=sys.stderr,
+             dynamic_ncols=True, desc=f"{t.mode} train")
+  last = time.perf_counter()
+  try:
+    while int(state.step) < t.steps:
+      state, metrics = step_fn(state, base, next(stream))
+      position += 1
+      step = int(state.step)
+      bar.update(1)
+      if step % t.log_every == 0 or step == t.steps:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        now = time.perf_counter()
+        tok_s = tokens * t.log_every / max(now - last, 1e-9)
+        last = now
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
+        write({"step": step, "split": "train", "tokens_per_s": tok_s, **metrics})
+      if job.eval_data is not None and (step % t.eval_every == 0 or step == t.steps):
+        write({"step": step, "split": "eval", **evaluate(job, combined(state), t.batch_size)})
+      if step % t.save_every == 0:
+        save()
+  except KeyboardInterrupt:
+    bar.close()
+    save()
+    ckpt.wait()
+    ckpt.close()
+    log(f"interrupted at step {int(state.step)}: checkpoint saved; continue with --resume")
+    raise SystemExit(INTERRUPTED) from None
+  bar.close()
+  save()
+  ckpt.wait()
+  ckpt.close()
+
+  final = {"mode": t.mode, "steps": int(state.step), "trainable_params": n_trainable,
+           "total_params": counts.total}
+  if job.eval_data is not None:
+    final.update({f"eval_{k}": v for k, v in evaluate(job, combined(state), t.batch_size).items()})
+  if t.mode == "c3a":
+    peft_io.save_adapter(os.path.join(out, "adapter"), state.params, exp.c3a)
+  else:
+    atomic_write(os.path.join(out, "params.msgpack"), flax.serialization.to_bytes(state.params))
+  _plot(records, os.path.join(out, "metrics.png"))
+  atomic_write(os.path.join(out, "summary.json"), json.dumps(final, indent=2).encode())
+  return final
