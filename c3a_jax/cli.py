@@ -159,7 +159,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = parser().parse_args(argv)
+  p = parser()
+  # Overrides may follow flags (`train --resume train.steps=100`): collect the strays.
+  args, extra = p.parse_known_args(argv)
+  if extra and (args.command != "train" or any("=" not in e or e.startswith("-") for e in extra)):
+    p.error(f"unrecognized arguments: {' '.join(extra)}")
+  if extra:
+    args.overrides = [*args.overrides, *extra]
   try:
     return args.fn(args)
   except (ValueError, FileNotFoundError, OSError) as e:

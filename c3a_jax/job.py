@@ -7,6 +7,7 @@ models and datasets); consumed by :func:`c3a_jax.runner.run`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from c3a_jax.intercept import intercept
 
 Batch = dict[str, np.ndarray]
 
@@ -50,6 +53,17 @@ class Job:
   @property
   def num_train(self) -> int:
     return len(next(iter(self.train_data.values())))
+
+  @functools.cached_property
+  def eval_step(self) -> Callable[[Any, Batch], tuple[jax.Array, dict]]:
+    """``(params, batch) -> (loss, metrics)``, jitted once per job, under the interceptor."""
+
+    @jax.jit
+    def step(params, batch):
+      with intercept():
+        return self.loss(params, batch, None, False)
+
+    return step
 
 
 def batches(data: Batch, batch_size: int, seed: int, start: int = 0) -> Iterator[Batch]:

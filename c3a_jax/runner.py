@@ -8,12 +8,16 @@ full runs write ``params.msgpack`` instead). Ctrl-C saves a checkpoint and exits
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.serialization
@@ -26,7 +30,6 @@ from c3a_jax import peft_io
 from c3a_jax._io import atomic_write
 from c3a_jax.checkpoint import Checkpointer
 from c3a_jax.experiment import Experiment
-from c3a_jax.intercept import intercept
 from c3a_jax.job import Job, batches, eval_batches
 from c3a_jax.optim import optimizer
 from c3a_jax.summary import summary
@@ -121,23 +124,35 @@ def _read_metrics(path: str) -> list[dict]:
 
 def evaluate(job: Job, params: Any, batch_size: int) -> dict[str, float]:
   """Mean loss and accuracy over ``job.eval_data`` (adapted params, under the interceptor)."""
-  fn = _eval_fn(job)
   totals, n = {}, 0
   for batch in eval_batches(job.eval_data, batch_size):
     size = len(next(iter(batch.values())))
-    loss, metrics = fn(params, batch)
+    loss, metrics = job.eval_step(params, batch)
     for k, v in {"loss": loss, **metrics}.items():
       totals[k] = totals.get(k, 0.0) + float(v) * size
     n += size
   return {k: v / n for k, v in totals.items()}
 
 
-def _eval_fn(job: Job):
-  @jax.jit
-  def fn(params, batch):
-    with intercept():
-      return job.loss(params, batch, None, False)
-  return fn
+@contextlib.contextmanager
+def _sigint_flag() -> Iterator[Callable[[], bool]]:
+  """Ctrl-C sets a flag the loop checks between steps (a step is never cut in half, so its
+  donated state is never lost); a second Ctrl-C interrupts at once."""
+  hit = []
+
+  def handler(signum, frame):
+    if hit:
+      raise KeyboardInterrupt
+    hit.append(signum)
+
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: False
+    return
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield lambda: bool(hit)
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = False,
@@ -188,8 +203,8 @@ def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = Fa
   bar = tqdm(total=t.steps, initial=int(state.step), disable=quiet, file=sys.stderr,
              dynamic_ncols=True, desc=f"{t.mode} train")
   last = time.perf_counter()
-  try:
-    while int(state.step) < t.steps:
+  with _sigint_flag() as interrupted:
+    while int(state.step) < t.steps and not interrupted():
       state, metrics = step_fn(state, base, next(stream))
       position += 1
       step = int(state.step)
@@ -205,17 +220,13 @@ def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = Fa
         write({"step": step, "split": "eval", **evaluate(job, combined(state), t.batch_size)})
       if step % t.save_every == 0:
         save()
-  except KeyboardInterrupt:
     bar.close()
     save()
     ckpt.wait()
     ckpt.close()
-    log(f"interrupted at step {int(state.step)}: checkpoint saved; continue with --resume")
-    raise SystemExit(INTERRUPTED) from None
-  bar.close()
-  save()
-  ckpt.wait()
-  ckpt.close()
+    if interrupted():
+      log(f"interrupted at step {int(state.step)}: checkpoint saved; continue with --resume")
+      raise SystemExit(INTERRUPTED)
 
   final = {"mode": t.mode, "steps": int(state.step), "trainable_params": n_trainable,
            "total_params": counts.total}

@@ -175,9 +175,6 @@ def select(params: Mapping, cfg: C3AConfig, *, model_type: Optional[str] = None)
       raise ValueError(
           f"C3A target {path!r} (matched by target_modules={targets!r}) is not a Dense layer: it "
           f"holds {leaves}. C3A adapts Dense layers (a 2-D 'kernel'); narrow target_modules.")
-    if any(leaf in node for leaf in C3A_LEAVES):
-      raise ValueError(f"layer {path!r} already holds a C3A kernel; c3a.split(params) first to "
-                       "attach a fresh adapter to the base")
     out_in = _ends_with(path, out_in_names)
     if model_type is None and _ends_with(path, OUT_IN_LAYERS["gpt2"]):
       warnings.warn(f"layer {path!r} is named like GPT-2's Conv1D, whose kernel is stored "

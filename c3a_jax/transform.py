@@ -59,6 +59,9 @@ def attach(params: Mapping, cfg: C3AConfig, rng: jax.Array, *,
   """
   out = _tree.to_dict(params)
   for t in select(out, cfg, model_type=model_type):
+    if any(leaf in _tree.get(out, t.path) for leaf in C3A_LEAVES):
+      raise ValueError(f"layer {t.path!r} already holds a C3A kernel; c3a.split(params) first to "
+                       "attach a fresh adapter to the base")
     key = jax.random.fold_in(rng, zlib.crc32(t.path.encode()))
     _tree.set_leaf(out, t.path, C3A_KERNEL_OUT_IN if t.out_in else C3A_KERNEL,
                    ops.init(key, t.shape, cfg.init_weights))

@@ -1,0 +1,82 @@
+"""Choosing a block size: the divisors of the targeted layers near a LoRA rank's budget.
+
+LoRA of rank ``r`` on a ``(d_in, d_out)`` layer trains ``r * (d_in + d_out)`` parameters; C3A
+with block size ``b`` trains ``d_in * d_out / b``. So a block size near
+``d_in * d_out / (r * (d_in + d_out))`` (about ``sqrt(d_in * d_out) / (2 r)``) matches rank
+``r``'s parameter count, and C3A's update still has full rank.
+
+Example:
+  >>> import numpy as np
+  >>> from c3a_jax.blocks import suggest
+  >>> params = {"q": {"kernel": np.zeros((768, 768))}, "v": {"kernel": np.zeros((768, 768))}}
+  >>> rows = suggest(params, ["q", "v"], rank=8)
+  >>> [(r.block_size, r.c3a_params, r.lora_params) for r in rows if r.closest]
+  [(48, 24576, 24576)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Optional
+
+from c3a_jax.config import C3AConfig
+from c3a_jax.targets import select
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  block_size: int
+  c3a_params: int
+  lora_params: int
+  closest: bool  # the divisor whose parameter count is nearest LoRA's
+
+
+def suggest(params: Mapping, target_modules: Sequence[str] | str, rank: int = 8, *,
+            model_type: Optional[str] = None, around: int = 4) -> list[Choice]:
+  """Block sizes dividing every targeted layer, ``around`` on each side of LoRA-``rank``'s budget."""
+  if rank < 1:
+    raise ValueError(f"rank must be a positive integer, got {rank}")
+  targets = select(params, C3AConfig(block_size=1, target_modules=target_modules),
+                   model_type=model_type)
+  g = 0
+  for t in targets:
+    g = math.gcd(g, math.gcd(t.d_in, t.d_out))
+  divisors = [d for d in range(1, g + 1) if g % d == 0]
+  lora = rank * sum(t.d_in + t.d_out for t in targets)
+  cost = lambda b: sum(t.d_in * t.d_out // b for t in targets)
+  best = min(divisors, key=lambda b: (abs(math.log(cost(b) / lora)), b))
+  i = divisors.index(best)
+  return [Choice(b, cost(b), lora, b == best)
+          for b in divisors[max(0, i - around):i + around + 1]]
+
+
+def report(model: str, *, rank: int = 8, target_modules: Optional[str] = None,
+           from_pt: bool = False) -> str:
+  """The CLI's table for a hub model, a local model directory, or ``"digits"``."""
+  if model == "digits":
+    from c3a_jax import digits
+    params, model_type = digits.pretrained_params(log=lambda _: None), None
+    targets = target_modules.split(",") if target_modules else ["fc0", "fc1"]
+  else:
+    import transformers
+    try:
+      m = transformers.FlaxAutoModel.from_pretrained(model, from_pt=from_pt)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"could not load model {model!r} (a hub name needs the network, which "
+                       f"this machine may not have): {str(e).splitlines()[0]}") from None
+    params, model_type = m.params, m.config.model_type
+    targets = target_modules.split(",") if target_modules else None
+  if targets is None:
+    from c3a_jax.targets import DEFAULT_TARGETS
+    if model_type not in DEFAULT_TARGETS:
+      raise ValueError(f"no default targets for model type {model_type!r}; "
+                       "pass --target-modules")
+    targets = list(DEFAULT_TARGETS[model_type])
+  rows = suggest(params, targets, rank, model_type=model_type)
+  lines = [f"targets: {targets}; LoRA rank {rank} trains {rows[0].lora_params:,} parameters",
+           f"{'block size':>10} {'C3A params':>12} {'vs LoRA':>8}"]
+  lines += [f"{r.block_size:>10} {r.c3a_params:>12,} {r.c3a_params / r.lora_params:>8.2f}"
+            + ("  <- closest" if r.closest else "") for r in rows]
+  return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""Hugging Face Flax models and ``datasets`` data for the CLI: sequence classification, causal
+LM and image classification.
+
+Models load with ``from_pretrained`` from a hub name or a local directory (``from_pt=True`` for
+PyTorch weights). Data comes from a hub dataset (``name`` + ``subset``), a ``save_to_disk``
+directory, or a CSV/JSON(L) file (then ``eval_split`` may name a second file).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from c3a_jax.experiment import DataSpec, Experiment
+from c3a_jax.job import Job
+
+FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
+_AUTO = {"seq_cls": "FlaxAutoModelForSequenceClassification",
+         "causal_lm": "FlaxAutoModelForCausalLM",
+         "image_cls": "FlaxAutoModelForImageClassification"}
+
+
+def _offline_hint(name: str) -> str:
+  if os.path.exists(name):
+    return f"tried the local path {name}"
+  return f"tried the Hugging Face hub for {name!r} (no such local path); this machine may be offline"
+
+
+def load_model(exp: Experiment, **kwargs: Any):
+  """The task's Flax auto-model, from a hub name or a directory."""
+  import transformers
+  cls = getattr(transformers, _AUTO[exp.task])
+  spec = exp.model
+  try:
+    return cls.from_pretrained(spec.name, from_pt=spec.from_pt, revision=spec.revision, **kwargs)
+  except (OSError, ValueError, EnvironmentError) as e:
+    raise ValueError(f"could not load model {spec.name!r} ({_offline_hint(spec.name)}): "
+                     f"{str(e).splitlines()[0]}") from None
+
+
+def load_split(spec: DataSpec, split: Optional[str]):
+  """One split as a ``datasets.Dataset``, or None when ``split`` is None."""
+  if split is None:
+    return None
+  import datasets
+  name, ext = spec.name, os.path.splitext(spec.name)[1].lower()
+  try:
+    if ext in FILE_FORMATS:
+      path = spec.name if split == spec.train_split else split
+      if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path} does not exist")
+      return datasets.load_dataset(FILE_FORMATS[ext], data_files=path, split="train")
+    if os.path.isdir(name) and (os.path.isfile(os.path.join(name, "dataset_dict.json"))
+                               or os.path.isfile(os.path.join(name, "dataset_info.json"))):
+      data = datasets.load_from_disk(name)
+      if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+          raise ValueError(f"dataset {name} has no split {split!r} (splits: {list(data)})")
+        return data[split]
+      return data
+    return datasets.load_dataset(name, spec.subset, split=split)
+  except (FileNotFoundError, ValueError) as e:
+    if isinstance(e, FileNotFoundError) or "split" in str(e):
+      raise
+    raise ValueError(f"could not load dataset {name!r} split {split!r} "
+                     f"({_offline_hint(name)}): {str(e).splitlines()[0]}") from None
+  except Exception as e:  # datasets raises many kinds (ConnectionError, DatasetNotFoundError)
+    raise ValueError(f"could not load dataset {name!r} split {split!r} "
+                     f"({_offline_hint(name)}): {type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _columns(ds, split: str, spec: DataSpec, *names: Optional[str]) -> None:
+  for col in filter(None, names):
+    if col not in ds.column_names:
+      raise ValueError(f"dataset {spec.name!r} split {split!r} has no column {col!r} "
+                       f"(columns: {ds.column_names})")
+
+
+def _limit(ds, n: Optional[int]):
+  return ds if ds is None or n is None else ds.select(range(min(n, len(ds))))
+
+
+def _text(spec: DataSpec, ds, split: str, tokenizer, lm: bool) -> dict[str, np.ndarray]:
+  if lm and spec.prompt_template:
+    try:
+      texts = [spec.prompt_template.format(**row) for row in ds]
+    except KeyError as e:
+      raise ValueError(f"data.prompt_template names column {e.args[0]!r}, which dataset "
+                       f"{spec.name!r} split {split!r} lacks (columns: {ds.column_names})") from None
+    pairs = None
+  else:
+    _columns(ds, split, spec, spec.text_column, spec.text_pair_column)
+    texts = list(ds[spec.text_column])
+    pairs = list(ds[spec.text_pair_column]) if spec.text_pair_column else None
+  enc = tokenizer(texts, pairs, padding="max_length", truncation=True,
+                  max_length=spec.max_length, return_tensors="np")
+  out = {"input_ids": enc["input_ids"].astype(np.int32),
+         "attention_mask": enc["attention_mask"].astype(np.int32)}
+  if lm:
+    out["loss_mask"] = out["attention_mask"]
+  else:
+    _columns(ds, split, spec, spec.label_column)
+    out["labels"] = np.asarray(list(ds[spec.label_column]), np.int32)
+  return out
+
+
+def _images(spec: DataSpec, ds, split: str, processor) -> dict[str, np.ndarray]:
+  _columns(ds, split, spec, spec.image_column, spec.label_column)
+  images = [img.convert("RGB") for img in list(ds[spec.image_column])]
+  pixels = processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
+  return {"pixel_values": pixels, "labels": np.asarray(list(ds[spec.label_column]), np.int32)}
+
+
+def _num_labels(spec: DataSpec, ds) -> int:
+  if spec.num_labels:
+    return spec.num_labels
+  feature = ds.features.get(spec.label_column)
+  if getattr(feature, "num_classes", None):
+    return feature.num_classes
+  return int(max(list(ds[spec.label_column]))) + 1
+
+
+def job(exp: Experiment, log=print) -> Job:
+  """Loads model, data and preprocessing for ``exp`` (a seq_cls, causal_lm or image_cls task)."""
+  import transformers
+  spec = exp.data
+  train = _limit(load_split(spec, spec.train_split), spec.max_train_examples)
+  evals = _limit(load_split(spec, spec.eval_split), spec.max_eval_examples)
+  log(f"data: {len(train)} training examples" + (f", {len(evals)} eval" if evals else ""))
+  kwargs = {}
+  if exp.task in ("seq_cls", "image_cls"):
+    _columns(train, spec.train_split, spec, spec.label_column)
+    kwargs["num_labels"] = _num_labels(spec, train)
+  model = load_model(exp, **kwargs)
+  if exp.task == "image_cls":
+    processor = transformers.AutoImageProcessor.from_pretrained(exp.model.name)
+    prep = lambda ds, split: _images(spec, ds, split, processor)
+    tokens = 1
+  else:
+    processor = transformers.AutoTokenizer.from_pretrained(exp.model.name)
+    if processor.pad_token is None:
+      processor.pad_token = processor.eos_token
+    lm = exp.task == "causal_lm"
+    prep = lambda ds, split: _text(spec, ds, split, processor, lm)
+    tokens = spec.max_length
+  train_data = prep(train, spec.train_split)
+  eval_data = prep(evals, spec.eval_split) if evals is not None else None
+  inputs = "pixel_values" if exp.task == "image_cls" else "input_ids"
+
+  def logits_fn(params, batch, rng, train):
+    kw = {} if inputs == "pixel_values" else {"attention_mask": batch["attention_mask"]}
+    return model(batch[inputs], params=params, dropout_rng=rng,
+                 train=bool(train and rng is not None), **kw).logits
+
+  def save_merged(params, out_dir):
+    model.save_pretrained(out_dir, params=params)
+    processor.save_pretrained(out_dir)
+
+  return Job(logits_fn=logits_fn, params=model.params, train_data=train_data,
+             eval_data=eval_data, kind="lm" if exp.task == "causal_lm" else "classify",
+             model_type=model.config.model_type, tokens_per_example=tokens,
+             save_merged=save_merged)

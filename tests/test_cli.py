@@ -1,0 +1,332 @@
+"""The c3a-jax CLI end to end, on the offline digits task and on tiny Hugging Face models and
+data made locally (save_pretrained into a temp dir, then loaded by path)."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+import c3a_jax as c3a
+from c3a_jax import cli
+from c3a_jax.experiment import Experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+  monkeypatch.setenv("C3A_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "c3a-cache"))
+
+
+def train(*args):
+  return cli.main(["train", "--quiet", *args])
+
+
+def test_default_job_compares_c3a_with_head_only_and_full(tmp_path, capsys):
+  out = tmp_path / "run"
+  assert train(f"output_dir={out}") == 0
+  printed = capsys.readouterr().out
+  rows = {line[:18].strip(): line.split() for line in printed.splitlines()[1:4]}
+  accuracy = {name: float(row[-1]) for name, row in rows.items()}
+  params = {name: int(row[-3].replace(",", "")) for name, row in rows.items()}
+  assert set(accuracy) == {"C3A", "head only", "full fine-tuning"}
+  assert accuracy["C3A"] > accuracy["head only"] + 0.03  # adapting the body pays
+  assert params["head only"] < params["C3A"] < params["full fine-tuning"] / 5
+  # The run directory.
+  for name in ["config.yaml", "metrics.jsonl", "metrics.png", "summary.json",
+               "adapter/adapter_config.json", "adapter/adapter_model.safetensors"]:
+    assert (out / name).is_file(), name
+  assert sorted(os.listdir(out / "checkpoints")) == ["100", "200", "300"]
+  records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+  assert {r["split"] for r in records} == {"train", "eval"} and records[-1]["step"] == 300
+  assert "tokens_per_s" in records[0]
+  summary = json.load(open(out / "summary.json"))
+  assert summary["eval_accuracy"] == pytest.approx(accuracy["C3A"], abs=1e-4)
+  assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # The saved adapter, read back, reproduces the reported accuracy.
+  exp = Experiment.load(str(out / "config.yaml"))
+  assert exp.c3a.block_size == 16 and exp.train.steps == 300
+  assert cli.main(["eval", str(out)]) == 0
+  assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(
+      summary["eval_accuracy"], abs=1e-6)
+
+
+def test_run_directory_rules(tmp_path, capsys):
+  out = tmp_path / "run"
+  args = [f"output_dir={out}", "train.steps=20", "train.save_every=10", "train.eval_every=10"]
+  assert train(*args, "train.mode=head") == 0
+  assert train(*args, "train.mode=head") == 2
+  assert "holds another run; pass --resume to continue it or --overwrite" in \
+      capsys.readouterr().err
+  assert train(*args, "train.mode=head", "train.lr=0.5", "--resume") == 2
+  assert "the config differs from the run" in capsys.readouterr().err
+  assert train(*args, "train.mode=head", "--overwrite") == 0
+  assert train("--resume", f"output_dir={tmp_path / 'none'}") == 2
+  assert "holds no run" in capsys.readouterr().err
+
+
+def test_resume_equals_an_unbroken_run(tmp_path):
+  common = ["train.save_every=20", "train.eval_every=1000", "train.mode=c3a"]
+  assert train(f"output_dir={tmp_path / 'full'}", "train.steps=60", *common) == 0
+  assert train(f"output_dir={tmp_path / 'part'}", "train.steps=30", *common) == 0
+  assert train(f"output_dir={tmp_path / 'part'}", "train.steps=60", "--resume", *common) == 0
+  a = c3a.load_adapter(str(tmp_path / "full" / "adapter"))[0]
+  b = c3a.load_adapter(str(tmp_path / "part" / "adapter"))[0]
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  steps = [json.loads(line)["step"] for line in open(tmp_path / "part" / "metrics.jsonl")]
+  assert steps == sorted(steps) and steps[-1] == 60
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+  out = tmp_path / "run"
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "c3a_jax", "train", "--quiet", f"output_dir={out}",
+       "train.steps=1000000", "train.save_every=1000000", "train.eval_every=1000000"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while time.time() < deadline and not (out / "metrics.jsonl").exists():
+    time.sleep(0.2)
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-2000:]
+  assert "checkpoint saved; continue with --resume" in err
+  steps = [int(s) for s in os.listdir(out / "checkpoints") if s.isdigit()]
+  assert len(steps) == 1 and steps[0] > 0
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "config file .* does not exist"),
+    ("task: [unclosed", "is not valid YAML"),
+    ("train:\n  learning_rate: 0.1\n", r"unknown key train.learning_rate \(train has: .*lr"),
+    ("train:\n  steps: many\n", "train.steps must be an integer, got 'many'"),
+    ("train:\n  lr: fast\n", "train.lr must be a number, got 'fast'"),
+    ("task: translation\n", r"task must be one of \('digits'"),
+    ("c3a:\n  block_size: 0\n", "C3AConfig.block_size must be a positive integer"),
+    ("c3a:\n  rank: 8\n", "unexpected keyword argument 'rank'"),
+    ("task: seq_cls\n", "task 'seq_cls' needs model.name"),
+])
+def test_bad_configs_are_clear_errors(tmp_path, capsys, content, match):
+  path = tmp_path / "config.yaml"
+  if content is not None:
+    path.write_text(content)
+  assert train("--config", str(path), f"output_dir={tmp_path / 'run'}") == 2
+  err = capsys.readouterr().err
+  assert err.startswith("c3a-jax train: error:")
+  assert __import__("re").search(match, err), err
+
+
+def test_shipped_configs_are_valid():
+  paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+  assert len(paths) >= 4
+  tasks = {Experiment.load(p).task for p in paths}
+  assert {"seq_cls", "causal_lm", "image_cls", "digits"} <= tasks
+  sst2 = Experiment.load(os.path.join(ROOT, "configs", "roberta-base-sst2.yaml"))
+  assert sst2.c3a.target_modules == ("query", "value") and sst2.c3a.block_size == 768
+
+
+def test_suggest_block_size(capsys):
+  assert cli.main(["suggest-block-size", "digits", "--rank", "4"]) == 0
+  out = capsys.readouterr().out
+  assert "LoRA rank 4 trains 1,792 parameters" in out
+  closest = [line for line in out.splitlines() if "closest" in line]
+  assert closest and closest[0].split()[0] == "16"  # 64*128/16 + 128*128/16 = 1536 ~ 1792
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face models and data, made locally.
+
+transformers = pytest.importorskip("transformers")
+WORDS = ["good", "bad", "great", "awful", "movie", "film", "plot", "fun", "dull", "the", "a",
+         "was", "is", "very", "not"]
+
+
+def tokenizer(directory):
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+  (directory / "vocab.txt").write_text("\n".join(vocab))
+  tok = transformers.BertTokenizerFast(vocab_file=str(directory / "vocab.txt"))
+  tok.save_pretrained(str(directory))
+  return tok
+
+
+def sentences(n, seed):
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(n):
+    label = int(rng.integers(2))
+    word = ["bad", "awful", "dull"][rng.integers(3)] if label == 0 else \
+        ["good", "great", "fun"][rng.integers(3)]
+    rows.append({"sentence": f"the movie was very {word}", "label": label})
+  return rows
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("bert")
+  config = transformers.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=32, num_labels=2)
+  transformers.FlaxBertForSequenceClassification(config, seed=0).save_pretrained(str(d))
+  tokenizer(d)
+  return d
+
+
+def write_jsonl(path, rows):
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def seq_cls_config(tmp_path, bert_dir, **data):
+  train_file = write_jsonl(tmp_path / "train.jsonl", sentences(64, 0))
+  eval_file = write_jsonl(tmp_path / "eval.jsonl", sentences(32, 1))
+  cfg = {"task": "seq_cls", "model": {"name": str(bert_dir)},
+         "data": {"name": str(train_file), "eval_split": str(eval_file),
+                  "text_column": "sentence", "max_length": 12, **data},
+         "c3a": {"block_size": 16, "target_modules": ["query", "value"],
+                 "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"},
+         "train": {"steps": 40, "batch_size": 16, "lr": 1.0, "head_lr": 3e-2,
+                   "eval_every": 20, "save_every": 20},
+         "output_dir": str(tmp_path / "run")}
+  path = tmp_path / "config.yaml"
+  path.write_text(yaml.safe_dump(cfg))
+  return path
+
+
+def test_seq_cls_from_local_model_and_files(tmp_path, bert_dir, capsys):
+  config = seq_cls_config(tmp_path, bert_dir)
+  assert train("--config", str(config)) == 0
+  out = tmp_path / "run"
+  summary = json.load(open(out / "summary.json"))
+  assert summary["eval_accuracy"] > 0.9  # the toy sentiment is easy
+  # The adapter loads back onto the model and reproduces the reported accuracy.
+  model = transformers.FlaxBertForSequenceClassification.from_pretrained(str(bert_dir))
+  adapter, cfg = c3a.load_adapter(str(out / "adapter"), model.params)
+  assert cfg.target_modules == ("query", "value")
+  capsys.readouterr()
+  assert cli.main(["eval", str(out)]) == 0
+  assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(
+      summary["eval_accuracy"])
+  # merge writes a plain Flax model whose logits equal the adapted model's.
+  assert cli.main(["merge", str(out), str(tmp_path / "merged")]) == 0
+  merged = transformers.FlaxBertForSequenceClassification.from_pretrained(
+      str(tmp_path / "merged"))
+  ids = np.asarray(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "merged"))(
+      ["the film was great"], return_tensors="np")["input_ids"])
+  with c3a.intercept():
+    adapted = model(ids, params=c3a.combine(adapter, model.params)).logits
+  np.testing.assert_allclose(merged(ids).logits, adapted, atol=1e-5)
+
+
+def test_seq_cls_adapter_loads_in_peft(tmp_path):
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  d = tmp_path / "bert_pt"
+  d.mkdir()
+  config = transformers.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=32, num_labels=2)
+  torch.manual_seed(0)
+  transformers.BertForSequenceClassification(config).save_pretrained(str(d))
+  tokenizer(d)
+  cfg_path = seq_cls_config(tmp_path, d)
+  cfg = yaml.safe_load(cfg_path.read_text())
+  cfg["model"]["from_pt"] = True
+  cfg_path.write_text(yaml.safe_dump(cfg))
+  assert train("--config", str(cfg_path)) == 0
+  base = transformers.BertForSequenceClassification.from_pretrained(str(d)).eval()
+  pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+  flax_model = transformers.FlaxBertForSequenceClassification.from_pretrained(str(d),
+                                                                              from_pt=True)
+  adapter, _ = c3a.load_adapter(str(tmp_path / "run" / "adapter"), flax_model.params)
+  ids = np.asarray([[2, 9, 4 + 5, 11, 13, 5, 3]])
+  with torch.no_grad():
+    want = pm(input_ids=torch.as_tensor(ids)).logits.numpy()
+  with c3a.intercept():
+    got = flax_model(ids, params=c3a.combine(adapter, flax_model.params)).logits
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_bad_data_and_models_are_clear_errors(tmp_path, bert_dir, capsys):
+  config = seq_cls_config(tmp_path, bert_dir, text_column="review")
+  assert train("--config", str(config)) == 2
+  assert "has no column 'review' (columns: ['sentence', 'label'])" in capsys.readouterr().err
+  cfg = yaml.safe_load(config.read_text())
+  cfg["data"]["text_column"] = "sentence"
+  cfg["model"]["name"] = "no-such-org/no-such-model"
+  config.write_text(yaml.safe_dump(cfg))
+  assert train("--config", str(config), "--overwrite") == 2
+  err = capsys.readouterr().err
+  assert "could not load model 'no-such-org/no-such-model'" in err and "offline" in err
+  cfg["model"]["name"] = str(bert_dir)
+  cfg["data"]["name"] = "no-such-org/no-such-dataset"
+  config.write_text(yaml.safe_dump(cfg))
+  assert train("--config", str(config), "--overwrite") == 2
+  err = capsys.readouterr().err
+  assert "could not load dataset 'no-such-org/no-such-dataset'" in err and "offline" in err
+
+
+def test_causal_lm_with_a_prompt_template(tmp_path):
+  d = tmp_path / "llama"
+  d.mkdir()
+  config = transformers.LlamaConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=64, max_position_embeddings=32)
+  transformers.FlaxLlamaForCausalLM(config, seed=0).save_pretrained(str(d))
+  tokenizer(d)
+  rows = [{"instruction": "rate the film", "output": r["sentence"]} for r in sentences(48, 2)]
+  data = write_jsonl(tmp_path / "train.json", rows)
+  cfg = {"task": "causal_lm", "model": {"name": str(d)},
+         "data": {"name": str(data), "eval_split": None, "max_length": 12,
+                  "prompt_template": "{instruction} {output}"},
+         "c3a": {"block_size": 16, "target_modules": ["q_proj", "v_proj", "down_proj"],
+                 "block_size_pattern": {"down_proj": 8}, "task_type": "CAUSAL_LM"},
+         "train": {"steps": 20, "batch_size": 8, "lr": 0.5, "log_every": 5},
+         "output_dir": str(tmp_path / "run")}
+  path = tmp_path / "config.yaml"
+  path.write_text(yaml.safe_dump(cfg))
+  assert train("--config", str(path)) == 0
+  losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert losses[-1] < losses[0]
+  adapter, saved = c3a.load_adapter(str(tmp_path / "run" / "adapter"))
+  assert saved.block_size_pattern == {"down_proj": 8}
+  assert adapter["model"]["layers"]["0"]["mlp"]["down_proj"]["c3a_kernel"].shape[-1] == 8
+
+
+def test_image_classification_from_a_saved_dataset(tmp_path):
+  datasets = pytest.importorskip("datasets")
+  from PIL import Image
+  d = tmp_path / "vit"
+  d.mkdir()
+  config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, num_labels=2)
+  transformers.FlaxViTForImageClassification(config, seed=0).save_pretrained(str(d))
+  transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(str(d))
+  rng = np.random.default_rng(0)
+  images, labels = [], []
+  for i in range(32):
+    label = i % 2
+    pixels = rng.integers(0, 60, (16, 16, 3)) + (180 if label else 0)
+    images.append(Image.fromarray(pixels.astype(np.uint8)))
+    labels.append(label)
+  ds = datasets.Dataset.from_dict({"img": images, "label": labels})
+  datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "data"))
+  cfg = {"task": "image_cls", "model": {"name": str(d)},
+         "data": {"name": str(tmp_path / "data"), "eval_split": "test", "image_column": "img"},
+         "c3a": {"block_size": 16, "target_modules": ["query", "value"],
+                 "modules_to_save": ["classifier"]},
+         "train": {"steps": 20, "batch_size": 8, "lr": 0.5, "head_lr": 1e-2, "eval_every": 10},
+         "output_dir": str(tmp_path / "run")}
+  path = tmp_path / "config.yaml"
+  path.write_text(yaml.safe_dump(cfg))
+  assert train("--config", str(path)) == 0
+  assert json.load(open(tmp_path / "run" / "summary.json"))["eval_accuracy"] > 0.9
