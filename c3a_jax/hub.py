@@ -50,7 +50,10 @@ def load_split(spec: DataSpec, split: Optional[str]):
     if ext in FILE_FORMATS:
       path = spec.name if split == spec.train_split else split
       if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path} does not exist")
+        if path == spec.name:
+          raise FileNotFoundError(f"data file {path} does not exist")
+        raise FileNotFoundError(f"data.eval_split {split!r} is not a file: with a data file as "
+                                "data.name, set data.eval_split to an eval file, or to null")
       return datasets.load_dataset(FILE_FORMATS[ext], data_files=path, split="train")
     if os.path.isdir(name) and (os.path.isfile(os.path.join(name, "dataset_dict.json"))
                                or os.path.isfile(os.path.join(name, "dataset_info.json"))):

@@ -267,6 +267,10 @@ def test_bad_data_and_models_are_clear_errors(tmp_path, bert_dir, capsys):
   err = capsys.readouterr().err
   assert "could not load model 'no-such-org/no-such-model'" in err and "offline" in err
   cfg["model"]["name"] = str(bert_dir)
+  cfg["data"]["eval_split"] = "validation"
+  config.write_text(yaml.safe_dump(cfg))
+  assert train("--config", str(config), "--overwrite") == 2
+  assert "data.eval_split 'validation' is not a file" in capsys.readouterr().err
   cfg["data"]["name"] = "no-such-org/no-such-dataset"
   config.write_text(yaml.safe_dump(cfg))
   assert train("--config", str(config), "--overwrite") == 2
