@@ -80,6 +80,9 @@ class C3AConfig:
       TOKEN_CLS add ``"classifier"`` and ``"score"`` to ``modules_to_save``, QUESTION_ANS adds
       ``"qa_outputs"``.
     base_model_name_or_path: the base model, kept for PEFT.
+    strategy: how the delta is computed (c3a-jax only; not a PEFT field, so it is left out
+      of adapter_config.json while ``"auto"``): one of ``ops.STRATEGIES``. Every strategy
+      gives the same result; pass it on with ``c3a.intercept(strategy=cfg.strategy)``.
   """
 
   block_size: int = 256
@@ -93,6 +96,7 @@ class C3AConfig:
   init_weights: ops.InitWeights = "xavier_uniform"
   task_type: Optional[str] = None
   base_model_name_or_path: Optional[str] = None
+  strategy: str = "auto"
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -142,6 +146,9 @@ class C3AConfig:
                for v in ops.INIT_WEIGHTS):
       raise ValueError(f"C3AConfig.init_weights must be one of {ops.INIT_WEIGHTS}, "
                        f"got {self.init_weights!r}")
+    if self.strategy not in ops.STRATEGIES:
+      raise ValueError(f"C3AConfig.strategy must be one of {ops.STRATEGIES}, "
+                       f"got {self.strategy!r}")
 
   def __hash__(self) -> int:
     # block_size_pattern is a dict; hash the serialised form so configs work as static args.
@@ -158,6 +165,9 @@ class C3AConfig:
     if d["exclude_modules"] is None:
       # PEFT 0.21's C3AConfig has no such field and warns about it; save_adapter never writes it.
       del d["exclude_modules"]
+    if d["strategy"] == "auto":
+      # c3a-jax only (PEFT ignores it with a warning): written only when it is not the default.
+      del d["strategy"]
     return {**_PEFT_EXTRAS, **d}
 
   @classmethod

@@ -12,6 +12,12 @@ Example:
   >>> with c3a.intercept():
   ...   y = model.apply({"params": params}, jnp.ones((1, 4)))
   >>> y_jit = jax.jit(c3a.wrap(model.apply))({"params": params}, jnp.ones((1, 4)))
+  >>> y_dft = jax.jit(c3a.wrap(model.apply, strategy="dft"))({"params": params}, jnp.ones((1, 4)))
+  >>> bool(jnp.allclose(y, y_dft, atol=1e-6))
+  True
+
+``strategy`` (default ``"auto"``) picks how the delta is computed (see
+:func:`c3a_jax.ops.block_circulant_matmul`); every strategy gives the same values.
 
 Put the interceptor inside what you ``jit`` (as :func:`wrap` does): a function traced without it
 and cached by ``jit`` would not see it.
@@ -27,7 +33,7 @@ from typing import Any, TypeVar
 
 import flax.linen as nn
 
-from c3a_jax.ops import block_circulant_matmul
+from c3a_jax.ops import STRATEGIES, block_circulant_matmul
 from c3a_jax.targets import C3A_LEAVES
 
 C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
@@ -63,36 +69,51 @@ def _interceptor(next_fun, args, kwargs, context):
   y = next_fun(*args, **kwargs)
   x = args[0] if args else kwargs["inputs"]
   # Cast x as Dense casts its inputs, so the delta sees what the base matmul saw.
-  return y + block_circulant_matmul(x.astype(y.dtype), module.get_variable("params", name))
+  return y + block_circulant_matmul(x.astype(y.dtype), module.get_variable("params", name),
+                                    strategy=_strategy.get())
 
 
 _active = contextvars.ContextVar("c3a_intercept_active", default=False)
+_strategy = contextvars.ContextVar("c3a_intercept_strategy", default="auto")
 
 
 @contextlib.contextmanager
-def intercept() -> Iterator[None]:
+def intercept(strategy: str = "auto") -> Iterator[None]:
   """Within this context, Flax Dense layers holding a C3A kernel add its delta.
 
+  Args:
+    strategy: how the delta is computed, one of ``c3a_jax.ops.STRATEGIES`` (``"auto"``,
+      ``"fft"``, ``"rfft"``, ``"dft"``, ``"dense"``); all give equal results. E.g.
+      ``with c3a.intercept(strategy=cfg.strategy): ...``.
+
   Re-entrant: nested ``intercept()`` (e.g. a ``wrap``-ped function called inside one) adds
-  each delta once.
+  each delta once; the innermost ``strategy`` applies.
   """
-  if _active.get():
-    yield
-    return
-  token = _active.set(True)
+  if strategy not in STRATEGIES:
+    raise ValueError(f"intercept: strategy={strategy!r} is not one of {STRATEGIES}")
+  strategy_token = _strategy.set(strategy)
   try:
-    with nn.intercept_methods(_interceptor):
+    if _active.get():
       yield
+      return
+    token = _active.set(True)
+    try:
+      with nn.intercept_methods(_interceptor):
+        yield
+    finally:
+      _active.reset(token)
   finally:
-    _active.reset(token)
+    _strategy.reset(strategy_token)
 
 
-def wrap(fn: F) -> F:
-  """``fn`` (e.g. ``model.apply``) run under :func:`intercept`; safe to ``jit``."""
+def wrap(fn: F, *, strategy: str = "auto") -> F:
+  """``fn`` (e.g. ``model.apply``) run under ``intercept(strategy)``; safe to ``jit``."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"wrap: strategy={strategy!r} is not one of {STRATEGIES}")
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    with intercept():
+    with intercept(strategy):
       return fn(*args, **kwargs)
 
   return wrapped

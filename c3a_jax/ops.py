@@ -19,25 +19,59 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 InitWeights = Union[bool, Literal["xavier_uniform", "kaiming_uniform", "gaussian"]]
 INIT_WEIGHTS = (True, False, "xavier_uniform", "kaiming_uniform", "gaussian")
 
 
-def block_circulant_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+STRATEGIES = ("auto", "fft", "rfft", "dft", "dense")
+"""How :func:`block_circulant_matmul` computes the same product (see its docstring)."""
+Strategy = Literal["auto", "fft", "rfft", "dft", "dense"]
+
+
+def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "auto"
+                           ) -> jax.Array:
   """Applies the C3A weight change to ``x``: ``x @ delta_weight(w)`` computed with FFTs.
+
+  Every strategy computes the same function (PEFT's math, float32 inside) and the same
+  gradients; they differ in speed and in what the backward pass keeps:
+
+  * ``"fft"``: rfft, complex einsum, irfft, differentiated by autodiff. The plain reference.
+  * ``"rfft"``: rfft / irfft with the frequency product written in real arithmetic (an
+    unrolled sum over blocks when there are few), and a custom VJP that keeps only ``x``
+    (its backward recomputes the spectrum; the kernel gradient is a correlation summed
+    over tokens).
+  * ``"dft"``: as ``"rfft"`` but each transform is a matmul with a ``(b, b + 2)`` real DFT
+    matrix; it feeds the matrix units of GPUs and TPUs (on CPU it measures about as fast as
+    ``"fft"`` for ``b <= 128`` and slower beyond).
+  * ``"dense"``: builds the dense ``(d_in, d_out)`` delta and multiplies; cheapest for a
+    handful of tokens or tiny blocks (``b <= 8``), where FFTs are all overhead.
+  * ``"auto"`` (default): picks one of the above from the block size, the number of blocks,
+    the token count and the backend (:func:`choose_strategy`); the choice is a pure function
+    of the shapes, so a given shape always takes the same path.
 
   Args:
     x: ``(..., n*b)`` activations, any float dtype and any number of leading axes.
     w: ``(m, n, b)`` C3A kernel.
+    strategy: one of :data:`STRATEGIES`.
 
   Returns:
-    ``(..., m*b)`` in ``x``'s dtype. The FFT runs in float32 whatever the input dtype.
+    ``(..., m*b)`` in ``x``'s dtype. The arithmetic runs in float32 whatever the input dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from c3a_jax import ops
+    >>> x, w = jnp.ones((4, 8)), jnp.ones((2, 2, 4))
+    >>> bool(jnp.allclose(ops.block_circulant_matmul(x, w, strategy="dft"),
+    ...                   ops.block_circulant_matmul(x, w, strategy="fft"), atol=1e-6))
+    True
   """
   m, n, b = _kernel_shape(w, "block_circulant_matmul")
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -46,12 +80,163 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     raise ValueError(
         f"block_circulant_matmul: x has {x.shape[-1]} features but the C3A kernel of shape "
         f"{tuple(w.shape)} (m, n, b) expects n*b = {n * b}")
+  if strategy == "auto":
+    strategy = choose_strategy(x.shape, w.shape)
+  elif strategy not in STRATEGIES:
+    raise ValueError(f"block_circulant_matmul: strategy={strategy!r} is not one of {STRATEGIES}")
   lead = x.shape[:-1]
-  xf = jnp.fft.rfft(x.astype(jnp.float32).reshape(*lead, n, b), axis=-1)
+  x2 = x.reshape(-1, n * b)
+  if strategy == "fft":
+    y = _fft_apply(x2, w)
+  elif strategy == "dense":
+    y = x2.astype(jnp.float32) @ delta_weight(w)
+  else:
+    y = _spectral(x2, w, strategy)
+  return y.reshape(*lead, m * b).astype(x.dtype)
+
+
+def choose_strategy(x_shape: tuple[int, ...], w_shape: tuple[int, int, int],
+                    backend: Optional[str] = None) -> str:
+  """The strategy ``"auto"`` uses for activations of ``x_shape`` and a kernel of ``w_shape``.
+
+  Deterministic: a function of the shapes and the backend (default: JAX's default backend)
+  only. The thresholds come from ``benchmarks/layer.py`` (see benchmarks/RESULTS.md).
+
+  Example:
+    >>> from c3a_jax import ops
+    >>> ops.choose_strategy((8, 128, 768), (6, 6, 128), backend="cpu")
+    'fft'
+    >>> ops.choose_strategy((2048, 4096), (16, 16, 256), backend="cpu")
+    'rfft'
+  """
+  m, n, b = _kernel_shape(w_shape, "choose_strategy")
+  tokens = math.prod(x_shape[:-1])
+  backend = backend or jax.default_backend()
+  if b <= _DENSE_MAX_B or tokens <= _DENSE_MAX_TOKENS:
+    return "dense"
+  if backend != "cpu":
+    # Not measured here (no accelerator in this project's CI): the DFT matmul feeds the matrix
+    # units up to moderate blocks, cuFFT / the TPU FFT beyond.
+    return "dft" if b <= _DFT_MAX_B_ACCEL else "fft"
+  # CPU: the plain path is as fast as the others at the model level and keeps the least
+  # (benchmarks/RESULTS.md); the real-valued custom-VJP path wins for large blocks.
+  if b >= _RFFT_MIN_B_CPU and m * n >= 4 and max(m, n) <= _UNROLL_MAX_BLOCKS:
+    return "rfft"
+  return "fft"
+
+
+# "auto" thresholds, from benchmarks/layer.py on a 2-core CPU (see benchmarks/RESULTS.md).
+_DENSE_MAX_B = 8
+_DENSE_MAX_TOKENS = 16
+_RFFT_MIN_B_CPU = 256
+_DFT_MAX_B_ACCEL = 256
+# Above this many blocks the frequency product runs as dot_generals, not an unrolled loop.
+_UNROLL_MAX_BLOCKS = 16
+
+
+def _fft_apply(x: jax.Array, w: jax.Array) -> jax.Array:
+  m, n, b = w.shape
+  xf = jnp.fft.rfft(x.astype(jnp.float32).reshape(-1, n, b), axis=-1)
   # The 1/d_in scale goes on the small kernel spectrum, not the (tokens, d_out) output.
   wf = jnp.conj(jnp.fft.rfft(w.astype(jnp.float32), axis=-1)) / (n * b)
-  yf = jnp.einsum("...jf,ijf->...if", xf, wf)
-  return jnp.fft.irfft(yf, n=b, axis=-1).reshape(*lead, m * b).astype(x.dtype)
+  yf = jnp.einsum("tjf,ijf->tif", xf, wf)
+  return jnp.fft.irfft(yf, n=b, axis=-1).reshape(-1, m * b)
+
+
+# Real-valued spectral path. A spectrum is packed as [Re | Im] along the last axis, (..., 2F)
+# with F = b // 2 + 1. The forward is Y_i = sum_j X_j * conj(W_ij); its transpose (the input
+# gradient) is dX_j = sum_i G_i * W_ij; the kernel gradient is irfft(sum_t conj(G_i) X_j) / d_in.
+
+
+@functools.lru_cache(maxsize=None)
+def _dft_matrices(b: int) -> tuple[np.ndarray, np.ndarray]:
+  f = b // 2 + 1
+  angle = 2 * np.pi * np.outer(np.arange(b), np.arange(f)) / b
+  forward = np.concatenate([np.cos(angle), -np.sin(angle)], 1)  # x @ forward = [Re|Im] rfft(x)
+  weight = np.full(f, 2.0)
+  weight[0] = 1.0
+  if b % 2 == 0:
+    weight[-1] = 1.0
+  inverse = np.concatenate([weight[:, None] * np.cos(angle.T),
+                            -weight[:, None] * np.sin(angle.T)], 0) / b  # irfft as a matmul
+  return forward.astype(np.float32), inverse.astype(np.float32)
+
+
+def _to_spectrum(blocks: jax.Array, how: str) -> jax.Array:
+  b = blocks.shape[-1]
+  if how == "dft":
+    return blocks @ jnp.asarray(_dft_matrices(b)[0])
+  s = jnp.fft.rfft(blocks, axis=-1)
+  return jnp.concatenate([s.real, s.imag], -1)
+
+
+def _from_spectrum(s: jax.Array, b: int, how: str) -> jax.Array:
+  if how == "dft":
+    return s @ jnp.asarray(_dft_matrices(b)[1])
+  f = b // 2 + 1
+  return jnp.fft.irfft(jax.lax.complex(s[..., :f], s[..., f:]), n=b, axis=-1)
+
+
+def _mix(s: jax.Array, wr: jax.Array, wi: jax.Array) -> jax.Array:
+  """(T, n, 2F) spectra times an (m, n, F) spectrum (wr + i wi), summed over n: (T, m, 2F)."""
+  f = wr.shape[-1]
+  sr, si = s[..., :f], s[..., f:]
+  n = wr.shape[1]
+  if n <= _UNROLL_MAX_BLOCKS:
+    # A fused loop over the few blocks beats a batched dot with tiny inner dimensions.
+    yr = sum(sr[:, j:j + 1] * wr[:, j] - si[:, j:j + 1] * wi[:, j] for j in range(n))
+    yi = sum(si[:, j:j + 1] * wr[:, j] + sr[:, j:j + 1] * wi[:, j] for j in range(n))
+  else:
+    yr = jnp.einsum("tjf,ijf->tif", sr, wr) - jnp.einsum("tjf,ijf->tif", si, wi)
+    yi = jnp.einsum("tjf,ijf->tif", si, wr) + jnp.einsum("tjf,ijf->tif", sr, wi)
+  return jnp.concatenate([yr, yi], -1)
+
+
+def _correlate(g: jax.Array, s: jax.Array) -> jax.Array:
+  """sum_t g[t, i, :] * s[t, j, :] -> (m, n, 2F): a dot_general batched over frequency.
+
+  (A fused multiply-reduce was tried: XLA:CPU materialises the broadcast product, which costs
+  both time and a (tokens/k, m, n, 2F) buffer per layer in the training step.)
+  """
+  return jnp.einsum("tif,tjf->ijf", g, s)
+
+
+def _kernel_spectrum(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  m, n, b = w.shape
+  wf = jnp.fft.rfft(w.astype(jnp.float32), axis=-1) / (n * b)
+  return wf.real, wf.imag
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _spectral(x: jax.Array, w: jax.Array, how: str) -> jax.Array:
+  return _spectral_fwd(x, w, how)[0]
+
+
+def _spectral_fwd(x, w, how):
+  m, n, b = w.shape
+  wr, wi = _kernel_spectrum(w)
+  s = _to_spectrum(x.astype(jnp.float32).reshape(-1, n, b), how)
+  y = _from_spectrum(_mix(s, wr, -wi), b, how).reshape(-1, m * b)
+  return y, (x, w)  # keeps x only: the spectrum is recomputed in the backward pass
+
+
+def _spectral_bwd(how, residuals, g):
+  x, w = residuals
+  m, n, b = w.shape
+  f = b // 2 + 1
+  wr, wi = _kernel_spectrum(w)
+  gs = _to_spectrum(g.astype(jnp.float32).reshape(-1, m, b), how)
+  dx = _from_spectrum(_mix(gs, wr.transpose(1, 0, 2), wi.transpose(1, 0, 2)), b, how)
+  xs = _to_spectrum(x.astype(jnp.float32).reshape(-1, n, b), how)
+  xs_swapped = jnp.concatenate([xs[..., f:], xs[..., :f]], -1)
+  p, q = _correlate(gs, xs), _correlate(gs, xs_swapped)
+  # conj(G) X = (Gr Xr + Gi Xi) + i (Gr Xi - Gi Xr)
+  corr = jax.lax.complex(p[..., :f] + p[..., f:], q[..., :f] - q[..., f:])
+  dw = jnp.fft.irfft(corr, n=b, axis=-1) / (n * b)
+  return dx.reshape(x.shape).astype(x.dtype), dw.astype(w.dtype)
+
+
+_spectral.defvjp(_spectral_fwd, _spectral_bwd)
 
 
 def delta_weight(w: jax.Array) -> jax.Array:

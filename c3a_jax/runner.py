@@ -171,8 +171,8 @@ def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = Fa
     return job.loss(params, batch, rng, True)
 
   dtype = jnp.bfloat16 if t.compute_dtype == "bfloat16" else None
-  step_fn = jax.jit(make_train_step(loss_fn, tx, grad_accum=t.grad_accum, compute_dtype=dtype),
-                    donate_argnums=0)
+  step_fn = jax.jit(make_train_step(loss_fn, tx, grad_accum=t.grad_accum, compute_dtype=dtype,
+                                    strategy=exp.c3a.strategy), donate_argnums=0)
   combined = (lambda s: s.params) if base is None else (lambda s: combine(s.params, base))
   # A copy: the step donates its state, and the job's params must outlive this run.
   state = TrainState.create(jax.tree.map(jnp.copy, trainable), tx, rng=t.seed)

@@ -90,6 +90,7 @@ def _split_micro(batch: Any, n: int) -> Any:
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_accum: int = 1,
                     compute_dtype: Optional[Any] = None, axis_name: Optional[str] = None,
+                    strategy: str = "auto",
                     ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict]]:
   """Builds ``step(state, base, batch) -> (state, metrics)``, pure and ready for ``jax.jit``.
 
@@ -101,6 +102,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
     compute_dtype: e.g. ``jnp.bfloat16``: the frozen weights are cast to it for the forward
       pass; C3A kernels, gradients and optimizer state stay float32.
     axis_name: the ``jax.pmap`` axis to average gradients over. Not needed with sharded ``jit``.
+    strategy: how the C3A delta is computed (``cfg.strategy``; see ``c3a.ops``): same values.
   """
   if not isinstance(grad_accum, int) or grad_accum < 1:
     raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
@@ -110,7 +112,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
       params = trainable if compute_dtype is None else cast_frozen(trainable, compute_dtype)
     else:
       params = combine(trainable, base)
-    with intercept():
+    with intercept(strategy):
       out = loss_fn(params, batch, rng)
     loss, aux = out if isinstance(out, tuple) else (out, {})
     return loss.astype(jnp.float32), aux

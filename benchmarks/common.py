@@ -1,0 +1,124 @@
+"""Shared helpers for the benchmarks: machine description, interleaved timing, LoRA baseline.
+
+The LoRA and bias-only baselines live here, not in the library: they exist to be compared with.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+
+def machine() -> str:
+  """One line naming the CPU, core count, load, JAX version and date."""
+  model = platform.processor() or "unknown CPU"
+  try:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+      if line.startswith("Model name:"):
+        model = line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  return (f"{model}, {os.cpu_count()} cores, backend {jax.default_backend()}, jax "
+          f"{jax.__version__}, 1-min load at start {load:.2f}, "
+          f"{datetime.datetime.now().isoformat(timespec='minutes')}")
+
+
+def wait_for_quiet(max_load: float = 1.5, tries: int = int(os.environ.get("BENCH_WAIT_TRIES", 6)),
+                   sleep_s: float = 20.0) -> float:
+  """Waits (a few times; env BENCH_WAIT_TRIES) for the 1-minute load to drop below ``max_load``."""
+  load = os.getloadavg()[0]
+  for _ in range(tries):
+    if load < max_load:
+      break
+    print(f"# load {load:.2f} >= {max_load}; waiting {sleep_s:.0f}s", flush=True)
+    time.sleep(sleep_s)
+    load = os.getloadavg()[0]
+  return load
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+                ) -> dict[str, float]:
+  """Median seconds of each ``fn()``, run round-robin so that load drifts hit all alike."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fwd_bwd(f: Callable[..., jax.Array]) -> Callable[..., Any]:
+  """jit of: y = f(*args) and the VJP of a cotangent ``g`` (the last argument)."""
+
+  def step(*args):
+    *args, g = args
+    y, vjp = jax.vjp(f, *args)
+    return y, vjp(g)
+
+  return jax.jit(step)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+  fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+# ---- LoRA baseline: an interceptor adding (x @ lora_a) @ lora_b * alpha / r to Dense layers.
+
+def lora_interceptor(scale: float):
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name != "__call__" or not isinstance(module, nn.Dense)
+        or module.scope is None or not module.has_variable("params", "lora_a")):
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    x = (args[0] if args else kwargs["inputs"]).astype(y.dtype)
+    a = module.get_variable("params", "lora_a")
+    b = module.get_variable("params", "lora_b")
+    return y + ((x @ a) @ b) * scale
+  return interceptor
+
+
+def attach_lora(params: Any, targets: tuple[str, ...], rank: int, key: jax.Array) -> Any:
+  """Adds lora_a (in, r) ~ kaiming-uniform and lora_b (r, out) = 0 beside each targeted kernel."""
+  flat = traverse_util.flatten_dict(params)
+  out = dict(flat)
+  for path, leaf in flat.items():
+    if path[-1] == "kernel" and path[-2] in targets and leaf.ndim == 2:
+      key, sub = jax.random.split(key)
+      d_in, d_out = leaf.shape
+      bound = 1.0 / d_in ** 0.5
+      out[path[:-1] + ("lora_a",)] = jax.random.uniform(sub, (d_in, rank), jnp.float32,
+                                                        -bound, bound)
+      out[path[:-1] + ("lora_b",)] = jnp.zeros((rank, d_out), jnp.float32)
+  return traverse_util.unflatten_dict(out)
+
+
+def partition(params: Any, trainable: Callable[[tuple[str, ...]], bool]) -> tuple[Any, Any]:
+  """(trainable, frozen) nested dicts by a predicate on the leaf's path."""
+  flat = traverse_util.flatten_dict(params)
+  t = {k: v for k, v in flat.items() if trainable(k)}
+  f = {k: v for k, v in flat.items() if not trainable(k)}
+  return traverse_util.unflatten_dict(t), traverse_util.unflatten_dict(f)
+
+
+def combine(a: Any, b: Any) -> Any:
+  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(a),
+                                       **traverse_util.flatten_dict(b)})

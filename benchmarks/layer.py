@@ -1,0 +1,107 @@
+"""Layer level: forward + backward of one adapted Dense, as ratios to the frozen matmul.
+
+For each (d_in, d_out, tokens, block size) it times, interleaved in one run (medians over
+repeats):
+  frozen   y = x @ K, and dL/dx (K frozen): what the adapter rides on;
+  C3A      the delta alone, y = block_circulant_matmul(x, w), with dL/dx and dL/dw, per strategy;
+  LoRA     the delta alone, y = (x @ A) @ B, with dL/dx, dL/dA, dL/dB, at rank 8 and at the rank
+           whose parameter count equals C3A's (r = d_in * d_out / (b * (d_in + d_out))).
+Ratios are adapter time / frozen time (lower is better).
+
+    python benchmarks/layer.py            # default grid (~4 minutes on 2 cores)
+    python benchmarks/layer.py --quick    # the two target shapes only
+    python benchmarks/layer.py --full     # larger grid: 16k tokens, 4096x11008, b up to 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import fwd_bwd, interleaved, machine, markdown_table, wait_for_quiet  # noqa: E402
+
+from c3a_jax import ops  # noqa: E402
+
+STRATEGIES = ("fft", "rfft", "dft", "dense", "auto")
+QUICK = [(768, 768, 4096, 128), (4096, 4096, 2048, 256)]
+DEFAULT = [
+    (768, 768, 128, 128), (768, 768, 4096, 32), (768, 768, 4096, 128), (768, 768, 4096, 768),
+    (4096, 4096, 2048, 32), (4096, 4096, 2048, 256), (4096, 4096, 2048, 4096),
+    (4096, 11008, 512, 256),
+]
+FULL = DEFAULT + [
+    (768, 768, 16384, 128), (4096, 4096, 128, 256), (4096, 4096, 16384, 256),
+    (4096, 11008, 2048, 128), (768, 768, 8, 128),
+]
+TARGETS = {(4096, 4096, 2048, 256): 0.2, (768, 768, 4096, 128): 0.5}
+
+
+def measure(d_in, d_out, tokens, b, repeats, strategies=STRATEGIES):
+  keys = jax.random.split(jax.random.key(0), 8)
+  x = jax.random.normal(keys[0], (tokens, d_in), jnp.float32)
+  kernel = jax.random.normal(keys[1], (d_in, d_out), jnp.float32) / d_in ** 0.5
+  g = jax.random.normal(keys[2], (tokens, d_out), jnp.float32)
+  w = jax.random.normal(keys[3], (d_out // b, d_in // b, b), jnp.float32)
+  r_same = max(1, round(d_in * d_out / (b * (d_in + d_out))))
+  fns = {"frozen": (lambda f: lambda: f(x, kernel, g))(
+      fwd_bwd(lambda x, k: x @ jax.lax.stop_gradient(k)))}
+  for s in strategies:
+    f = fwd_bwd(lambda x, w, s=s: ops.block_circulant_matmul(x, w, strategy=s))
+    fns[s] = (lambda f: lambda: f(x, w, g))(f)
+  for name, r in (("lora8", 8), ("lora_same", r_same)):
+    a = jax.random.normal(keys[4], (d_in, r)) / d_in ** 0.5
+    bb = jax.random.normal(keys[5], (r, d_out)) / r ** 0.5
+    f = fwd_bwd(lambda x, a, bb: (x @ a) @ bb)
+    fns[name] = (lambda f, a, bb: lambda: f(x, a, bb, g))(f, a, bb)
+  t = interleaved(fns, repeats)
+  return t, r_same
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  grid = p.add_mutually_exclusive_group()
+  grid.add_argument("--quick", action="store_true")
+  grid.add_argument("--full", action="store_true")
+  p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--json", help="also write the raw times here")
+  args = p.parse_args()
+  load = wait_for_quiet()
+  print(f"# machine: {machine()}\n# load when measuring: {load:.2f}\n", flush=True)
+  shapes = QUICK if args.quick else FULL if args.full else DEFAULT
+  rows, raw = [], []
+  for d_in, d_out, tokens, b in shapes:
+    repeats = args.repeats if d_in * d_out * tokens < 2 ** 34 else max(3, args.repeats // 2)
+    t, r_same = measure(d_in, d_out, tokens, b, repeats)
+    auto = ops.choose_strategy((tokens, d_in), (d_out // b, d_in // b, b))
+    best = min(STRATEGIES[:-1], key=lambda s: t[s])
+    target = TARGETS.get((d_in, d_out, tokens, b))
+    rel = {k: v / t["frozen"] for k, v in t.items()}
+    verdict = "" if target is None else ("met" if rel["auto"] <= target else "NOT met") + \
+        f" (<= {target})"
+    rows.append([f"{d_in}x{d_out}", tokens, b, f"{t['frozen'] * 1e3:.1f}",
+                 *(rel[s] for s in STRATEGIES), f"{auto}", best,
+                 rel["lora8"], f"{rel['lora_same']:.3f} (r={r_same})",
+                 t["auto"] / t["lora8"], t["auto"] / t["lora_same"], verdict])
+    raw.append({"shape": [d_in, d_out], "tokens": tokens, "b": b, "seconds": t,
+                "auto": auto, "r_same": r_same})
+    print(" ".join(str(v if not isinstance(v, float) else round(v, 3)) for v in rows[-1]),
+          flush=True)
+  header = ["layer", "tokens", "b", "frozen ms", *(f"{s}/frozen" for s in STRATEGIES),
+            "auto picks", "fastest", "LoRA r=8/frozen", "LoRA same-params/frozen",
+            "C3A(auto)/LoRA r=8", "C3A(auto)/LoRA same", "target"]
+  print("\nAdapter forward+backward time / frozen matmul forward+backward (medians of "
+        f"{args.repeats}, interleaved):\n")
+  print(markdown_table(header, rows))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"machine": machine(), "rows": raw}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

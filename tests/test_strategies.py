@@ -1,0 +1,153 @@
+"""Every block_circulant_matmul strategy against the dense reference, values and gradients."""
+
+import dataclasses
+import json
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import c3a_jax as c3a
+from c3a_jax import ops
+from tests.reference import dense_reference
+
+STRATEGIES = [s for s in ops.STRATEGIES]
+# (m, n, b): b = 1, odd and even blocks, one block, many blocks (the dot_general paths), b > 16.
+SHAPES = [(1, 1, 1), (3, 2, 1), (2, 3, 5), (3, 2, 7), (1, 1, 2), (2, 2, 16), (2, 3, 33),
+          (2, 20, 3), (20, 18, 2), (1, 2, 64)]
+
+
+def _case(m, n, b, seed=0):
+  rng = np.random.default_rng(seed)
+  w = rng.normal(size=(m, n, b)).astype(np.float32)
+  x = rng.normal(size=(2, 3, n * b)).astype(np.float32)
+  g = rng.normal(size=(2, 3, m * b)).astype(np.float32)
+  return x, w, g
+
+
+def _kernel_grad_reference(x, w, g):
+  """dL/dw for L = <x @ D.T, g>, by the chain rule through the dense delta's entries."""
+  m, n, b = w.shape
+  gD = g.reshape(-1, m * b).T.astype(np.float64) @ x.reshape(-1, n * b)
+  ref = np.zeros(w.shape)
+  for r in range(b):
+    for c in range(b):
+      ref[:, :, (c - r) % b] += gD.reshape(m, b, n, b)[:, r, :, c] / (n * b)
+  return ref
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("m,n,b", SHAPES)
+def test_forward_matches_dense_reference(m, n, b, strategy, maybe_jit):
+  x, w, _ = _case(m, n, b)
+  f = maybe_jit(lambda x, w: ops.block_circulant_matmul(x, w, strategy=strategy))
+  y = f(jnp.asarray(x), jnp.asarray(w))
+  assert y.shape == (2, 3, m * b) and y.dtype == jnp.float32
+  # float32 arithmetic against a float64 reference: 1e-5 relative, 1e-5 absolute.
+  np.testing.assert_allclose(y, x @ dense_reference(w).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("m,n,b", SHAPES)
+def test_gradients_match_dense_reference(m, n, b, strategy, maybe_jit):
+  x, w, g = _case(m, n, b, seed=1)
+  loss = lambda x, w: jnp.sum(ops.block_circulant_matmul(x, w, strategy=strategy) * g)
+  gx, gw = maybe_jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(w))
+  assert gx.dtype == jnp.float32 and gw.dtype == jnp.float32
+  np.testing.assert_allclose(gx, g @ dense_reference(w), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(gw, _kernel_grad_reference(x, w, g), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_low_precision_and_token_counts(strategy):
+  x, w, _ = _case(3, 2, 8)
+  for tokens in (1, 7, 64):  # odd token counts reach every reshape path
+    xt = np.resize(x.reshape(-1, 16), (tokens, 16))
+    y = ops.block_circulant_matmul(jnp.asarray(xt), jnp.asarray(w), strategy=strategy)
+    np.testing.assert_allclose(y, xt @ dense_reference(w).T, rtol=1e-5, atol=1e-5)
+  y = ops.block_circulant_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), strategy=strategy)
+  assert y.dtype == jnp.bfloat16
+  gx = jax.grad(lambda x: jnp.sum(ops.block_circulant_matmul(x, jnp.asarray(w),
+                                                             strategy=strategy)))(
+      jnp.asarray(x, jnp.bfloat16))
+  assert gx.dtype == jnp.bfloat16
+
+
+def test_auto_is_deterministic_and_valid():
+  shapes = [((8, 128, 768), (6, 6, 128)), ((2048, 4096), (16, 16, 256)), ((4, 768), (6, 6, 128)),
+            ((4096, 768), (96, 96, 8)), ((128, 4096), (1, 1, 4096))]
+  for x_shape, w_shape in shapes:
+    picks = {ops.choose_strategy(x_shape, w_shape) for _ in range(3)}
+    assert len(picks) == 1 and picks <= set(ops.STRATEGIES) - {"auto"}
+    for backend in ("cpu", "gpu", "tpu"):
+      assert ops.choose_strategy(x_shape, w_shape, backend) in ops.STRATEGIES
+  # auto computes exactly what its pick computes.
+  x, w, _ = _case(2, 3, 16)
+  pick = ops.choose_strategy(x.shape, w.shape)
+  np.testing.assert_array_equal(ops.block_circulant_matmul(x, w),
+                                ops.block_circulant_matmul(x, w, strategy=pick))
+
+
+def test_unknown_strategy_is_an_error():
+  with pytest.raises(ValueError, match=r"strategy='pallas!' is not one of"):
+    ops.block_circulant_matmul(jnp.ones((2, 4)), jnp.ones((1, 1, 4)), strategy="pallas!")
+  with pytest.raises(ValueError, match=r"intercept: strategy='x'"):
+    with c3a.intercept(strategy="x"):
+      pass
+  with pytest.raises(ValueError, match=r"wrap: strategy='x'"):
+    c3a.wrap(lambda: None, strategy="x")
+
+
+def test_config_strategy_field():
+  assert c3a.C3AConfig().strategy == "auto"
+  assert "strategy" not in c3a.C3AConfig().to_dict()  # PEFT has no such field
+  cfg = c3a.C3AConfig(strategy="dft")
+  d = cfg.to_dict()
+  assert d["strategy"] == "dft"
+  assert c3a.C3AConfig.from_dict(json.loads(json.dumps(d))) == cfg
+  with pytest.raises(ValueError, match=r"C3AConfig.strategy must be one of .*got 'fast'"):
+    c3a.C3AConfig(strategy="fast")
+  assert "strategy" in {f.name for f in dataclasses.fields(c3a.C3AConfig)}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_interceptor_strategies_agree(strategy):
+  model = nn.Sequential([nn.Dense(12), nn.relu, nn.Dense(6)])
+  x = jax.random.normal(jax.random.key(0), (5, 9))
+  params = model.init(jax.random.key(1), x)["params"]
+  params["layers_0"]["c3a_kernel"] = jax.random.normal(jax.random.key(2), (4, 3, 3))
+  params["layers_2"]["c3a_kernel"] = jax.random.normal(jax.random.key(3), (2, 4, 3))
+  ref = jax.jit(c3a.wrap(model.apply, strategy="fft"))({"params": params}, x)
+  y = jax.jit(c3a.wrap(model.apply, strategy=strategy))({"params": params}, x)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+  with c3a.intercept(strategy=strategy):
+    y2 = model.apply({"params": params}, x)
+  np.testing.assert_allclose(y2, ref, rtol=1e-5, atol=1e-5)
+  grad = lambda s: jax.grad(lambda p: jnp.sum(c3a.wrap(model.apply, strategy=s)(
+      {"params": p}, x) ** 2))(params)
+  for a, b in zip(jax.tree.leaves(grad(strategy)), jax.tree.leaves(grad("fft"))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_nested_intercept_innermost_strategy_applies(monkeypatch):
+  seen = []
+  real = ops.block_circulant_matmul
+
+  def spy(x, w, *, strategy="auto"):
+    seen.append(strategy)
+    return real(x, w, strategy=strategy)
+
+  module = sys.modules["c3a_jax.intercept"]  # the package's `intercept` is the function
+  monkeypatch.setattr(module, "block_circulant_matmul", spy)
+  model = nn.Dense(4)
+  params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+  params["c3a_kernel"] = jnp.ones((2, 2, 2))
+  with c3a.intercept(strategy="dense"):
+    with c3a.intercept(strategy="dft"):
+      model.apply({"params": params}, jnp.ones((1, 4)))
+    model.apply({"params": params}, jnp.ones((1, 4)))
+  model.apply({"params": params}, jnp.ones((1, 4)))  # outside: base model, no delta
+  assert seen == ["dft", "dense"]
