@@ -23,6 +23,8 @@ from c3a_jax.experiment import Experiment
 
 # The offline default: C3A on the digits MLP's hidden layers, the paper's large C3A learning rate.
 DIGITS_DEFAULT = {"task": "digits", "output_dir": "runs/c3a-digits",
+                  "c3a": {"block_size": 16, "target_modules": ["fc0", "fc1"],
+                          "modules_to_save": ["head"]},
                   "train": {"steps": 300, "batch_size": 32, "lr": 0.3, "head_lr": 3e-3,
                             "eval_every": 100, "save_every": 100, "log_every": 10}}
 

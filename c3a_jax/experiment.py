@@ -55,6 +55,11 @@ class DataSpec:
   max_train_examples: Optional[int] = None
   max_eval_examples: Optional[int] = None
 
+  def __post_init__(self):
+    for key in ("max_train_examples", "max_eval_examples", "max_length"):
+      if getattr(self, key) is not None and getattr(self, key) < 1:
+        raise ValueError(f"data.{key} must be at least 1, got {getattr(self, key)!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainSpec:
@@ -80,6 +85,9 @@ class TrainSpec:
                 "keep_checkpoints", "log_every"):
       if getattr(self, key) < 1:
         raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)!r}")
+    if self.batch_size % self.grad_accum:
+      raise ValueError(f"train.grad_accum={self.grad_accum} must divide train.batch_size="
+                       f"{self.batch_size} (each step splits the batch into micro-batches)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +97,7 @@ class Experiment:
   task: Literal["digits", "seq_cls", "causal_lm", "image_cls"] = "digits"
   model: ModelSpec = ModelSpec()
   data: DataSpec = DataSpec()
-  c3a: C3AConfig = C3AConfig(block_size=16, target_modules=["fc0", "fc1"],
-                             modules_to_save=["head"])
+  c3a: C3AConfig = C3AConfig()  # PEFT's defaults: the model type's targets, block 256
   train: TrainSpec = TrainSpec()
   output_dir: str = "runs/c3a-digits"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+import jax.numpy as jnp
 import numpy as np
 
 from c3a_jax.experiment import DataSpec, Experiment
@@ -20,6 +21,10 @@ FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
 _AUTO = {"seq_cls": "FlaxAutoModelForSequenceClassification",
          "causal_lm": "FlaxAutoModelForCausalLM",
          "image_cls": "FlaxAutoModelForImageClassification"}
+
+
+class DataError(ValueError):
+  """A data problem this module diagnosed itself (its message needs no wrapping)."""
 
 
 def _offline_hint(name: str) -> str:
@@ -54,21 +59,22 @@ def load_split(spec: DataSpec, split: Optional[str]):
           raise FileNotFoundError(f"data file {path} does not exist")
         raise FileNotFoundError(f"data.eval_split {split!r} is not a file: with a data file as "
                                 "data.name, set data.eval_split to an eval file, or to null")
+      if not open(path).read(4096).strip():
+        raise DataError(f"data file {path} is empty"
+                         + ("" if path == spec.name else
+                            "; set data.eval_split to null to train without one"))
       return datasets.load_dataset(FILE_FORMATS[ext], data_files=path, split="train")
     if os.path.isdir(name) and (os.path.isfile(os.path.join(name, "dataset_dict.json"))
                                or os.path.isfile(os.path.join(name, "dataset_info.json"))):
       data = datasets.load_from_disk(name)
       if isinstance(data, datasets.DatasetDict):
         if split not in data:
-          raise ValueError(f"dataset {name} has no split {split!r} (splits: {list(data)})")
+          raise DataError(f"dataset {name} has no split {split!r} (splits: {list(data)})")
         return data[split]
       return data
     return datasets.load_dataset(name, spec.subset, split=split)
-  except (FileNotFoundError, ValueError) as e:
-    if isinstance(e, FileNotFoundError) or "split" in str(e):
-      raise
-    raise ValueError(f"could not load dataset {name!r} split {split!r} "
-                     f"({_offline_hint(name)}): {str(e).splitlines()[0]}") from None
+  except (FileNotFoundError, DataError):
+    raise  # already says what is wrong
   except Exception as e:  # datasets raises many kinds (ConnectionError, DatasetNotFoundError)
     raise ValueError(f"could not load dataset {name!r} split {split!r} "
                      f"({_offline_hint(name)}): {type(e).__name__}: "
@@ -105,8 +111,7 @@ def _text(spec: DataSpec, ds, split: str, tokenizer, lm: bool) -> dict[str, np.n
   if lm:
     out["loss_mask"] = out["attention_mask"]
   else:
-    _columns(ds, split, spec, spec.label_column)
-    out["labels"] = np.asarray(list(ds[spec.label_column]), np.int32)
+    out["labels"] = _labels(spec, ds, split)
   return out
 
 
@@ -114,7 +119,18 @@ def _images(spec: DataSpec, ds, split: str, processor) -> dict[str, np.ndarray]:
   _columns(ds, split, spec, spec.image_column, spec.label_column)
   images = [img.convert("RGB") for img in list(ds[spec.image_column])]
   pixels = processor(images, return_tensors="np")["pixel_values"].astype(np.float32)
-  return {"pixel_values": pixels, "labels": np.asarray(list(ds[spec.label_column]), np.int32)}
+  return {"pixel_values": pixels, "labels": _labels(spec, ds, split)}
+
+
+def _labels(spec: DataSpec, ds, split: str) -> np.ndarray:
+  _columns(ds, split, spec, spec.label_column)
+  values = list(ds[spec.label_column])
+  if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+    bad = next(v for v in values if not isinstance(v, (int, np.integer)) or isinstance(v, bool))
+    raise ValueError(f"data.label_column {spec.label_column!r} of dataset {spec.name!r} split "
+                     f"{split!r} holds non-integer values (e.g. {bad!r}); labels must be class "
+                     "ids 0..num_labels-1")
+  return np.asarray(values, np.int32)
 
 
 def _num_labels(spec: DataSpec, ds) -> int:
@@ -123,7 +139,7 @@ def _num_labels(spec: DataSpec, ds) -> int:
   feature = ds.features.get(spec.label_column)
   if getattr(feature, "num_classes", None):
     return feature.num_classes
-  return int(max(list(ds[spec.label_column]))) + 1
+  return int(_labels(spec, ds, spec.train_split).max()) + 1
 
 
 def job(exp: Experiment, log=print) -> Job:
@@ -132,8 +148,14 @@ def job(exp: Experiment, log=print) -> Job:
   spec = exp.data
   train = _limit(load_split(spec, spec.train_split), spec.max_train_examples)
   evals = _limit(load_split(spec, spec.eval_split), spec.max_eval_examples)
+  for ds, split in ((train, spec.train_split), (evals, spec.eval_split)):
+    if ds is not None and len(ds) == 0:
+      raise ValueError(f"dataset {spec.name!r} split {split!r} is empty"
+                       + ("; set data.eval_split to null to train without one"
+                          if split == spec.eval_split else ""))
   log(f"data: {len(train)} training examples" + (f", {len(evals)} eval" if evals else ""))
-  kwargs = {}
+  # The model's dtype sets its activations' dtype; compute_dtype then casts the frozen weights.
+  kwargs = {"dtype": jnp.bfloat16} if exp.train.compute_dtype == "bfloat16" else {}
   if exp.task in ("seq_cls", "image_cls"):
     _columns(train, spec.train_split, spec, spec.label_column)
     kwargs["num_labels"] = _num_labels(spec, train)

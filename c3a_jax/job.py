@@ -73,10 +73,12 @@ def batches(data: Batch, batch_size: int, seed: int, start: int = 0) -> Iterator
   per_epoch = n // batch_size
   if per_epoch == 0:
     raise ValueError(f"batch size {batch_size} is larger than the {n} training examples")
-  position = start
+  position, epoch, order = start, None, None
   while True:
-    epoch, index = divmod(position, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    if position // per_epoch != epoch:
+      epoch = position // per_epoch
+      order = np.random.default_rng([seed, epoch]).permutation(n)
+    index = position % per_epoch
     idx = order[index * batch_size:(index + 1) * batch_size]
     yield {k: v[idx] for k, v in data.items()}
     position += 1

@@ -33,10 +33,12 @@ from c3a_jax.experiment import Experiment
 from c3a_jax.job import Job, batches, eval_batches
 from c3a_jax.optim import optimizer
 from c3a_jax.summary import summary
-from c3a_jax.train import TrainState, make_train_step
+from c3a_jax.train import TrainState, cast_frozen, make_train_step
 from c3a_jax.transform import attach, combine, split
 
 INTERRUPTED = 130  # the shell's exit status for Ctrl-C
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "metrics.png", "summary.json", "checkpoints",
+               "adapter", "params.msgpack", "baselines")
 
 
 class RunDirError(ValueError):
@@ -62,10 +64,18 @@ def prepare_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> str:
       raise RunDirError(f"--resume: the config differs from the run in {out} at "
                         f"{', '.join(sorted(diff))}")
   elif os.path.isdir(out) and os.listdir(out):
+    if not os.path.isfile(config_path):
+      raise RunDirError(f"{out} is not empty and holds no c3a-jax run (no config.yaml); "
+                        "choose another output_dir")
     if not overwrite:
       raise RunDirError(f"{out} holds another run; pass --resume to continue it or --overwrite "
                         "to replace it")
-    shutil.rmtree(out)
+    for name in RUN_ENTRIES:  # only what a run writes: anything else stays
+      path = os.path.join(out, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
   os.makedirs(out, exist_ok=True)
   atomic_write(config_path, yaml.safe_dump(exp.to_dict(), sort_keys=False).encode())
   return out
@@ -155,14 +165,25 @@ def _sigint_flag() -> Iterator[Callable[[], bool]]:
     signal.signal(signal.SIGINT, previous)
 
 
+def _check_fits(exp: Experiment, job: Job) -> None:
+  """Errors a run would hit at its first step, raised before the run directory is touched."""
+  t = exp.train
+  if job.num_train < t.batch_size:
+    raise ValueError(f"train.batch_size={t.batch_size} is larger than the {job.num_train} "
+                     "training examples (see data.max_train_examples)")
+  if job.eval_data is not None and not len(next(iter(job.eval_data.values()))):
+    raise ValueError("the eval split is empty; set data.eval_split to null to train without one")
+
+
 def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = False,
         quiet: bool = False, log=print) -> dict:
   """Trains ``job`` as ``exp`` says; returns the final summary (also in summary.json)."""
   from tqdm.auto import tqdm
 
-  out = prepare_dir(exp, resume=resume, overwrite=overwrite)
+  _check_fits(exp, job)
   t = exp.train
   trainable, base, tx, full_params = _setup(exp, job)
+  out = prepare_dir(exp, resume=resume, overwrite=overwrite)
   counts = summary(full_params if t.mode != "full" else job.params,
                    exp.c3a if t.mode != "full" else None)
   n_trainable = counts.trainable if t.mode != "full" else counts.total
@@ -171,6 +192,8 @@ def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = Fa
     return job.loss(params, batch, rng, True)
 
   dtype = jnp.bfloat16 if t.compute_dtype == "bfloat16" else None
+  if dtype is not None and base is not None:
+    base = cast_frozen(base, dtype)  # once, not in every step
   step_fn = jax.jit(make_train_step(loss_fn, tx, grad_accum=t.grad_accum, compute_dtype=dtype,
                                     strategy=exp.c3a.strategy), donate_argnums=0)
   combined = (lambda s: s.params) if base is None else (lambda s: combine(s.params, base))
@@ -183,41 +206,44 @@ def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = Fa
   if resume and ckpt.latest_step() is not None:
     state, position = ckpt.restore(state)
     log(f"resumed {out} at step {int(state.step)}")
-  records = _read_metrics(metrics_path)
-  records = [r for r in records if r["step"] <= int(state.step)]  # drop lines past the ckpt
+  step = saved = logged = int(state.step)  # host-side counters: no device sync per step
+  records = [r for r in _read_metrics(metrics_path) if r["step"] <= step]  # drop past the ckpt
   tokens = t.batch_size * job.tokens_per_example
 
   def write(record):
     records.append(record)
     atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
-  stream = batches(job.train_data, t.batch_size, t.seed, start=position)
-  saved = int(state.step)
-
   def save():
     nonlocal saved
-    if int(state.step) != saved:
+    if step != saved:
       ckpt.save(state, data_position=position, force=True)
-      saved = int(state.step)
+      saved = step
 
-  bar = tqdm(total=t.steps, initial=int(state.step), disable=quiet, file=sys.stderr,
+  stream = batches(job.train_data, t.batch_size, t.seed, start=position)
+  bar = tqdm(total=t.steps, initial=step, disable=quiet, file=sys.stderr,
              dynamic_ncols=True, desc=f"{t.mode} train")
-  last = time.perf_counter()
+  last_eval = None
+  busy = 0.0  # seconds spent in training steps since the last log (not eval or saving)
   with _sigint_flag() as interrupted:
-    while int(state.step) < t.steps and not interrupted():
+    while step < t.steps and not interrupted():
+      start = time.perf_counter()
       state, metrics = step_fn(state, base, next(stream))
       position += 1
-      step = int(state.step)
+      step += 1
       bar.update(1)
       if step % t.log_every == 0 or step == t.steps:
-        metrics = {k: float(v) for k, v in metrics.items()}
-        now = time.perf_counter()
-        tok_s = tokens * t.log_every / max(now - last, 1e-9)
-        last = now
+        metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+        busy += time.perf_counter() - start
+        tok_s = tokens * (step - logged) / max(busy, 1e-9)
+        logged, busy = step, 0.0
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
         write({"step": step, "split": "train", "tokens_per_s": tok_s, **metrics})
+      else:
+        busy += time.perf_counter() - start
       if job.eval_data is not None and (step % t.eval_every == 0 or step == t.steps):
-        write({"step": step, "split": "eval", **evaluate(job, combined(state), t.batch_size)})
+        last_eval = evaluate(job, combined(state), t.batch_size)
+        write({"step": step, "split": "eval", **last_eval})
       if step % t.save_every == 0:
         save()
     bar.close()
@@ -225,13 +251,15 @@ def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = Fa
     ckpt.wait()
     ckpt.close()
     if interrupted():
-      log(f"interrupted at step {int(state.step)}: checkpoint saved; continue with --resume")
+      log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
       raise SystemExit(INTERRUPTED)
 
-  final = {"mode": t.mode, "steps": int(state.step), "trainable_params": n_trainable,
+  final = {"mode": t.mode, "steps": step, "trainable_params": n_trainable,
            "total_params": counts.total}
   if job.eval_data is not None:
-    final.update({f"eval_{k}": v for k, v in evaluate(job, combined(state), t.batch_size).items()})
+    if last_eval is None:  # resumed a finished run: nothing was evaluated above
+      last_eval = evaluate(job, combined(state), t.batch_size)
+    final.update({f"eval_{k}": v for k, v in last_eval.items()})
   if t.mode == "c3a":
     peft_io.save_adapter(os.path.join(out, "adapter"), state.params, exp.c3a)
   else:

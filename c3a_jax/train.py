@@ -8,8 +8,9 @@ Two patterns, one builder:
   from :func:`c3a_jax.optimizer` (frozen leaves get zero updates).
 
 ``loss_fn(params, batch, rng)`` returns a scalar loss, or ``(loss, aux_dict)``; it runs under
-:func:`c3a_jax.intercept`, so it just applies the model. With ``compute_dtype=jnp.bfloat16`` the
-frozen base runs in bfloat16 while the C3A kernels stay float32 (and the FFT runs in float32).
+:func:`c3a_jax.intercept`, so it just applies the model. ``compute_dtype=jnp.bfloat16`` casts
+the frozen weights to bfloat16 (the model's own ``dtype`` decides its activations' dtype); the
+C3A kernels stay float32, and the FFT runs in float32.
 
 Example:
   >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, c3a_jax as c3a

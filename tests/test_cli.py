@@ -71,6 +71,30 @@ def test_run_directory_rules(tmp_path, capsys):
   assert train(*args, "train.mode=head", "--overwrite") == 0
   assert train("--resume", f"output_dir={tmp_path / 'none'}") == 2
   assert "holds no run" in capsys.readouterr().err
+  keep = tmp_path / "notes"
+  keep.mkdir()
+  (keep / "thesis.tex").write_text("mine")
+  assert train(f"output_dir={keep}", "--overwrite") == 2
+  assert "holds no c3a-jax run" in capsys.readouterr().err
+  assert (keep / "thesis.tex").read_text() == "mine"
+  (out / "mine.txt").write_text("kept")  # --overwrite removes only what a run writes
+  assert train(*args, "train.mode=head", "--overwrite") == 0
+  assert (out / "mine.txt").read_text() == "kept"
+  # Errors a run would meet at its first step come before the directory is touched.
+  fresh = tmp_path / "fresh"
+  assert train(f"output_dir={fresh}", "train.batch_size=4096") == 2
+  assert "train.batch_size=4096 is larger than the 250 training examples" in \
+      capsys.readouterr().err
+  assert train(f"output_dir={fresh}", "train.grad_accum=3") == 2
+  assert "train.grad_accum=3 must divide train.batch_size=32" in capsys.readouterr().err
+  assert not fresh.exists()
+
+
+def test_overrides_extend_the_default_config(tmp_path, capsys):
+  assert train(f"output_dir={tmp_path / 'run'}", "c3a.block_size=32", "train.steps=20",
+               "train.mode=head") == 0
+  exp = Experiment.load(str(tmp_path / "run" / "config.yaml"))
+  assert exp.c3a.block_size == 32 and exp.c3a.target_modules == ("fc0", "fc1")
 
 
 def test_resume_equals_an_unbroken_run(tmp_path):
@@ -267,6 +291,17 @@ def test_bad_data_and_models_are_clear_errors(tmp_path, bert_dir, capsys):
   err = capsys.readouterr().err
   assert "could not load model 'no-such-org/no-such-model'" in err and "offline" in err
   cfg["model"]["name"] = str(bert_dir)
+  strings = write_jsonl(tmp_path / "strings.jsonl", [{"sentence": "good", "label": "pos"}] * 20)
+  cfg["data"].update(name=str(strings), eval_split=None)
+  config.write_text(yaml.safe_dump(cfg))
+  assert train("--config", str(config), "--overwrite") == 2
+  assert "data.label_column 'label' of dataset" in capsys.readouterr().err
+  empty = write_jsonl(tmp_path / "empty.jsonl", [])
+  cfg["data"].update(name=str(tmp_path / "train.jsonl"), eval_split=str(empty))
+  config.write_text(yaml.safe_dump(cfg))
+  assert train("--config", str(config), "--overwrite") == 2
+  assert "is empty; set data.eval_split to null" in capsys.readouterr().err
+  cfg["data"]["name"] = str(tmp_path / "train.jsonl")
   cfg["data"]["eval_split"] = "validation"
   config.write_text(yaml.safe_dump(cfg))
   assert train("--config", str(config), "--overwrite") == 2
@@ -293,7 +328,8 @@ def test_causal_lm_with_a_prompt_template(tmp_path):
                   "prompt_template": "{instruction} {output}"},
          "c3a": {"block_size": 16, "target_modules": ["q_proj", "v_proj", "down_proj"],
                  "block_size_pattern": {"down_proj": 8}, "task_type": "CAUSAL_LM"},
-         "train": {"steps": 20, "batch_size": 8, "lr": 0.5, "log_every": 5},
+         "train": {"steps": 20, "batch_size": 8, "lr": 0.5, "log_every": 5,
+                   "compute_dtype": "bfloat16"},
          "output_dir": str(tmp_path / "run")}
   path = tmp_path / "config.yaml"
   path.write_text(yaml.safe_dump(cfg))
