@@ -122,3 +122,15 @@ def partition(params: Any, trainable: Callable[[tuple[str, ...]], bool]) -> tupl
 def combine(a: Any, b: Any) -> Any:
   return traverse_util.unflatten_dict({**traverse_util.flatten_dict(a),
                                        **traverse_util.flatten_dict(b)})
+
+
+def model_parser(description: str, repeats: int) -> "argparse.ArgumentParser":
+  """The model-level benchmarks' shared flags (RoBERTa-base widths; layers, sequence, batch)."""
+  import argparse
+  p = argparse.ArgumentParser(description=description)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--block-size", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=repeats)
+  return p

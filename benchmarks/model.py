@@ -17,7 +17,6 @@ peak = arguments + outputs + temp).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (attach_lora, combine, interleaved, lora_interceptor, machine,  # noqa: E402
+from common import (attach_lora, combine, interleaved, lora_interceptor, machine, model_parser,  # noqa: E402
                     markdown_table, partition, wait_for_quiet)
 
 import c3a_jax as c3a  # noqa: E402
@@ -79,12 +78,7 @@ def methods(model, block_size: int, strategies: tuple[str, ...]):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--block-size", type=int, default=128)
-  p.add_argument("--repeats", type=int, default=10)
+  p = model_parser(__doc__.splitlines()[0], repeats=10)
   p.add_argument("--all", action="store_true", help="time every C3A strategy")
   args = p.parse_args()
   load = wait_for_quiet()

@@ -9,7 +9,6 @@ frameworks (medians over repeats); both use every core.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, markdown_table, wait_for_quiet  # noqa: E402
+from common import machine, markdown_table, model_parser, wait_for_quiet  # noqa: E402
 from model import build_model, make_step, methods  # noqa: E402
 
 
@@ -53,12 +52,7 @@ def torch_step_fn(layers: int, seq: int, batch: int, block: int):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--block-size", type=int, default=128)
-  p.add_argument("--repeats", type=int, default=8)
+  p = model_parser(__doc__.splitlines()[0], repeats=8)
   args = p.parse_args()
   load = wait_for_quiet()
   print(f"# machine: {machine()}\n# load when measuring: {load:.2f}", flush=True)
