@@ -101,7 +101,8 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
     grad_accum: micro-batches per step; the batch's leading axis is split into this many and
       their gradients averaged (a ``lax.scan``: activation memory of one micro-batch).
     compute_dtype: e.g. ``jnp.bfloat16``: the frozen weights are cast to it for the forward
-      pass; C3A kernels, gradients and optimizer state stay float32.
+      pass; C3A kernels, gradients and optimizer state stay float32. Pass a base already cast
+      with :func:`cast_frozen` to skip the cast inside every step (it is then a no-op).
     axis_name: the ``jax.pmap`` axis to average gradients over. Not needed with sharded ``jit``.
     strategy: how the C3A delta is computed (``cfg.strategy``; see ``c3a.ops``): same values.
   """
