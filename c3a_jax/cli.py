@@ -65,8 +65,8 @@ def _print_table(summaries: list[dict]) -> None:
   print(f"{'training':<18} {'trainable params':>17} {'share':>8} {'eval accuracy':>14}")
   for s in summaries:
     share = s["trainable_params"] / s["total_params"]
-    acc = s.get("eval_accuracy", float("nan"))
-    print(f"{names[s['mode']]:<18} {s['trainable_params']:>17,} {share:>8.2%} {acc:>14.4f}")
+    acc = f"{s['eval_accuracy']:.4f}" if "eval_accuracy" in s else "(no eval)"
+    print(f"{names[s['mode']]:<18} {s['trainable_params']:>17,} {share:>8.2%} {acc:>14}")
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -37,6 +37,8 @@ from c3a_jax.train import TrainState, cast_frozen, make_train_step
 from c3a_jax.transform import attach, combine, split
 
 INTERRUPTED = 130  # the shell's exit status for Ctrl-C
+RESUMABLE = {("train", k) for k in ("steps", "log_every", "eval_every", "save_every",
+                                    "keep_checkpoints")}
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "metrics.png", "summary.json", "checkpoints",
                "adapter", "params.msgpack", "baselines")
 
@@ -54,12 +56,14 @@ def prepare_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> str:
     with open(config_path) as f:
       saved = yaml.safe_load(f)
     now = exp.to_dict()
-    # A resumed run may go on for more steps; nothing else may change.
+    # A resumed run may go on for more steps and log, evaluate or save at other intervals;
+    # nothing that changes the training itself may differ.
     diff = [f"{section}.{k}" for section in now if isinstance(now[section], dict)
             for k in set(now[section]) | set(saved.get(section) or {})
-            if (section, k) != ("train", "steps")
+            if (section, k) not in RESUMABLE
             and now[section].get(k) != (saved.get(section) or {}).get(k)]
-    diff += [k for k in now if not isinstance(now[k], dict) and now[k] != saved.get(k)]
+    diff += [k for k in now if not isinstance(now[k], dict) and k != "output_dir"
+             and now[k] != saved.get(k)]
     if diff:
       raise RunDirError(f"--resume: the config differs from the run in {out} at "
                         f"{', '.join(sorted(diff))}")
