@@ -75,7 +75,7 @@ def evaluate(args: argparse.Namespace) -> int:
   job = _job(exp)
   if job.eval_data is None:
     raise ValueError(f"{args.run_dir}: the config has no eval split (data.eval_split)")
-  print(json.dumps(runner.evaluate(job, params(job), exp.train.batch_size), indent=2))
+  print(json.dumps(runner.evaluate(job, params(job), exp.train.eval_batch_size), indent=2))
   return 0
 
 

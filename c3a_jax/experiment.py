@@ -80,6 +80,11 @@ class TrainSpec:
   log_every: int = 10
   seed: int = 0
 
+  @property
+  def eval_batch_size(self) -> int:
+    """Evaluation runs in micro-batches: no more memory than a training micro-step."""
+    return self.batch_size // self.grad_accum
+
   def __post_init__(self):
     for key in ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
                 "keep_checkpoints", "log_every"):

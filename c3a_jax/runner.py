@@ -246,7 +246,7 @@ def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = Fa
       else:
         busy += time.perf_counter() - start
       if job.eval_data is not None and (step % t.eval_every == 0 or step == t.steps):
-        last_eval = evaluate(job, combined(state), t.batch_size)
+        last_eval = evaluate(job, combined(state), t.eval_batch_size)
         write({"step": step, "split": "eval", **last_eval})
       if step % t.save_every == 0:
         save()
@@ -262,7 +262,7 @@ def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = Fa
            "total_params": counts.total}
   if job.eval_data is not None:
     if last_eval is None:  # resumed a finished run: nothing was evaluated above
-      last_eval = evaluate(job, combined(state), t.batch_size)
+      last_eval = evaluate(job, combined(state), t.eval_batch_size)
     final.update({f"eval_{k}": v for k, v in last_eval.items()})
   if t.mode == "c3a":
     peft_io.save_adapter(os.path.join(out, "adapter"), state.params, exp.c3a)
