@@ -77,15 +77,20 @@ def methods(model, block_size: int, strategies: tuple[str, ...]):
   return out
 
 
-def main():
-  p = model_parser(__doc__.splitlines()[0], repeats=10)
-  p.add_argument("--all", action="store_true", help="time every C3A strategy")
-  args = p.parse_args()
+def setup(args):
+  """Waits for a quiet machine, names it, and builds the model and a batch."""
   load = wait_for_quiet()
   print(f"# machine: {machine()}\n# load when measuring: {load:.2f}", flush=True)
   model = build_model(args.layers, args.seq)
   ids = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 3, 50265)
-  labels = jnp.arange(args.batch) % 2
+  return model, ids, jnp.arange(args.batch) % 2
+
+
+def main():
+  p = model_parser(__doc__.splitlines()[0], repeats=10)
+  p.add_argument("--all", action="store_true", help="time every C3A strategy")
+  args = p.parse_args()
+  model, ids, labels = setup(args)
   strategies = ("auto", "fft", "rfft", "dft", "dense") if args.all else ("auto", "fft")
   tx = optax.adamw(1e-3)
   fns, memory = {}, {}

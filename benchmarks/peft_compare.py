@@ -15,12 +15,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, markdown_table, model_parser, wait_for_quiet  # noqa: E402
-from model import build_model, make_step, methods  # noqa: E402
+from common import markdown_table, model_parser  # noqa: E402
+from model import make_step, methods, setup  # noqa: E402
 
 
 def torch_step_fn(layers: int, seq: int, batch: int, block: int):
@@ -54,11 +53,7 @@ def torch_step_fn(layers: int, seq: int, batch: int, block: int):
 def main():
   p = model_parser(__doc__.splitlines()[0], repeats=8)
   args = p.parse_args()
-  load = wait_for_quiet()
-  print(f"# machine: {machine()}\n# load when measuring: {load:.2f}", flush=True)
-  model = build_model(args.layers, args.seq)
-  ids = jax.random.randint(jax.random.key(0), (args.batch, args.seq), 3, 50265)
-  labels = jnp.arange(args.batch) % 2
+  model, ids, labels = setup(args)
   tx = optax.adamw(1e-3)
   fns = {}
   for name, (trainable, frozen, context) in methods(model, args.block_size,

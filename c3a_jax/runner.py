@@ -133,7 +133,15 @@ def _read_metrics(path: str) -> list[dict]:
   if not os.path.isfile(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:  # only a cut-off last line is expected
+        raise
+  return records
 
 
 def evaluate(job: Job, params: Any, batch_size: int) -> dict[str, float]:
@@ -212,11 +220,15 @@ def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = Fa
     log(f"resumed {out} at step {int(state.step)}")
   step = saved = logged = int(state.step)  # host-side counters: no device sync per step
   records = [r for r in _read_metrics(metrics_path) if r["step"] <= step]  # drop past the ckpt
+  atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
   tokens = t.batch_size * job.tokens_per_example
 
   def write(record):
+    # One line appended per record (not the whole file rewritten): a crash loses at most a
+    # partial last line, which resume drops along with everything past the checkpoint.
     records.append(record)
-    atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    with open(metrics_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
 
   def save():
     nonlocal saved

@@ -120,6 +120,14 @@ def _peft_perturb(module, scale):
       p.add_(scale * torch.randn_like(p))
 
 
+def _check_merge(pm, params, m, what):
+  """PEFT's merge and c3a.merge agree on every merged weight and on the logits."""
+  pm.merge_adapter()
+  merged = c3a.merge(params)
+  _check_merged_weights(pm, merged)
+  _close(_jax_logits(m, merged, adapter=False), _torch_logits(pm, m), f"{what} merged logits")
+
+
 def _check_merged_weights(pm, merged_params):
   """PEFT's merged Linear weights equal c3a.merge's kernels (transposed)."""
   for path, layer in _c3a_layers(pm).items():
@@ -202,11 +210,7 @@ def test_bert_jax_to_peft(bert, tmp_path):
                                   np.asarray(node["c3a_kernel"]), err_msg=path)
   _close(ours, _torch_logits(pm, bert), "bert jax->peft adapter logits")
 
-  pm.merge_adapter()
-  merged = c3a.merge(params)
-  _check_merged_weights(pm, merged)
-  _close(_jax_logits(bert, merged, adapter=False), _torch_logits(pm, bert),
-         "bert jax->peft merged logits")
+  _check_merge(pm, params, bert, "bert jax->peft")
 
 
 def test_bert_peft_to_jax(bert, tmp_path):
@@ -236,11 +240,7 @@ def test_bert_peft_to_jax(bert, tmp_path):
       lambda p: bert.flax(bert.ids, attention_mask=bert.mask, params=p).logits))(params)),
          want, "bert peft->jax adapter logits (jit)")
 
-  pm.merge_adapter()
-  merged = c3a.merge(params)
-  _check_merged_weights(pm, merged)
-  _close(_jax_logits(bert, merged, adapter=False), _torch_logits(pm, bert),
-         "bert peft->jax merged logits")
+  _check_merge(pm, params, bert, "bert peft->jax")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,11 +265,7 @@ def test_llama_jax_to_peft(llama, tmp_path):
       t.path: t.block_size for t in c3a.select(llama.flax.params, cfg)}
   _close(ours, _torch_logits(pm, llama), "llama jax->peft adapter logits")
 
-  pm.merge_adapter()
-  merged = c3a.merge(params)
-  _check_merged_weights(pm, merged)
-  _close(_jax_logits(llama, merged, adapter=False), _torch_logits(pm, llama),
-         "llama jax->peft merged logits")
+  _check_merge(pm, params, llama, "llama jax->peft")
 
 
 def test_llama_peft_to_jax(llama, tmp_path):
@@ -286,11 +282,7 @@ def test_llama_peft_to_jax(llama, tmp_path):
   params = c3a.combine(adapter, llama.flax.params)
   _close(_jax_logits(llama, params), want, "llama peft->jax adapter logits")
 
-  pm.merge_adapter()
-  merged = c3a.merge(params)
-  _check_merged_weights(pm, merged)
-  _close(_jax_logits(llama, merged, adapter=False), _torch_logits(pm, llama),
-         "llama peft->jax merged logits")
+  _check_merge(pm, params, llama, "llama peft->jax")
 
 
 # ----------------------------------------------------------------------------------------------
