@@ -27,13 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from c3a_jax import freq_major, pallas
+
 InitWeights = Union[bool, Literal["xavier_uniform", "kaiming_uniform", "gaussian"]]
 INIT_WEIGHTS = (True, False, "xavier_uniform", "kaiming_uniform", "gaussian")
 
 
-STRATEGIES = ("auto", "fft", "rfft", "dft", "dense")
+STRATEGIES = ("auto", "fft", "rfft", "dft", "freq_major", "pallas", "dense")
 """How :func:`block_circulant_matmul` computes the same product (see its docstring)."""
-Strategy = Literal["auto", "fft", "rfft", "dft", "dense"]
+Strategy = Literal["auto", "fft", "rfft", "dft", "freq_major", "pallas", "dense"]
 
 
 def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "auto"
@@ -51,6 +53,12 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "
   * ``"dft"``: as ``"rfft"`` but each transform is a matmul with a ``(b, b + 2)`` real DFT
     matrix; it feeds the matrix units of GPUs and TPUs (on CPU it measures about as fast as
     ``"fft"`` for ``b <= 128`` and slower beyond).
+  * ``"freq_major"``: transforms as DFT matmuls whose output is frequency-major, so that the
+    frequency product and the kernel gradient are matmuls batched over frequencies
+    (:mod:`c3a_jax.freq_major`); the fastest on CPU for many large blocks (Llama widths).
+  * ``"pallas"``: one fused Pallas kernel per pass (DFT, product and inverse DFT per token
+    tile; :mod:`c3a_jax.pallas`), for GPU/TPU. On CPU it runs in interpret mode: exact but
+    slow, for testing; ``"auto"`` does not pick it.
   * ``"dense"``: builds the dense ``(d_in, d_out)`` delta and multiplies; cheapest for a
     handful of tokens or tiny blocks (``b <= 8``), where FFTs are all overhead.
   * ``"auto"`` (default): picks one of the above from the block size, the number of blocks,
@@ -90,6 +98,10 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "
     y = _fft_apply(x2, w)
   elif strategy == "dense":
     y = x2.astype(jnp.float32) @ delta_weight(w)
+  elif strategy == "freq_major":
+    y = freq_major.apply(x2.astype(jnp.float32), w)
+  elif strategy == "pallas":
+    y = pallas.apply(x2.astype(jnp.float32), w)
   else:
     y = _spectral(x2, w, strategy)
   return y.reshape(*lead, m * b).astype(x.dtype)
@@ -107,7 +119,7 @@ def choose_strategy(x_shape: tuple[int, ...], w_shape: tuple[int, int, int],
     >>> ops.choose_strategy((8, 128, 768), (6, 6, 128), backend="cpu")
     'fft'
     >>> ops.choose_strategy((2048, 4096), (16, 16, 256), backend="cpu")
-    'rfft'
+    'freq_major'
   """
   m, n, b = _kernel_shape(w_shape, "choose_strategy")
   tokens = math.prod(x_shape[:-1])
@@ -118,8 +130,12 @@ def choose_strategy(x_shape: tuple[int, ...], w_shape: tuple[int, int, int],
     # Not measured here (no accelerator in this project's CI): the DFT matmul feeds the matrix
     # units up to moderate blocks, cuFFT / the TPU FFT beyond.
     return "dft" if b <= _DFT_MAX_B_ACCEL else "fft"
-  # CPU: the plain path is as fast as the others at the model level and keeps the least
-  # (benchmarks/RESULTS.md); the real-valued custom-VJP path wins for large blocks.
+  # CPU (benchmarks/RESULTS.md): with many blocks the batched frequency-major matmuls win,
+  # until b is so large that the DFT-as-matmul costs more than an FFT; with few blocks the
+  # plain path is as fast as the others at the model level, and the real-valued custom-VJP
+  # path wins for large blocks.
+  if b <= _FREQ_MAJOR_MAX_B_CPU and max(m, n) >= _FREQ_MAJOR_MIN_BLOCKS:
+    return "freq_major"
   if b >= _RFFT_MIN_B_CPU and m * n >= 4 and max(m, n) <= _UNROLL_MAX_BLOCKS:
     return "rfft"
   return "fft"
@@ -129,6 +145,8 @@ def choose_strategy(x_shape: tuple[int, ...], w_shape: tuple[int, int, int],
 _DENSE_MAX_B = 8
 _DENSE_MAX_TOKENS = 16
 _RFFT_MIN_B_CPU = 256
+_FREQ_MAJOR_MAX_B_CPU = 256
+_FREQ_MAJOR_MIN_BLOCKS = 16
 _DFT_MAX_B_ACCEL = 256
 # Above this many blocks the frequency product runs as dot_generals, not an unrolled loop.
 _UNROLL_MAX_BLOCKS = 16

@@ -1,0 +1,120 @@
+"""C3A's product with frequency-major spectra: every step a matmul, batched over frequencies.
+
+The ``"freq_major"`` strategy of :func:`c3a_jax.ops.block_circulant_matmul`. Each block of
+``x`` goes through a real DFT written as two matmuls (cosine and sine halves), whose output
+comes out frequency-major, ``(F, tokens * blocks)``, with ``F = b // 2 + 1``. In that layout
+the three products C3A needs are batched matmuls with the frequency as the batch axis:
+
+* forward, per frequency ``f``: ``Y[f] = X[f] @ conj(W[f]).T`` (tokens x n times n x m);
+* input gradient: the same with the transposed kernel spectrum;
+* kernel gradient: ``sum_t conj(G[f, t]) X[f, t]``, a contraction over tokens that needs no
+  transpose in this layout (in the blocks' own layout XLA:CPU transposes both operands).
+
+The inverse DFT is the transpose of the forward one with the ``irfft`` weights folded into
+the kernel spectrum, so the backward pass reuses the same two matrices. A custom VJP keeps
+only ``x`` and the kernel spectrum; the spectrum of ``x`` is recomputed in the backward pass.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from c3a_jax import freq_major, ops
+  >>> x, w = jnp.ones((4, 8)), jnp.arange(16.0).reshape(2, 2, 4)
+  >>> bool(jnp.allclose(freq_major.apply(x, w), ops.block_circulant_matmul(x, w, strategy="fft"),
+  ...                   atol=1e-5))
+  True
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_HIGHEST = jax.lax.Precision.HIGHEST  # the DFT must stay float32-exact on TPU/GPU matrix units
+
+
+def apply(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``x @ delta_weight(w)`` for float32 ``x`` of shape ``(tokens, n * b)``: ``(tokens, m * b)``."""
+  kr, ki = kernel_spectrum(w)
+  return _apply(x, kr.transpose(2, 1, 0), ki.transpose(2, 1, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def dft_halves(b: int) -> tuple[np.ndarray, np.ndarray]:
+  """(F, b) cosine and minus-sine rows: ``[cos; -sin] @ x`` is the real/imaginary rfft of x."""
+  angle = 2 * np.pi * np.outer(np.arange(b // 2 + 1), np.arange(b)) / b
+  return np.cos(angle).astype(np.float32), (-np.sin(angle)).astype(np.float32)
+
+
+def kernel_spectrum(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(m, n, F) real and imaginary parts of rfft(w) / d_in, times irfft's weights (1 or 2) / b.
+
+  With these weights folded in, the inverse DFT is the transpose of :func:`dft_halves`.
+  """
+  m, n, b = w.shape
+  weight = np.full(b // 2 + 1, 2.0)
+  weight[0] = 1.0
+  if b % 2 == 0:
+    weight[-1] = 1.0
+  wf = jnp.fft.rfft(w.astype(jnp.float32), axis=-1) * jnp.asarray(weight / (b * n * b),
+                                                                  jnp.float32)
+  return wf.real, wf.imag
+
+
+def _spectrum(z: jax.Array, blocks: int) -> tuple[jax.Array, jax.Array]:
+  """(tokens, blocks * b) -> real and imaginary (F, tokens, blocks)."""
+  tokens = z.shape[0]
+  b = z.shape[1] // blocks
+  rows = z.reshape(tokens * blocks, b)
+  # Contracting both operands' last axis gives the frequency-major output without a transpose.
+  return tuple(jnp.einsum("fs,rs->fr", jnp.asarray(h), rows, precision=_HIGHEST)
+               .reshape(-1, tokens, blocks) for h in dft_halves(b))
+
+
+def _unspectrum(re: jax.Array, im: jax.Array, b: int) -> jax.Array:
+  """The transpose of :func:`_spectrum`: real and imaginary (F, tokens, blocks) -> (tokens, blocks * b)."""
+  f, tokens, _ = re.shape
+  cos, sin = (jnp.asarray(h) for h in dft_halves(b))
+  rows = (jnp.einsum("fr,fs->rs", re.reshape(f, -1), cos, precision=_HIGHEST)
+          + jnp.einsum("fr,fs->rs", im.reshape(f, -1), sin, precision=_HIGHEST))
+  return rows.reshape(tokens, -1)
+
+
+def _mul(a: jax.Array, k: jax.Array) -> jax.Array:
+  return jnp.einsum("ftj,fji->fti", a, k, precision=_HIGHEST)
+
+
+def _correlate(a: jax.Array, g: jax.Array) -> jax.Array:
+  return jnp.einsum("ftj,fti->fji", a, g, precision=_HIGHEST)
+
+
+@jax.custom_vjp
+def _apply(x: jax.Array, kr: jax.Array, ki: jax.Array) -> jax.Array:
+  return _apply_fwd(x, kr, ki)[0]
+
+
+def _apply_fwd(x, kr, ki):
+  n = kr.shape[1]
+  b = x.shape[1] // n
+  xr, xi = _spectrum(x, n)
+  # (xr + i xi) (kr - i ki): the product with the conjugate kernel spectrum, as PEFT's.
+  y = _unspectrum(_mul(xr, kr) + _mul(xi, ki), _mul(xi, kr) - _mul(xr, ki), b)
+  return y, (x, kr, ki)
+
+
+def _apply_bwd(residuals, g):
+  x, kr, ki = residuals
+  _, n, m = kr.shape
+  b = x.shape[1] // n
+  # The forward is x -> S^T M S x with S the DFT rows: its transpose reuses S and M^T.
+  gr, gi = _spectrum(g, m)
+  krt, kit = kr.transpose(0, 2, 1), ki.transpose(0, 2, 1)
+  dx = _unspectrum(_mul(gr, krt) - _mul(gi, kit), _mul(gr, kit) + _mul(gi, krt), b)
+  xr, xi = _spectrum(x, n)
+  dkr = _correlate(xr, gr) + _correlate(xi, gi)
+  dki = _correlate(xi, gr) - _correlate(xr, gi)
+  return dx, dkr, dki
+
+
+_apply.defvjp(_apply_fwd, _apply_bwd)
