@@ -2,7 +2,10 @@
 
 Nothing about the model changes. Flax ignores the extra ``c3a_kernel`` leaves, so a plain call
 is the base model; under :func:`intercept` every ``nn.Dense`` (and transformers' ``FlaxConv1D``)
-whose scope holds a C3A kernel returns ``y + block_circulant_matmul(x, w)``.
+whose scope holds a C3A kernel returns ``y + block_circulant_matmul(x, w)``. A plain float32
+``nn.Dense`` under ``strategy="auto"`` (or ``"merged"``) computes the same sum as
+``x @ (kernel + delta) + bias`` (:mod:`c3a_jax.merged`), so that the adapter rides on the
+layer's own matmuls.
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, c3a_jax as c3a
@@ -32,8 +35,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import flax.linen as nn
+import jax.numpy as jnp
 
-from c3a_jax.ops import STRATEGIES, block_circulant_matmul
+from c3a_jax import merged
+from c3a_jax.ops import STRATEGIES, block_circulant_matmul, choose_strategy
 from c3a_jax.targets import C3A_LEAVES
 
 C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
@@ -66,11 +71,37 @@ def _interceptor(next_fun, args, kwargs, context):
         f"layer {path!r} is a {type(module).__name__} but holds {held[0]!r}: its kernel is stored "
         + ("(out, in); attach with model_type='gpt2' (or the model's type) so the C3A kernel "
            "gets that layout" if out_in else "(in, out), not (out, in)"))
-  y = next_fun(*args, **kwargs)
   x = args[0] if args else kwargs["inputs"]
+  w = module.get_variable("params", name)
+  strategy = _strategy.get()
+  foldable = not out_in and _foldable(module, x)
+  if strategy == "auto" and foldable:
+    strategy = choose_strategy(x.shape, w.shape, with_base=True)
+  if strategy == "merged" and foldable:
+    return _folded(module, x, w)
+  y = next_fun(*args, **kwargs)
   # Cast x as Dense casts its inputs, so the delta sees what the base matmul saw.
-  return y + block_circulant_matmul(x.astype(y.dtype), module.get_variable("params", name),
-                                    strategy=_strategy.get())
+  return y + block_circulant_matmul(x.astype(y.dtype), w, strategy=strategy)
+
+
+def _foldable(module: nn.Module, x: Any) -> bool:
+  """A plain float32 Dense: its kernel can absorb the delta (``"merged"``) without rounding."""
+  if (type(module).__call__ is not nn.Dense.__call__ or module.dot_general is not None
+      or module.dot_general_cls is not None or not module.has_variable("params", "kernel")):
+    return False
+  dtype = module.dtype or jnp.result_type(x, module.get_variable("params", "kernel"))
+  return jnp.dtype(dtype) == jnp.float32
+
+
+def _folded(module: nn.Dense, x: Any, w: Any) -> Any:
+  """``nn.Dense.__call__`` with ``kernel + delta`` for the kernel (:mod:`c3a_jax.merged`)."""
+  kernel = module.get_variable("params", "kernel")
+  bias = module.get_variable("params", "bias") if module.use_bias else None
+  x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+  y = merged.dense(x, w, kernel, precision=module.precision)
+  if bias is not None:
+    y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+  return y
 
 
 _active = contextvars.ContextVar("c3a_intercept_active", default=False)

@@ -27,15 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from c3a_jax import freq_major, pallas
+from c3a_jax import freq_major, merged, pallas
 
 InitWeights = Union[bool, Literal["xavier_uniform", "kaiming_uniform", "gaussian"]]
 INIT_WEIGHTS = (True, False, "xavier_uniform", "kaiming_uniform", "gaussian")
 
 
-STRATEGIES = ("auto", "fft", "rfft", "dft", "freq_major", "pallas", "dense")
+STRATEGIES = ("auto", "fft", "rfft", "dft", "freq_major", "pallas", "dense", "merged")
 """How :func:`block_circulant_matmul` computes the same product (see its docstring)."""
-Strategy = Literal["auto", "fft", "rfft", "dft", "freq_major", "pallas", "dense"]
+Strategy = Literal["auto", "fft", "rfft", "dft", "freq_major", "pallas", "dense", "merged"]
 
 
 def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "auto"
@@ -61,6 +61,11 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "
     slow, for testing; ``"auto"`` does not pick it.
   * ``"dense"``: builds the dense ``(d_in, d_out)`` delta and multiplies; cheapest for a
     handful of tokens or tiny blocks (``b <= 8``), where FFTs are all overhead.
+  * ``"merged"``: the forward as ``"dense"``, the kernel gradient as a spectral correlation
+    (:mod:`c3a_jax.merged`). Its point is inside an adapted float32 Dense, where
+    :func:`c3a_jax.intercept` folds the delta into the frozen kernel (``x @ (W + delta)``), so
+    that the forward and the input gradient ride on the base layer's own matmuls; ``"auto"``
+    picks it there.
   * ``"auto"`` (default): picks one of the above from the block size, the number of blocks,
     the token count and the backend (:func:`choose_strategy`); the choice is a pure function
     of the shapes, so a given shape always takes the same path.
@@ -102,17 +107,24 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "
     y = freq_major.apply(x2.astype(jnp.float32), w)
   elif strategy == "pallas":
     y = pallas.apply(x2.astype(jnp.float32), w)
+  elif strategy == "merged":
+    y = merged.dense(x2, w)
   else:
     y = _spectral(x2, w, strategy)
   return y.reshape(*lead, m * b).astype(x.dtype)
 
 
 def choose_strategy(x_shape: tuple[int, ...], w_shape: tuple[int, int, int],
-                    backend: Optional[str] = None) -> str:
+                    backend: Optional[str] = None, *, with_base: bool = False) -> str:
   """The strategy ``"auto"`` uses for activations of ``x_shape`` and a kernel of ``w_shape``.
 
-  Deterministic: a function of the shapes and the backend (default: JAX's default backend)
-  only. The thresholds come from ``benchmarks/layer.py`` (see benchmarks/RESULTS.md).
+  Deterministic: a function of the shapes, the backend (default: JAX's default backend) and
+  ``with_base`` only. The thresholds come from ``benchmarks/layer.py`` (see
+  benchmarks/RESULTS.md).
+
+  ``with_base=True`` says the delta goes into a float32 Dense whose kernel can absorb it (the
+  interceptor's case): then ``"merged"``, which leaves the adapter only the delta's build and
+  its kernel gradient, measured cheapest at every benchmarked shape and token count.
 
   Example:
     >>> from c3a_jax import ops
@@ -120,8 +132,12 @@ def choose_strategy(x_shape: tuple[int, ...], w_shape: tuple[int, int, int],
     'fft'
     >>> ops.choose_strategy((2048, 4096), (16, 16, 256), backend="cpu")
     'freq_major'
+    >>> ops.choose_strategy((2048, 4096), (16, 16, 256), with_base=True)
+    'merged'
   """
   m, n, b = _kernel_shape(w_shape, "choose_strategy")
+  if with_base:
+    return "merged"
   tokens = math.prod(x_shape[:-1])
   backend = backend or jax.default_backend()
   if b <= _DENSE_MAX_B or tokens <= _DENSE_MAX_TOKENS:

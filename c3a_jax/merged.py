@@ -1,0 +1,95 @@
+"""C3A folded into the frozen matmul: ``y = x @ (W + delta)``, the kernel gradient by FFT.
+
+The ``"merged"`` strategy. An adapted float32 Dense computes ``x @ W + x @ delta`` whichever
+way it is written; this way the forward and the input gradient ride on the base layer's own
+matmuls (``x @ W'`` and ``g @ W'.T`` with ``W' = W + delta``), so the adapter adds only the
+cost of building ``delta`` (``d_in * d_out`` elements, no flops to speak of) and its kernel
+gradient. That gradient is not taken through ``W'`` (which would be the full ``x.T @ g``
+matmul the frozen layer never pays for) but as C3A's correlation summed over tokens, computed
+by a spectral strategy of :func:`c3a_jax.ops.block_circulant_matmul`.
+
+The interceptor folds a layer this way when it is a plain ``flax.linen.Dense`` computing in
+float32 (in lower precision, rounding ``W + delta`` to the compute dtype would lose the small
+delta); other layers, and :func:`c3a_jax.ops.block_circulant_matmul` with
+``strategy="merged"``, use ``kernel=None``: the delta alone, forward as a dense matmul.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from c3a_jax import merged, ops
+  >>> x, k = jnp.ones((4, 8)), jnp.eye(8, 12)
+  >>> w = jnp.arange(24.0).reshape(3, 2, 4)
+  >>> y = merged.dense(x, w, k)
+  >>> bool(jnp.allclose(y, x @ k + ops.block_circulant_matmul(x, w), atol=1e-5))
+  True
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from c3a_jax import ops
+
+# Above this block size the kernel gradient's transforms are FFTs, below it DFT matmuls
+# (benchmarks/RESULTS.md: a (b, b) DFT matmul per block costs more than an FFT for large b).
+_DFT_MAX_B = 256
+
+
+def dense(x: jax.Array, w: jax.Array, kernel: Optional[jax.Array] = None, *,
+          precision: jax.lax.PrecisionLike = None) -> jax.Array:
+  """``x @ (kernel + delta_weight(w))`` in float32; ``kernel=None``: ``x @ delta_weight(w)``.
+
+  Args:
+    x: ``(..., d_in)`` activations; computed in float32.
+    w: ``(m, n, b)`` C3A kernel with ``n * b = d_in``.
+    kernel: ``(d_in, d_out)`` frozen Dense kernel, or None.
+    precision: passed to the matmuls, as ``flax.linen.Dense(precision=...)``.
+
+  Returns:
+    ``(..., d_out)`` float32. Gradients flow to ``x``, ``w`` and ``kernel`` (the last is a
+    full matmul; under ``jit`` XLA drops it when the kernel is frozen).
+  """
+  m, n, b = w.shape
+  if x.shape[-1] != n * b or (kernel is not None and kernel.shape != (n * b, m * b)):
+    raise ValueError(
+        f"merged.dense: x has {x.shape[-1]} features and the kernel shape "
+        f"{None if kernel is None else tuple(kernel.shape)}, but the C3A kernel of shape "
+        f"{tuple(w.shape)} (m, n, b) needs x with n*b = {n * b} features and a kernel "
+        f"({n * b}, {m * b})")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, n * b).astype(jnp.float32)
+  if kernel is not None:
+    kernel = kernel.astype(jnp.float32)
+  return _dense(x2, w, kernel, precision).reshape(*lead, m * b)
+
+
+def _weight(w, kernel):
+  delta = ops.delta_weight(w)
+  return delta if kernel is None else kernel + delta
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dense(x, w, kernel, precision):
+  return jnp.matmul(x, _weight(w, kernel), precision=precision)
+
+
+def _dense_fwd(x, w, kernel, precision):
+  # Keeps what is alive anyway (x, the kernels); W' is rebuilt in the backward pass.
+  return _dense(x, w, kernel, precision), (x, w, kernel)
+
+
+def _dense_bwd(precision, residuals, g):
+  x, w, kernel = residuals
+  dx = jnp.matmul(g, _weight(w, kernel).T, precision=precision)
+  # Only the kernel gradient of the spectral path is used; XLA drops its forward and dx.
+  spectral = "freq_major" if w.shape[-1] <= _DFT_MAX_B else "fft"
+  _, vjp = jax.vjp(lambda w: ops.block_circulant_matmul(x, w, strategy=spectral), w)
+  dw = vjp(g)[0].astype(w.dtype)
+  dkernel = None if kernel is None else jnp.matmul(x.T, g, precision=precision)
+  return dx, dw, dkernel
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
