@@ -91,7 +91,8 @@ def main():
   p.add_argument("--all", action="store_true", help="time every C3A strategy")
   args = p.parse_args()
   model, ids, labels = setup(args)
-  strategies = ("auto", "fft", "rfft", "dft", "freq_major", "dense") if args.all else ("auto", "fft")
+  strategies = (("auto", "fft", "rfft", "dft", "freq_major", "dense", "merged") if args.all
+                else ("auto", "fft"))
   tx = optax.adamw(1e-3)
   fns, memory = {}, {}
   for name, (trainable, frozen, context) in methods(model, args.block_size, strategies).items():
