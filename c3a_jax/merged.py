@@ -71,20 +71,6 @@ def _weight(w, kernel):
   return delta if kernel is None else kernel + delta
 
 
-def _weight_t(w, kernel):
-  """``_weight(w, kernel).T``, built as such.
-
-  Not a transpose of the forward's W': XLA would merge the two (optimisation barriers do not
-  survive its CPU pipeline) and keep every adapted layer's W' alive from the forward pass to
-  the backward one, one (d_in, d_out) buffer each.
-  """
-  m, n, b = w.shape
-  q = jnp.arange(m * b)[:, None]
-  p = jnp.arange(n * b)[None, :]
-  delta_t = w.astype(jnp.float32)[q // b, p // b, (p - q) % b] / (n * b)
-  return delta_t if kernel is None else kernel.T + delta_t
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _dense(x, w, kernel, precision):
   return jnp.matmul(x, _weight(w, kernel), precision=precision)
@@ -97,12 +83,14 @@ def _dense_fwd(x, w, kernel, precision):
 
 def _dense_bwd(precision, residuals, g):
   x, w, kernel = residuals
-  # W'.T and the spectrum of x depend on the forward pass only, so XLA would compute every
-  # layer's at the start of the backward pass and hold them all. A data dependency on g (a
-  # product with zero, which XLA keeps for floats) makes each wait for its own layer.
-  zero = 0.0 * g[(0,) * g.ndim]
+  # W' and the spectrum of x depend on the forward pass only, so XLA would reuse the
+  # forward's W' and compute every layer's spectrum at the start of the backward pass, holding
+  # them all (optimisation barriers do not survive its CPU pipeline). A data dependency on g
+  # (a product with zero, which XLA keeps for floats) makes each wait for its own layer; it
+  # can only turn gradients NaN where g already holds a NaN or an infinity.
+  zero = 0.0 * jnp.sum(g[:1, :1])
   w, x = w + zero.astype(w.dtype), x + zero.astype(x.dtype)
-  dx = jnp.matmul(g, _weight_t(w, kernel), precision=precision)
+  dx = jnp.matmul(g, _weight(w, kernel).T, precision=precision)
   # Only the kernel gradient of the spectral path is used; XLA drops its forward and dx.
   spectral = "freq_major" if w.shape[-1] <= _DFT_MAX_B else "fft"
   _, vjp = jax.vjp(lambda w: ops.block_circulant_matmul(x, w, strategy=spectral), w)

@@ -279,12 +279,13 @@ def delta_weight(w: jax.Array) -> jax.Array:
   ``delta_weight(w).T`` is PEFT's ``get_delta_weight`` (PyTorch ``(out, in)`` layout).
   """
   m, n, b = _kernel_shape(w, "delta_weight")
-  # Entry (row p = j*b + c, column q = i*b + r) is w[i, j, (c - r) mod b]. One gather straight
-  # into the (d_in, d_out) layout: a build through (m, n, b, b) blocks and a transpose would
-  # hold three such buffers at once.
-  p = jnp.arange(n * b)[:, None]
-  q = jnp.arange(m * b)[None, :]
-  return w.astype(jnp.float32)[q // b, p // b, (p - q) % b] / (n * b)
+  r = jnp.arange(b)
+  # blocks[i, j, r, c] = w[i, j, (c - r) mod b]: each row is the previous one shifted right.
+  # (A (b, b) index array: one gather straight into (d_in, d_out) would index with a
+  # (d_in * d_out, 3) array, three times the size of the result.)
+  blocks = w.astype(jnp.float32)[:, :, (r[None, :] - r[:, None]) % b]
+  # (i, j, r, c) -> rows j*b + c (input), columns i*b + r (output).
+  return blocks.transpose(1, 3, 0, 2).reshape(n * b, m * b) / (n * b)
 
 
 def init(key: jax.Array, shape: tuple[int, int, int], init_weights: InitWeights) -> jax.Array:

@@ -166,3 +166,26 @@ def test_nested_intercept_innermost_strategy_applies(monkeypatch):
     model.apply({"params": params}, jnp.ones((1, 4)))
   model.apply({"params": params}, jnp.ones((1, 4)))  # outside: base model, no delta
   assert seen == ["dft", "dense"]
+
+
+def test_interceptor_folds_float32_dense_only(monkeypatch):
+  """"auto" folds the delta into a plain float32 Dense (values and every gradient, the base
+  kernel's included, as the additive path); a bfloat16 Dense keeps the additive path."""
+  from c3a_jax import merged
+  calls = []
+  real = merged.dense
+  monkeypatch.setattr(merged, "dense", lambda *a, **k: calls.append(1) or real(*a, **k))
+  x = jax.random.normal(jax.random.key(0), (3, 5, 16))
+  for dtype, folds in ((jnp.float32, True), (jnp.bfloat16, False)):
+    model = nn.Dense(12, dtype=dtype)
+    params = dict(model.init(jax.random.key(1), x)["params"])
+    params["c3a_kernel"] = jax.random.normal(jax.random.key(2), (3, 4, 4))
+    loss = lambda p, x, s: jnp.sum(jnp.sin(c3a.wrap(model.apply, strategy=s)({"params": p}, x)))
+    calls.clear()
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, "auto")
+    assert bool(calls) == folds
+    want = jax.value_and_grad(loss, argnums=(0, 1))(params, x, "fft")
+    tol = 1e-5 if folds else 5e-2
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 rtol=tol, atol=tol)
