@@ -4,8 +4,9 @@ For each (d_in, d_out, tokens, block size) it times, interleaved in one run (med
 repeats):
   frozen   y = x @ K, and dL/dx (K frozen): what the adapter rides on;
   C3A      the delta alone, y = block_circulant_matmul(x, w), with dL/dx and dL/dw, per strategy;
-  in Dense the whole adapted layer as the interceptor runs a float32 Dense under "auto":
-           y = x @ (K + delta) ("merged"), with dL/dx and dL/dw; its cost is (time - frozen);
+  in Dense the whole adapted layer as the interceptor runs a float32 Dense under "auto" (with
+           enough tokens y = x @ (K + delta), "merged"; else x @ K + the delta), with dL/dx
+           and dL/dw; its cost is (time - frozen); also "merged" forced, for comparison;
   LoRA     the delta alone, y = (x @ A) @ B, with dL/dx, dL/dA, dL/dB, at rank 8 and at the rank
            whose parameter count equals C3A's (r = d_in * d_out / (b * (d_in + d_out))).
 Ratios are adapter time / frozen time (lower is better); for "in Dense", (adapted layer time -
@@ -57,8 +58,11 @@ def measure(d_in, d_out, tokens, b, repeats, strategies=STRATEGIES):
   for s in strategies:
     f = fwd_bwd(lambda x, w, s=s: ops.block_circulant_matmul(x, w, strategy=s))
     fns[s] = (lambda f: lambda: f(x, w, g))(f)
-  fns["in_dense"] = (lambda f: lambda: f(x, kernel, w, g))(
-      fwd_bwd(lambda x, k, w: merged.dense(x, w, jax.lax.stop_gradient(k))))
+  folded = lambda x, k, w: merged.dense(x, w, jax.lax.stop_gradient(k))
+  added = lambda x, k, w: x @ jax.lax.stop_gradient(k) + ops.block_circulant_matmul(x, w)
+  in_dense = ops.choose_strategy(x.shape, w.shape, with_base=True) == "merged"
+  for name, f in (("in_dense", folded if in_dense else added), ("merged_in_dense", folded)):
+    fns[name] = (lambda f: lambda: f(x, kernel, w, g))(fwd_bwd(f))
   for name, r in (("lora8", 8), ("lora_same", r_same)):
     a = jax.random.normal(keys[4], (d_in, r)) / d_in ** 0.5
     bb = jax.random.normal(keys[5], (r, d_out)) / r ** 0.5
@@ -88,19 +92,21 @@ def main():
     target = TARGETS.get((d_in, d_out, tokens, b))
     rel = {k: v / t["frozen"] for k, v in t.items()}
     rel["in_dense"] -= 1.0
+    rel["merged_in_dense"] -= 1.0
+    in_dense = ops.choose_strategy((tokens, d_in), (d_out // b, d_in // b, b), with_base=True)
     verdict = "" if target is None else ("met" if rel["in_dense"] <= target else "NOT met") + \
         f" (<= {target})"
     rows.append([f"{d_in}x{d_out}", tokens, b, f"{t['frozen'] * 1e3:.1f}", rel["in_dense"],
-                 *(rel[s] for s in STRATEGIES), f"{auto}", best,
+                 in_dense, rel["merged_in_dense"], *(rel[s] for s in STRATEGIES), auto, best,
                  rel["lora8"], f"{rel['lora_same']:.3f} (r={r_same})",
                  rel["in_dense"] / rel["lora8"], rel["in_dense"] / rel["lora_same"], verdict])
     raw.append({"shape": [d_in, d_out], "tokens": tokens, "b": b, "seconds": t,
-                "auto": auto, "r_same": r_same})
+                "auto": auto, "in_dense_picks": in_dense, "r_same": r_same})
     print(" ".join(str(v if not isinstance(v, float) else round(v, 3)) for v in rows[-1]),
           flush=True)
-  header = ["layer", "tokens", "b", "frozen ms", "C3A in Dense (auto)/frozen",
-            *(f"{s}/frozen" for s in STRATEGIES),
-            "auto picks", "fastest", "LoRA r=8/frozen", "LoRA same-params/frozen",
+  header = ["layer", "tokens", "b", "frozen ms", "C3A in Dense (auto)", "picks",
+            "merged in Dense", *(f"{s}/frozen" for s in STRATEGIES),
+            "auto picks (alone)", "fastest", "LoRA r=8/frozen", "LoRA same-params/frozen",
             "C3A in Dense/LoRA r=8", "C3A in Dense/LoRA same", "target"]
   print("\nAdapter forward+backward time / frozen matmul forward+backward (medians of "
         f"{args.repeats}, interleaved):\n")

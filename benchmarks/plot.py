@@ -18,7 +18,7 @@ def main(src: str, dst: str) -> None:
     data = json.load(f)
   rows = data["rows"]
   series = ["in_dense", "fft", "rfft", "dft", "freq_major", "dense", "lora8", "lora_same"]
-  names = {"in_dense": "C3A in a Dense (auto: merged)", "lora8": "LoRA r=8",
+  names = {"in_dense": "C3A in a float32 Dense (auto)", "lora8": "LoRA r=8",
            "lora_same": "LoRA same params"}
   labels = [f"{r['shape'][0]}x{r['shape'][1]}\nT={r['tokens']} b={r['b']}" for r in rows]
   fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(rows)), 4.5))

@@ -113,9 +113,11 @@ def intercept(strategy: str = "auto") -> Iterator[None]:
   """Within this context, Flax Dense layers holding a C3A kernel add its delta.
 
   Args:
-    strategy: how the delta is computed, one of ``c3a_jax.ops.STRATEGIES`` (``"auto"``,
-      ``"fft"``, ``"rfft"``, ``"dft"``, ``"dense"``); all give equal results. E.g.
-      ``with c3a.intercept(strategy=cfg.strategy): ...``.
+    strategy: how the delta is computed, one of ``c3a_jax.ops.STRATEGIES``; all give equal
+      results. ``"auto"`` and ``"merged"`` fold the delta into a float32 Dense's kernel
+      (:mod:`c3a_jax.merged`; ``"auto"`` only with enough tokens); every other layer, and
+      every other strategy, adds ``block_circulant_matmul(x, w, strategy)`` to its output.
+      E.g. ``with c3a.intercept(strategy=cfg.strategy): ...``.
 
   Re-entrant: nested ``intercept()`` (e.g. a ``wrap``-ped function called inside one) adds
   each delta once; the innermost ``strategy`` applies.

@@ -123,8 +123,9 @@ def choose_strategy(x_shape: tuple[int, ...], w_shape: tuple[int, int, int],
   benchmarks/RESULTS.md).
 
   ``with_base=True`` says the delta goes into a float32 Dense whose kernel can absorb it (the
-  interceptor's case): then ``"merged"``, which leaves the adapter only the delta's build and
-  its kernel gradient, measured cheapest at every benchmarked shape and token count.
+  interceptor's case): then ``"merged"``, which leaves the adapter only the delta's build
+  (two passes over a ``(d_in, d_out)`` matrix) and its kernel gradient, unless the tokens are
+  too few to pay for the build: fewer than ``d_in * d_out / (2 * (d_in + d_out))``.
 
   Example:
     >>> from c3a_jax import ops
@@ -136,9 +137,10 @@ def choose_strategy(x_shape: tuple[int, ...], w_shape: tuple[int, int, int],
     'merged'
   """
   m, n, b = _kernel_shape(w_shape, "choose_strategy")
-  if with_base:
-    return "merged"
   tokens = math.prod(x_shape[:-1])
+  d_in, d_out = n * b, m * b
+  if with_base and 2 * tokens * (d_in + d_out) >= d_in * d_out:
+    return "merged"
   backend = backend or jax.default_backend()
   if b <= _DENSE_MAX_B or tokens <= _DENSE_MAX_TOKENS:
     return "dense"
