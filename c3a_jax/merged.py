@@ -10,8 +10,11 @@ by a spectral strategy of :func:`c3a_jax.ops.block_circulant_matmul`.
 
 The interceptor folds a layer this way when it is a plain ``flax.linen.Dense`` computing in
 float32 (in lower precision, rounding ``W + delta`` to the compute dtype would lose the small
-delta); other layers, and :func:`c3a_jax.ops.block_circulant_matmul` with
-``strategy="merged"``, use ``kernel=None``: the delta alone, forward as a dense matmul.
+delta) and, under ``"auto"``, when the tokens are enough to pay for building ``W'`` twice
+(:func:`c3a_jax.ops.choose_strategy`). Other layers, and
+:func:`c3a_jax.ops.block_circulant_matmul` with ``strategy="merged"``, use ``kernel=None``:
+the delta alone, forward as a dense matmul. ``W'`` is not kept for the backward pass (one
+``(d_in, d_out)`` buffer per adapted layer) but rebuilt there.
 
 Example:
   >>> import jax, jax.numpy as jnp
