@@ -32,7 +32,9 @@ from common import fwd_bwd, interleaved, machine, markdown_table, wait_for_quiet
 
 from c3a_jax import merged, ops  # noqa: E402
 
-STRATEGIES = ("fft", "rfft", "dft", "freq_major", "dense", "auto")
+# "pallas" runs in interpret mode on CPU (a test path, far too slow to time): GPU/TPU only.
+STRATEGIES = ("fft", "rfft", "dft", "freq_major", "dense",
+              *(("pallas",) if jax.default_backend() != "cpu" else ()), "auto")
 QUICK = [(768, 768, 4096, 128), (4096, 4096, 2048, 256)]
 DEFAULT = [
     (768, 768, 128, 128), (768, 768, 4096, 32), (768, 768, 4096, 128), (768, 768, 4096, 768),

@@ -91,7 +91,9 @@ def main():
   p.add_argument("--all", action="store_true", help="time every C3A strategy")
   args = p.parse_args()
   model, ids, labels = setup(args)
-  strategies = (("auto", "fft", "rfft", "dft", "freq_major", "dense", "merged") if args.all
+  # "pallas" runs in interpret mode on CPU (a test path, far too slow to time): GPU/TPU only.
+  strategies = (("auto", "fft", "rfft", "dft", "freq_major", "dense", "merged",
+                 *(("pallas",) if jax.default_backend() != "cpu" else ())) if args.all
                 else ("auto", "fft"))
   tx = optax.adamw(1e-3)
   fns, memory = {}, {}
