@@ -36,8 +36,21 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # the DFT must stay float32-exact on TPU/G
 
 def apply(x: jax.Array, w: jax.Array) -> jax.Array:
   """``x @ delta_weight(w)`` for float32 ``x`` of shape ``(tokens, n * b)``: ``(tokens, m * b)``."""
-  kr, ki = kernel_spectrum(w)
-  return _apply(x, kr.transpose(2, 1, 0), ki.transpose(2, 1, 0))
+  return _apply(x, *_frequency_major(w))
+
+
+def kernel_grad(x: jax.Array, g: jax.Array, w: jax.Array) -> jax.Array:
+  """The gradient of ``sum(apply(x, w) * g)`` with respect to ``w``, without the rest.
+
+  A correlation of the spectra of ``x`` and ``g`` summed over tokens, batched over
+  frequencies; ``x``: ``(tokens, n * b)``, ``g``: ``(tokens, m * b)``, both float32.
+  """
+  spectrum, vjp = jax.vjp(_frequency_major, w)
+  return vjp(_correlation(x, g, spectrum[0].shape))[0]
+
+
+def _frequency_major(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return tuple(part.transpose(2, 1, 0) for part in kernel_spectrum(w))
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,6 +102,19 @@ def _correlate(a: jax.Array, g: jax.Array) -> jax.Array:
   return jnp.einsum("ftj,fti->fji", a, g, precision=_HIGHEST)
 
 
+def _correlation(x, g, shape):
+  """(F, n, m) real and imaginary sum_t conj(G) X, for g (tokens, m * b) or its spectrum."""
+  _, n, m = shape
+  if not isinstance(g, tuple):
+    g = _spectrum(g, m)
+  gr, gi = g
+  # x's spectrum depends only on the forward pass; left free, XLA computes every adapted
+  # layer's at the start of the backward pass and holds them all. Adding a zero taken from g
+  # (kept by XLA: a float product) makes each wait for its own layer's gradient.
+  xr, xi = _spectrum(x + 0.0 * jnp.sum(gr[:1, :1, :1]), n)
+  return (_correlate(xr, gr) + _correlate(xi, gi), _correlate(xi, gr) - _correlate(xr, gi))
+
+
 @jax.custom_vjp
 def _apply(x: jax.Array, kr: jax.Array, ki: jax.Array) -> jax.Array:
   return _apply_fwd(x, kr, ki)[0]
@@ -111,10 +137,7 @@ def _apply_bwd(residuals, g):
   gr, gi = _spectrum(g, m)
   krt, kit = kr.transpose(0, 2, 1), ki.transpose(0, 2, 1)
   dx = _unspectrum(_mul(gr, krt) - _mul(gi, kit), _mul(gr, kit) + _mul(gi, krt), b)
-  xr, xi = _spectrum(x, n)
-  dkr = _correlate(xr, gr) + _correlate(xi, gi)
-  dki = _correlate(xi, gr) - _correlate(xr, gi)
-  return dx, dkr, dki
+  return dx, *_correlation(x, (gr, gi), kr.shape)
 
 
 _apply.defvjp(_apply_fwd, _apply_bwd)

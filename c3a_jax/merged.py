@@ -34,7 +34,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from c3a_jax import ops
+from c3a_jax import freq_major, ops
 
 # Above this block size the kernel gradient's transforms are FFTs, below it DFT matmuls
 # (benchmarks/RESULTS.md: a (b, b) DFT matmul per block costs more than an FFT for large b).
@@ -92,14 +92,16 @@ def _dense_bwd(precision, residuals, g):
   # (a product with zero, which XLA keeps for floats) makes each wait for its own layer; it
   # can only turn gradients NaN where g already holds a NaN or an infinity.
   zero = 0.0 * jnp.sum(g[:1, :1])
-  w, x = w + zero.astype(w.dtype), x + zero.astype(x.dtype)
-  dx = jnp.matmul(g, _weight(w, kernel).T, precision=precision)
-  # Only the kernel gradient of the spectral path is used; XLA drops its forward and dx.
-  spectral = "freq_major" if w.shape[-1] <= _DFT_MAX_B else "fft"
-  _, vjp = jax.vjp(lambda w: ops.block_circulant_matmul(x, w, strategy=spectral), w)
-  dw = vjp(g)[0].astype(w.dtype)
+  dx = jnp.matmul(g, _weight(w + zero.astype(w.dtype), kernel).T, precision=precision)
+  if w.shape[-1] <= _DFT_MAX_B:
+    dw = freq_major.kernel_grad(x, g, w)  # ties x's spectrum to g itself
+  else:
+    # Only the kernel gradient of the FFT path is used; XLA drops its forward and dx.
+    x_late = x + zero.astype(x.dtype)
+    _, vjp = jax.vjp(lambda w: ops.block_circulant_matmul(x_late, w, strategy="fft"), w)
+    dw = vjp(g)[0]
   dkernel = None if kernel is None else jnp.matmul(x.T, g, precision=precision)
-  return dx, dw, dkernel
+  return dx, dw.astype(w.dtype), dkernel
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
