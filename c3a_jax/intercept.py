@@ -89,14 +89,17 @@ def _foldable(module: nn.Module, x: Any) -> bool:
   if (type(module).__call__ is not nn.Dense.__call__ or module.dot_general is not None
       or module.dot_general_cls is not None or not module.has_variable("params", "kernel")):
     return False
-  dtype = module.dtype or jnp.result_type(x, module.get_variable("params", "kernel"))
+  kernel = nn.unbox(module.get_variable("params", "kernel"))  # as Dense's self.param unboxes
+  if getattr(kernel, "ndim", None) != 2:
+    return False
+  dtype = module.dtype or jnp.result_type(x, kernel)
   return jnp.dtype(dtype) == jnp.float32
 
 
 def _folded(module: nn.Dense, x: Any, w: Any) -> Any:
   """``nn.Dense.__call__`` with ``kernel + delta`` for the kernel (:mod:`c3a_jax.merged`)."""
-  kernel = module.get_variable("params", "kernel")
-  bias = module.get_variable("params", "bias") if module.use_bias else None
+  kernel = nn.unbox(module.get_variable("params", "kernel"))
+  bias = nn.unbox(module.get_variable("params", "bias")) if module.use_bias else None
   x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
   y = merged.dense(x, w, kernel, precision=module.precision)
   if bias is not None:

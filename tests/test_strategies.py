@@ -189,3 +189,20 @@ def test_interceptor_folds_float32_dense_only(monkeypatch):
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                  rtol=tol, atol=tol)
+
+
+def test_interceptor_folds_boxed_params(monkeypatch):
+  """Params boxed with partitioning metadata (nn.with_partitioning) fold as Dense unboxes them."""
+  from c3a_jax import merged
+  calls = []
+  real = merged.dense
+  monkeypatch.setattr(merged, "dense", lambda *a, **k: calls.append(1) or real(*a, **k))
+  model = nn.Dense(8, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, "m")))
+  x = jax.random.normal(jax.random.key(0), (40, 8))
+  params = dict(model.init(jax.random.key(1), x)["params"])
+  assert isinstance(params["kernel"], nn.Partitioned)
+  params["c3a_kernel"] = jax.random.normal(jax.random.key(2), (2, 2, 4))
+  got = c3a.wrap(model.apply)({"params": params}, x)
+  want = x @ (nn.unbox(params["kernel"]) + ops.delta_weight(params["c3a_kernel"])) + params["bias"]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert calls
