@@ -45,8 +45,9 @@ def kernel_grad(x: jax.Array, g: jax.Array, w: jax.Array) -> jax.Array:
   A correlation of the spectra of ``x`` and ``g`` summed over tokens, batched over
   frequencies; ``x``: ``(tokens, n * b)``, ``g``: ``(tokens, m * b)``, both float32.
   """
-  spectrum, vjp = jax.vjp(_frequency_major, w)
-  return vjp(_correlation(x, g, spectrum[0].shape))[0]
+  m, n, _ = w.shape
+  _, vjp = jax.vjp(_frequency_major, w)
+  return vjp(_correlation(x, *_spectrum(g, m), n))[0]
 
 
 def _frequency_major(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -60,18 +61,23 @@ def dft_halves(b: int) -> tuple[np.ndarray, np.ndarray]:
   return np.cos(angle).astype(np.float32), (-np.sin(angle)).astype(np.float32)
 
 
+def irfft_weights(b: int) -> np.ndarray:
+  """(F,) how often each rfft frequency counts in irfft: 1 for 0 (and b / 2 for even b), else 2."""
+  weight = np.full(b // 2 + 1, 2.0)
+  weight[0] = 1.0
+  if b % 2 == 0:
+    weight[-1] = 1.0
+  return weight
+
+
 def kernel_spectrum(w: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(m, n, F) real and imaginary parts of rfft(w) / d_in, times irfft's weights (1 or 2) / b.
 
   With these weights folded in, the inverse DFT is the transpose of :func:`dft_halves`.
   """
   m, n, b = w.shape
-  weight = np.full(b // 2 + 1, 2.0)
-  weight[0] = 1.0
-  if b % 2 == 0:
-    weight[-1] = 1.0
-  wf = jnp.fft.rfft(w.astype(jnp.float32), axis=-1) * jnp.asarray(weight / (b * n * b),
-                                                                  jnp.float32)
+  wf = jnp.fft.rfft(w.astype(jnp.float32), axis=-1) * jnp.asarray(
+      irfft_weights(b) / (b * n * b), jnp.float32)
   return wf.real, wf.imag
 
 
@@ -102,16 +108,21 @@ def _correlate(a: jax.Array, g: jax.Array) -> jax.Array:
   return jnp.einsum("ftj,fti->fji", a, g, precision=_HIGHEST)
 
 
-def _correlation(x, g, shape):
-  """(F, n, m) real and imaginary sum_t conj(G) X, for g (tokens, m * b) or its spectrum."""
-  _, n, m = shape
-  if not isinstance(g, tuple):
-    g = _spectrum(g, m)
-  gr, gi = g
-  # x's spectrum depends only on the forward pass; left free, XLA computes every adapted
-  # layer's at the start of the backward pass and holds them all. Adding a zero taken from g
-  # (kept by XLA: a float product) makes each wait for its own layer's gradient.
-  xr, xi = _spectrum(x + 0.0 * jnp.sum(gr[:1, :1, :1]), n)
+def after(value: jax.Array, signal: jax.Array) -> jax.Array:
+  """``value`` plus a zero taken from ``signal``: whatever is computed from it waits for ``signal``.
+
+  A backward pass recomputes things (W', the spectrum of x) that depend on the forward pass
+  only; left free, XLA computes every adapted layer's at the start of the backward pass and
+  holds them all (optimisation barriers do not survive its CPU pipeline). Tied to the layer's
+  incoming gradient they are built one layer at a time. XLA keeps the float product with zero;
+  it can only turn a result NaN where ``signal`` already holds a NaN or an infinity.
+  """
+  return value + (0.0 * jnp.sum(signal.ravel()[:1])).astype(value.dtype)
+
+
+def _correlation(x, gr, gi, n):
+  """(F, n, m) real and imaginary sum_t conj(G) X, for x (tokens, n * b) and G's spectrum."""
+  xr, xi = _spectrum(after(x, gr), n)
   return (_correlate(xr, gr) + _correlate(xi, gi), _correlate(xi, gr) - _correlate(xr, gi))
 
 
@@ -137,7 +148,7 @@ def _apply_bwd(residuals, g):
   gr, gi = _spectrum(g, m)
   krt, kit = kr.transpose(0, 2, 1), ki.transpose(0, 2, 1)
   dx = _unspectrum(_mul(gr, krt) - _mul(gi, kit), _mul(gr, kit) + _mul(gi, krt), b)
-  return dx, *_correlation(x, (gr, gi), kr.shape)
+  return dx, *_correlation(x, gr, gi, n)
 
 
 _apply.defvjp(_apply_fwd, _apply_bwd)

@@ -86,18 +86,14 @@ def _dense_fwd(x, w, kernel, precision):
 
 def _dense_bwd(precision, residuals, g):
   x, w, kernel = residuals
-  # W' and the spectrum of x depend on the forward pass only, so XLA would reuse the
-  # forward's W' and compute every layer's spectrum at the start of the backward pass, holding
-  # them all (optimisation barriers do not survive its CPU pipeline). A data dependency on g
-  # (a product with zero, which XLA keeps for floats) makes each wait for its own layer; it
-  # can only turn gradients NaN where g already holds a NaN or an infinity.
-  zero = 0.0 * jnp.sum(g[:1, :1])
-  dx = jnp.matmul(g, _weight(w + zero.astype(w.dtype), kernel).T, precision=precision)
+  # Rebuilt after g arrives (freq_major.after): left free, XLA would reuse the forward's W',
+  # holding every adapted layer's until the backward pass.
+  dx = jnp.matmul(g, _weight(freq_major.after(w, g), kernel).T, precision=precision)
   if w.shape[-1] <= _DFT_MAX_B:
     dw = freq_major.kernel_grad(x, g, w)  # ties x's spectrum to g itself
   else:
     # Only the kernel gradient of the FFT path is used; XLA drops its forward and dx.
-    x_late = x + zero.astype(x.dtype)
+    x_late = freq_major.after(x, g)
     _, vjp = jax.vjp(lambda w: ops.block_circulant_matmul(x_late, w, strategy="fft"), w)
     dw = vjp(g)[0]
   dkernel = None if kernel is None else jnp.matmul(x.T, g, precision=precision)

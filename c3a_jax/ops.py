@@ -186,16 +186,10 @@ def _fft_apply(x: jax.Array, w: jax.Array) -> jax.Array:
 
 @functools.lru_cache(maxsize=None)
 def _dft_matrices(b: int) -> tuple[np.ndarray, np.ndarray]:
-  f = b // 2 + 1
-  angle = 2 * np.pi * np.outer(np.arange(b), np.arange(f)) / b
-  forward = np.concatenate([np.cos(angle), -np.sin(angle)], 1)  # x @ forward = [Re|Im] rfft(x)
-  weight = np.full(f, 2.0)
-  weight[0] = 1.0
-  if b % 2 == 0:
-    weight[-1] = 1.0
-  inverse = np.concatenate([weight[:, None] * np.cos(angle.T),
-                            -weight[:, None] * np.sin(angle.T)], 0) / b  # irfft as a matmul
-  return forward.astype(np.float32), inverse.astype(np.float32)
+  cos, sin = freq_major.dft_halves(b)  # (F, b) each
+  forward = np.concatenate([cos, sin], 0).T  # x @ forward = [Re|Im] rfft(x)
+  inverse = np.concatenate([cos, sin], 0) * np.tile(freq_major.irfft_weights(b), 2)[:, None] / b
+  return forward, inverse.astype(np.float32)  # inverse: irfft as a matmul
 
 
 def _to_spectrum(blocks: jax.Array, how: str) -> jax.Array:
