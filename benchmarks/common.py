@@ -5,13 +5,15 @@ The LoRA and bias-only baselines live here, not in the library: they exist to be
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -96,6 +98,26 @@ def lora_interceptor(scale: float):
   return interceptor
 
 
+# ---- The experimental Pallas kernel in a model: an interceptor adding
+# c3a_jax.experimental.pallas.apply(x, w) to Dense layers holding a C3A kernel. It is not a
+# strategy of c3a.intercept (it is unmeasured on the GPUs and TPUs it is written for).
+
+def pallas_interceptor():
+  from c3a_jax.experimental import pallas
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name != "__call__" or not isinstance(module, nn.Dense)
+        or module.scope is None or not module.has_variable("params", "c3a_kernel")):
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs["inputs"]
+    w = module.get_variable("params", "c3a_kernel")
+    delta = pallas.apply(x.reshape(-1, x.shape[-1]).astype(jnp.float32), w)
+    return y + delta.reshape(*x.shape[:-1], -1).astype(y.dtype)
+  return interceptor
+
+
 def attach_lora(params: Any, targets: tuple[str, ...], rank: int, key: jax.Array) -> Any:
   """Adds lora_a (in, r) ~ kaiming-uniform and lora_b (r, out) = 0 beside each targeted kernel."""
   flat = traverse_util.flatten_dict(params)
@@ -105,9 +127,9 @@ def attach_lora(params: Any, targets: tuple[str, ...], rank: int, key: jax.Array
       key, sub = jax.random.split(key)
       d_in, d_out = leaf.shape
       bound = 1.0 / d_in ** 0.5
-      out[path[:-1] + ("lora_a",)] = jax.random.uniform(sub, (d_in, rank), jnp.float32,
+      out[(*path[:-1], "lora_a")] = jax.random.uniform(sub, (d_in, rank), jnp.float32,
                                                         -bound, bound)
-      out[path[:-1] + ("lora_b",)] = jnp.zeros((rank, d_out), jnp.float32)
+      out[(*path[:-1], "lora_b")] = jnp.zeros((rank, d_out), jnp.float32)
   return traverse_util.unflatten_dict(out)
 
 
@@ -124,9 +146,8 @@ def combine(a: Any, b: Any) -> Any:
                                        **traverse_util.flatten_dict(b)})
 
 
-def model_parser(description: str, repeats: int) -> "argparse.ArgumentParser":
+def model_parser(description: str, repeats: int) -> argparse.ArgumentParser:
   """The model-level benchmarks' shared flags (RoBERTa-base widths; layers, sequence, batch)."""
-  import argparse
   p = argparse.ArgumentParser(description=description)
   p.add_argument("--layers", type=int, default=4)
   p.add_argument("--seq", type=int, default=128)

@@ -4,9 +4,12 @@ For each (d_in, d_out, tokens, block size) it times, interleaved in one run (med
 repeats):
   frozen   y = x @ K, and dL/dx (K frozen): what the adapter rides on;
   C3A      the delta alone, y = block_circulant_matmul(x, w), with dL/dx and dL/dw, per strategy;
+  pallas   off CPU only, the same delta through the experimental fused kernel,
+           c3a_jax.experimental.pallas.apply (not a strategy; interpret mode on CPU is far too
+           slow to time);
   in Dense the whole adapted layer as the interceptor runs a float32 Dense under "auto" (with
-           enough tokens y = x @ (K + delta), "merged"; else x @ K + the delta), with dL/dx
-           and dL/dw; its cost is (time - frozen); also "merged" forced, for comparison;
+           enough tokens y = x @ (K + delta), "fold"; else x @ K + the delta), with dL/dx
+           and dL/dw; its cost is (time - frozen); also "fold" forced, for comparison;
   LoRA     the delta alone, y = (x @ A) @ B, with dL/dx, dL/dA, dL/dB, at rank 8 and at the rank
            whose parameter count equals C3A's (r = d_in * d_out / (b * (d_in + d_out))).
 Ratios are adapter time / frozen time (lower is better); for "in Dense", (adapted layer time -
@@ -28,12 +31,14 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fwd_bwd, interleaved, machine, markdown_table, wait_for_quiet  # noqa: E402
+from common import fwd_bwd, interleaved, machine, markdown_table, wait_for_quiet
 
-from c3a_jax import merged, ops  # noqa: E402
+from c3a_jax import ops
+from c3a_jax.experimental import pallas
 
-# "pallas" runs in interpret mode on CPU (a test path, far too slow to time): GPU/TPU only.
-STRATEGIES = ("fft", "rfft", "dft", "freq_major", "dense",
+# The delta alone: block_circulant_matmul's strategies, then, off CPU, the experimental Pallas
+# kernel (interpret mode on CPU is a test path, far too slow to time), then "auto" (last).
+STRATEGIES = ("fft", "freq_major", "dense",
               *(("pallas",) if jax.default_backend() != "cpu" else ()), "auto")
 QUICK = [(768, 768, 4096, 128), (4096, 4096, 2048, 256)]
 DEFAULT = [
@@ -41,8 +46,8 @@ DEFAULT = [
     (4096, 4096, 2048, 32), (4096, 4096, 2048, 256), (4096, 4096, 2048, 4096),
     (4096, 11008, 512, 256),
 ]
-FULL = DEFAULT + [
-    (768, 768, 16384, 128), (4096, 4096, 128, 256), (4096, 4096, 16384, 256),
+FULL = [
+    *DEFAULT, (768, 768, 16384, 128), (4096, 4096, 128, 256), (4096, 4096, 16384, 256),
     (4096, 11008, 2048, 128), (768, 768, 8, 128),
 ]
 TARGETS = {(4096, 4096, 2048, 256): 0.2, (768, 768, 4096, 128): 0.5}
@@ -58,12 +63,15 @@ def measure(d_in, d_out, tokens, b, repeats, strategies=STRATEGIES):
   fns = {"frozen": (lambda f: lambda: f(x, kernel, g))(
       fwd_bwd(lambda x, k: x @ jax.lax.stop_gradient(k)))}
   for s in strategies:
-    f = fwd_bwd(lambda x, w, s=s: ops.block_circulant_matmul(x, w, strategy=s))
+    if s == "pallas":
+      f = fwd_bwd(lambda x, w: pallas.apply(x, w))
+    else:
+      f = fwd_bwd(lambda x, w, s=s: ops.block_circulant_matmul(x, w, strategy=s))
     fns[s] = (lambda f: lambda: f(x, w, g))(f)
-  folded = lambda x, k, w: merged.dense(x, w, jax.lax.stop_gradient(k))
+  folded = lambda x, k, w: ops.fold(x, w, jax.lax.stop_gradient(k))
   added = lambda x, k, w: x @ jax.lax.stop_gradient(k) + ops.block_circulant_matmul(x, w)
-  in_dense = ops.choose_strategy(x.shape, w.shape, with_base=True) == "merged"
-  for name, f in (("in_dense", folded if in_dense else added), ("merged_in_dense", folded)):
+  in_dense = ops.choose_strategy(x.shape, w.shape, with_base=True) == "fold"
+  for name, f in (("in_dense", folded if in_dense else added), ("fold_in_dense", folded)):
     fns[name] = (lambda f: lambda: f(x, kernel, w, g))(fwd_bwd(f))
   for name, r in (("lora8", 8), ("lora_same", r_same)):
     a = jax.random.normal(keys[4], (d_in, r)) / d_in ** 0.5
@@ -94,12 +102,12 @@ def main():
     target = TARGETS.get((d_in, d_out, tokens, b))
     rel = {k: v / t["frozen"] for k, v in t.items()}
     rel["in_dense"] -= 1.0
-    rel["merged_in_dense"] -= 1.0
+    rel["fold_in_dense"] -= 1.0
     in_dense = ops.choose_strategy((tokens, d_in), (d_out // b, d_in // b, b), with_base=True)
     verdict = "" if target is None else ("met" if rel["in_dense"] <= target else "NOT met") + \
         f" (<= {target})"
     rows.append([f"{d_in}x{d_out}", tokens, b, f"{t['frozen'] * 1e3:.1f}", rel["in_dense"],
-                 in_dense, rel["merged_in_dense"], *(rel[s] for s in STRATEGIES), auto, best,
+                 in_dense, rel["fold_in_dense"], *(rel[s] for s in STRATEGIES), auto, best,
                  rel["lora8"], f"{rel['lora_same']:.3f} (r={r_same})",
                  rel["in_dense"] / rel["lora8"], rel["in_dense"] / rel["lora_same"], verdict])
     raw.append({"shape": [d_in, d_out], "tokens": tokens, "b": b, "seconds": t,
@@ -107,7 +115,7 @@ def main():
     print(" ".join(str(v if not isinstance(v, float) else round(v, 3)) for v in rows[-1]),
           flush=True)
   header = ["layer", "tokens", "b", "frozen ms", "C3A in Dense (auto)", "picks",
-            "merged in Dense", *(f"{s}/frozen" for s in STRATEGIES),
+            "fold in Dense", *(f"{s}/frozen" for s in STRATEGIES),
             "auto picks (alone)", "fastest", "LoRA r=8/frozen", "LoRA same-params/frozen",
             "C3A in Dense/LoRA r=8", "C3A in Dense/LoRA same", "target"]
   print("\nAdapter forward+backward time / frozen matmul forward+backward (medians of "

@@ -4,14 +4,16 @@ RoBERTa-base widths (hidden 768, 12 heads, MLP 3072, vocab 50265), 4 layers by d
 sequence 128, batch 8, a 2-label classification head (trained by every method), AdamW.
 Methods, timed interleaved in one run (medians over repeats):
   bitfit   biases only (+ head): the floor, no extra compute in the layers;
-  c3a      C3A on query/value, block 128 (+ head), strategy "auto" (and the others with --all);
+  c3a      C3A on query/value, block 128 (+ head), strategy "auto" (and the others with --all;
+           off CPU, --all also times c3a_jax.experimental.pallas, through an interceptor in
+           benchmarks/common.py: it is not a strategy);
   lora8    LoRA r=8 on query/value (+ head), the baseline in benchmarks/common.py;
   full     every weight trains.
 For each: step time, tokens/s, and XLA's compiled memory (temp = activations and workspace;
 peak = arguments + outputs + temp).
 
     python benchmarks/model.py               # ~2 minutes on 2 cores
-    python benchmarks/model.py --all         # also every C3A strategy
+    python benchmarks/model.py --all         # also every C3A strategy (and Pallas off CPU)
     python benchmarks/model.py --layers 12   # the full-depth encoder
 """
 
@@ -25,10 +27,20 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (attach_lora, combine, interleaved, lora_interceptor, machine, model_parser,  # noqa: E402
-                    markdown_table, partition, wait_for_quiet)
+from common import (
+  attach_lora,
+  combine,
+  interleaved,
+  lora_interceptor,
+  machine,
+  markdown_table,
+  model_parser,
+  pallas_interceptor,
+  partition,
+  wait_for_quiet,
+)
 
-import c3a_jax as c3a  # noqa: E402
+import c3a_jax as c3a
 
 
 def build_model(layers: int, seq: int):
@@ -56,8 +68,13 @@ def make_step(model, trainable, frozen, context, tx):
 
 
 def methods(model, block_size: int, strategies: tuple[str, ...]):
-  """name -> (trainable, frozen, context manager factory)."""
+  """name -> (trainable, frozen, context manager factory).
+
+  ``strategies``: of ``c3a.ops.STRATEGIES``, or "pallas" for the experimental Pallas kernel.
+  """
   import contextlib
+
+  import flax.linen as nn
   params = model.params
   head = lambda path: path[0] == "classifier"
   out = {}
@@ -69,10 +86,12 @@ def methods(model, block_size: int, strategies: tuple[str, ...]):
   adapter, base = c3a.split(c3a_params, cfg)
   for s in strategies:
     name = "c3a" if s == "auto" else f"c3a[{s}]"
-    out[name] = (adapter, base, lambda s=s: c3a.intercept(strategy=s))
+    context = ((lambda: nn.intercept_methods(pallas_interceptor())) if s == "pallas"
+               else lambda s=s: c3a.intercept(strategy=s))
+    out[name] = (adapter, base, context)
   lora = attach_lora(params, ("query", "value"), 8, jax.random.key(2))
   out["lora8"] = (*partition(lora, lambda p: head(p) or p[-1] in ("lora_a", "lora_b")),
-                  lambda: __import__("flax").linen.intercept_methods(lora_interceptor(16 / 8)))
+                  lambda: nn.intercept_methods(lora_interceptor(16 / 8)))
   out["full"] = (params, {}, contextlib.nullcontext)
   return out
 
@@ -91,8 +110,9 @@ def main():
   p.add_argument("--all", action="store_true", help="time every C3A strategy")
   args = p.parse_args()
   model, ids, labels = setup(args)
-  # "pallas" runs in interpret mode on CPU (a test path, far too slow to time): GPU/TPU only.
-  strategies = (("auto", "fft", "rfft", "dft", "freq_major", "dense", "merged",
+  # The experimental Pallas kernel runs in interpret mode on CPU (a test path, far too slow to
+  # time): GPU/TPU only.
+  strategies = (("auto", "fft", "freq_major", "dense", "fold",
                  *(("pallas",) if jax.default_backend() != "cpu" else ())) if args.all
                 else ("auto", "fft"))
   tx = optax.adamw(1e-3)
@@ -100,7 +120,7 @@ def main():
   for name, (trainable, frozen, context) in methods(model, args.block_size, strategies).items():
     step = make_step(model, trainable, frozen, context, tx)
     opt_state = tx.init(trainable)
-    memory[name] = c3a.compiled_memory(step, trainable, opt_state, frozen, ids, labels)
+    memory[name] = c3a.training.compiled_memory(step, trainable, opt_state, frozen, ids, labels)
     fns[name] = (lambda step, t, o, f: lambda: step(t, o, f, ids, labels))(
         step, trainable, opt_state, frozen)
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
@@ -119,7 +139,8 @@ def main():
   print(markdown_table(["method", "trainable", "step ms", "tokens/s", "/ bitfit", "/ lora8",
                         "temp MiB", "peak MiB", "temp / lora8", "peak / lora8"], rows))
   c, bf, lo = t["c3a"], t["bitfit"], t["lora8"]
-  print(f"\nTargets: c3a/bitfit = {c / bf:.3f} (<= 1.05: {'met' if c / bf <= 1.05 else 'NOT met'}); "
+  print(f"\nTargets: c3a/bitfit = {c / bf:.3f} "
+        f"(<= 1.05: {'met' if c / bf <= 1.05 else 'NOT met'}); "
         f"c3a/lora8 = {c / lo:.3f} (<= 1.02: {'met' if c / lo <= 1.02 else 'NOT met'}); "
         f"compiled peak c3a/lora8 = {memory['c3a']['peak'] / memory['lora8']['peak']:.3f}, "
         f"temp = {memory['c3a']['temp'] / memory['lora8']['temp']:.3f} (<= 1: "

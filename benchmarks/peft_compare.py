@@ -19,8 +19,8 @@ import jax
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import markdown_table, model_parser  # noqa: E402
-from model import make_step, methods, setup  # noqa: E402
+from common import markdown_table, model_parser
+from model import make_step, methods, setup
 
 
 def torch_step_fn(layers: int, seq: int, batch: int, block: int, adapter: bool = True):

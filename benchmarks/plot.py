@@ -10,16 +10,21 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def main(src: str, dst: str) -> None:
   with open(src) as f:
     data = json.load(f)
   rows = data["rows"]
-  series = ["in_dense", "fft", "rfft", "dft", "freq_major", "dense", "lora8", "lora_same"]
+  # Whichever of these every row has: "rfft" and "dft" are in files recorded with 0.1 (strategies
+  # removed in 0.2), "pallas" (the experimental kernel) in files recorded off CPU.
+  series = [s for s in ("in_dense", "fft", "rfft", "dft", "freq_major", "dense", "pallas",
+                        "lora8", "lora_same") if all(s in r["seconds"] for r in rows)]
   names = {"in_dense": "C3A in a float32 Dense (auto)", "lora8": "LoRA r=8",
-           "lora_same": "LoRA same params"}
+           "lora_same": "LoRA same params", "rfft": "delta alone, rfft (0.1)",
+           "dft": "delta alone, dft (0.1)",
+           "pallas": "delta alone, c3a_jax.experimental.pallas"}
   labels = [f"{r['shape'][0]}x{r['shape'][1]}\nT={r['tokens']} b={r['b']}" for r in rows]
   fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(rows)), 4.5))
   width = 0.8 / len(series)

@@ -1,47 +1,60 @@
 """c3a-jax: C3A (Circular Convolution Adaptation) fine-tuning for JAX and Flax.
 
 Numerically interchangeable with Hugging Face PEFT's C3A: adapters move both ways.
+
+The library is pure functions of a Flax params tree: :func:`attach` adds C3A kernels,
+:func:`intercept` runs the model with them, :func:`split` / :func:`combine` separate what
+trains, :func:`merge` folds them in, :func:`save_adapter` / :func:`load_adapter` speak PEFT's
+format. :mod:`c3a_jax.ops` is the math; :mod:`c3a_jax.training` the training step, meshes,
+checkpoints and counters; :mod:`c3a_jax.cli` the ``c3a-jax`` command.
 """
 
-from c3a_jax import ops
-from c3a_jax.checkpoint import Checkpointer
-from c3a_jax.config import C3AConfig
-from c3a_jax.intercept import intercept, wrap
-from c3a_jax.optim import labels, optimizer
-from c3a_jax.peft_io import load_adapter, save_adapter
-from c3a_jax.sharding import batch_sharding, make_mesh, param_shardings, shard_batch
-from c3a_jax.summary import Summary, summary
-from c3a_jax.targets import Target, select
-from c3a_jax.train import Throughput, TrainState, compiled_memory, make_train_step
-from c3a_jax.transform import attach, combine, merge, split, unmerge
+import warnings as _warnings
 
-__version__ = "0.1.0"
+from c3a_jax import ops, training
+from c3a_jax._config import C3AConfig
+from c3a_jax._intercept import intercept, wrap
+from c3a_jax._labels import labels
+from c3a_jax._optim import optimizer
+from c3a_jax._peft_io import load_adapter, save_adapter
+from c3a_jax._summary import Summary, summary
+from c3a_jax._targets import Target, select
+from c3a_jax._transform import attach, combine, merge, split, unmerge
+from c3a_jax.training import TrainState, make_train_step
+
+__version__ = "0.2.0"
 
 __all__ = [
     "C3AConfig",
-    "Checkpointer",
     "Summary",
     "Target",
-    "Throughput",
     "TrainState",
     "attach",
-    "batch_sharding",
     "combine",
-    "compiled_memory",
     "intercept",
     "labels",
     "load_adapter",
-    "make_mesh",
     "make_train_step",
     "merge",
     "ops",
     "optimizer",
-    "param_shardings",
     "save_adapter",
     "select",
-    "shard_batch",
     "split",
     "summary",
+    "training",
     "unmerge",
     "wrap",
 ]
+
+# Names that moved to c3a_jax.training in 0.2; the old spelling works for one release.
+_MOVED_TO_TRAINING = ("Checkpointer", "Throughput", "batch_sharding", "compiled_memory",
+                      "make_mesh", "param_shardings", "shard_batch")
+
+
+def __getattr__(name: str):
+  if name in _MOVED_TO_TRAINING:
+    _warnings.warn(f"c3a_jax.{name} is deprecated; use c3a_jax.training.{name}",
+                   DeprecationWarning, stacklevel=2)
+    return getattr(training, name)
+  raise AttributeError(f"module 'c3a_jax' has no attribute {name!r}")

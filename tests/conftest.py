@@ -9,16 +9,23 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from hypothesis import settings  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Property tests draw few examples (each compiles a model); HYPOTHESIS_PROFILE=thorough for more.
+settings.register_profile("fast", max_examples=10, deadline=None)
+settings.register_profile("thorough", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
 
 
-@pytest.fixture(params=[False, True], ids=["eager", "jit"])
+@pytest.fixture(params=[pytest.param(False, marks=pytest.mark.integration), True],
+                ids=["eager", "jit"])
 def maybe_jit(request):
-  """Runs a test once as is and once under jax.jit."""
+  """Runs a test under jax.jit and, in the integration tier, also eagerly."""
   return jax.jit if request.param else (lambda f: f)
 
 

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--layers", "1", "--seq", "16", "--batch", "2", "--repeats", "1"]
 
@@ -34,7 +36,6 @@ def test_peft_benchmark():
   assert "| PEFT |" in out and "speed-up vs PEFT" in out
 
 
-@pytest.mark.slow
 def test_layer_benchmark():
   out = run("layer.py", "--quick", "--repeats", "1")
   assert "768x768" in out and "4096x4096" in out

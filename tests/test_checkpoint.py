@@ -39,12 +39,12 @@ def test_stop_and_resume_equals_an_unbroken_run(tmp_path):
   step, state, base = setup()
   unbroken = train(step, state, base, 0, 6)
 
-  with c3a.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
+  with c3a.training.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
     first = train(step, state, base, 0, 3)
     ckpt.save(first, data_position=3)  # asynchronous
   # A new run: fresh state as the target, everything else from the checkpoint.
   step, fresh, base = setup()
-  with c3a.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
+  with c3a.training.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
     restored, position = ckpt.restore(fresh)
   assert position == 3 and int(restored.step) == 3
   resumed = train(step, restored, base, position, 6)
@@ -56,7 +56,7 @@ def test_keeps_the_last_n_and_never_writes_the_base(tmp_path):
   adapter, base = c3a.split(big)
   tx = toy.tx()
   state = c3a.TrainState.create(adapter, tx)
-  with c3a.Checkpointer(str(tmp_path), max_to_keep=2) as ckpt:
+  with c3a.training.Checkpointer(str(tmp_path), max_to_keep=2) as ckpt:
     for s in range(1, 6):
       ckpt.save(state.replace(step=jnp.asarray(s, jnp.int32)), data_position=s)
     ckpt.wait()
@@ -68,39 +68,39 @@ def test_keeps_the_last_n_and_never_writes_the_base(tmp_path):
 
 def test_restore_onto_another_mesh(tmp_path):
   step, state, base = setup(toy.MLP())
-  mesh = c3a.make_mesh(data=4, fsdp=2)
-  sharded = jax.device_put(state, c3a.param_shardings(state, mesh))
+  mesh = c3a.training.make_mesh(data=4, fsdp=2)
+  sharded = jax.device_put(state, c3a.training.param_shardings(state, mesh))
   assert sharded.params["fc0"]["c3a_kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
-  sharded = train(step, sharded, jax.device_put(base, c3a.param_shardings(base, mesh)), 0, 2)
-  with c3a.Checkpointer(str(tmp_path)) as ckpt:
+  sharded = train(step, sharded, jax.device_put(base, c3a.training.param_shardings(base, mesh)), 0, 2)
+  with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
     ckpt.save(sharded, data_position=2)
-  other = c3a.make_mesh(data=2, fsdp=4, devices=jax.devices()[::-1])
-  target = jax.device_put(state, c3a.param_shardings(state, other))
-  with c3a.Checkpointer(str(tmp_path)) as ckpt:
+  other = c3a.training.make_mesh(data=2, fsdp=4, devices=jax.devices()[::-1])
+  target = jax.device_put(state, c3a.training.param_shardings(state, other))
+  with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
     restored, _ = ckpt.restore(target)
   kernel = restored.params["fc1"]["c3a_kernel"]
   assert kernel.sharding.mesh.devices.shape == (2, 4)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                restored, sharded)
-  with c3a.Checkpointer(str(tmp_path)) as ckpt:  # and onto one device
+  with c3a.training.Checkpointer(str(tmp_path)) as ckpt:  # and onto one device
     single, _ = ckpt.restore(jax.device_put(state, jax.devices()[0]))
   np.testing.assert_array_equal(single.params["fc1"]["c3a_kernel"], kernel)
 
 
 def test_refuses_a_checkpoint_of_another_config_or_model(tmp_path):
   _, state, _ = setup()
-  with c3a.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
+  with c3a.training.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
     ckpt.save(state)
-  with c3a.Checkpointer(str(tmp_path), config=toy.CFG.replace(block_size=4)) as ckpt:
+  with c3a.training.Checkpointer(str(tmp_path), config=toy.CFG.replace(block_size=4)) as ckpt:
     with pytest.raises(ValueError, match=r"another config or model:\n  config field block_size: "
                        r"checkpoint has 8, here 4"):
       ckpt.restore(state)
   wider = state.replace(params={**state.params, "fc0": {"c3a_kernel": jnp.ones((8, 2, 4))}})
-  with c3a.Checkpointer(str(tmp_path)) as ckpt:
+  with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
     with pytest.raises(ValueError, match=r"state leaf \.params\['fc0'\]\['c3a_kernel'\]: "
                        r"checkpoint has \[\[4, 2, 8\], 'float32'\], here \[\[8, 2, 4\]"):
       ckpt.restore(wider)
-  with c3a.Checkpointer(str(tmp_path / "empty")) as ckpt:
+  with c3a.training.Checkpointer(str(tmp_path / "empty")) as ckpt:
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
       ckpt.restore(state)
 
@@ -110,7 +110,7 @@ KILLED_SAVE = textwrap.dedent("""
     import jax.numpy as jnp, optax, c3a_jax as c3a
     tx = optax.sgd(1.0)
     state = c3a.TrainState.create({"w": {"c3a_kernel": jnp.ones((64, 64, 256))}}, tx)
-    ckpt = c3a.Checkpointer(sys.argv[1], async_save=True)
+    ckpt = c3a.training.Checkpointer(sys.argv[1], async_save=True)
     ckpt.save(state.replace(step=jnp.asarray(1, jnp.int32)), data_position=1)
     ckpt.wait()
     big = state.replace(step=jnp.asarray(2, jnp.int32), params={"w": {"c3a_kernel":
@@ -128,7 +128,7 @@ def test_a_save_killed_midway_loses_nothing_already_saved(tmp_path):
   assert any(d.startswith("2.") and "tmp" in d for d in os.listdir(tmp_path)), os.listdir(tmp_path)
   tx = __import__("optax").sgd(1.0)
   target = c3a.TrainState.create({"w": {"c3a_kernel": jnp.zeros((64, 64, 256))}}, tx)
-  with c3a.Checkpointer(str(tmp_path)) as ckpt:
+  with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
     assert ckpt.latest_step() == 1
     restored, position = ckpt.restore(target)
   assert position == 1 and float(restored.params["w"]["c3a_kernel"].min()) == 1.0

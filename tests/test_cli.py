@@ -16,7 +16,7 @@ import yaml
 
 import c3a_jax as c3a
 from c3a_jax import cli
-from c3a_jax.experiment import Experiment
+from c3a_jax.cli.experiment import Experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,6 +30,7 @@ def train(*args):
   return cli.main(["train", "--quiet", *args])
 
 
+@pytest.mark.integration
 def test_default_job_compares_c3a_with_head_only_and_full(tmp_path, capsys):
   out = tmp_path / "run"
   assert train(f"output_dir={out}") == 0
@@ -59,6 +60,7 @@ def test_default_job_compares_c3a_with_head_only_and_full(tmp_path, capsys):
       summary["eval_accuracy"], abs=1e-6)
 
 
+@pytest.mark.integration
 def test_run_directory_rules(tmp_path, capsys):
   out = tmp_path / "run"
   args = [f"output_dir={out}", "train.steps=20", "train.save_every=10", "train.eval_every=10"]
@@ -94,6 +96,7 @@ def test_run_directory_rules(tmp_path, capsys):
   assert not fresh.exists()
 
 
+@pytest.mark.integration
 def test_overrides_extend_the_default_config(tmp_path, capsys):
   assert train(f"output_dir={tmp_path / 'run'}", "c3a.block_size=32", "train.steps=20",
                "train.mode=head") == 0
@@ -101,6 +104,7 @@ def test_overrides_extend_the_default_config(tmp_path, capsys):
   assert exp.c3a.block_size == 32 and exp.c3a.target_modules == ("fc0", "fc1")
 
 
+@pytest.mark.integration
 def test_resume_equals_an_unbroken_run(tmp_path):
   common = ["train.save_every=20", "train.eval_every=1000", "train.mode=c3a"]
   assert train(f"output_dir={tmp_path / 'full'}", "train.steps=60", *common) == 0
@@ -113,6 +117,7 @@ def test_resume_equals_an_unbroken_run(tmp_path):
   assert steps == sorted(steps) and steps[-1] == 60
 
 
+@pytest.mark.integration
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   out = tmp_path / "run"
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -229,6 +234,7 @@ def seq_cls_config(tmp_path, bert_dir, **data):
   return path
 
 
+@pytest.mark.integration
 def test_seq_cls_from_local_model_and_files(tmp_path, bert_dir, capsys):
   config = seq_cls_config(tmp_path, bert_dir)
   assert train("--config", str(config)) == 0
@@ -254,6 +260,7 @@ def test_seq_cls_from_local_model_and_files(tmp_path, bert_dir, capsys):
   np.testing.assert_allclose(merged(ids).logits, adapted, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_seq_cls_adapter_loads_in_peft(tmp_path):
   torch = pytest.importorskip("torch")
   peft = pytest.importorskip("peft")
@@ -283,6 +290,7 @@ def test_seq_cls_adapter_loads_in_peft(tmp_path):
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_bad_data_and_models_are_clear_errors(tmp_path, bert_dir, capsys):
   config = seq_cls_config(tmp_path, bert_dir, text_column="review")
   assert train("--config", str(config)) == 2
@@ -317,6 +325,7 @@ def test_bad_data_and_models_are_clear_errors(tmp_path, bert_dir, capsys):
   assert "could not load dataset 'no-such-org/no-such-dataset'" in err and "offline" in err
 
 
+@pytest.mark.integration
 def test_causal_lm_with_a_prompt_template(tmp_path):
   d = tmp_path / "llama"
   d.mkdir()
@@ -345,6 +354,7 @@ def test_causal_lm_with_a_prompt_template(tmp_path):
   assert adapter["model"]["layers"]["0"]["mlp"]["down_proj"]["c3a_kernel"].shape[-1] == 8
 
 
+@pytest.mark.integration
 def test_image_classification_from_a_saved_dataset(tmp_path):
   datasets = pytest.importorskip("datasets")
   from PIL import Image

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import c3a_jax as c3a
-from c3a_jax.config import C3AConfig
+from c3a_jax import C3AConfig
 
 
 def test_defaults_are_peft_defaults():

@@ -35,7 +35,7 @@ import optax  # noqa: E402
 
 import c3a_jax as c3a  # noqa: E402
 
-pytestmark = pytest.mark.interop
+pytestmark = [pytest.mark.interop, pytest.mark.integration]
 
 ATOL = 1e-5  # logits; PyTorch and XLA agree on the base models to ~1e-7
 BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -6,8 +6,8 @@ What these tests show:
   kernels hold ``K + delta``), eagerly and under ``jit``, for FlaxBert, FlaxRoberta, FlaxLlama,
   FlaxGPT2 (Conv1D kernels stored ``(out, in)``), FlaxViT and plain linen MLPs (also with
   ``nn.remat`` and ``nn.scan``). The merged reference is built twice: by ``c3a.merge`` and by an
-  independent numpy construction of the block-circulant delta straight from the definition in
-  DESIGN.md section 1, so a layout bug shared by the interceptor and ``merge`` still shows.
+  independent numpy construction of the block-circulant delta straight from its definition
+  (``tests/reference.py``), so a layout bug shared by the interceptor and ``merge`` still shows.
 * Without the interceptor, a tree holding C3A kernels runs exactly the base model.
 * The adapter changes the outputs by far more than the tolerance, so the equalities above are
   not vacuous.
@@ -37,6 +37,7 @@ import optax
 import pytest
 
 import c3a_jax as c3a
+from tests.reference import dense_reference
 
 RTOL_SCALE = 1e-5  # atol = RTOL_SCALE * max|reference|
 
@@ -44,19 +45,6 @@ RTOL_SCALE = 1e-5  # atol = RTOL_SCALE * max|reference|
 # --------------------------------------------------------------------------------------------
 # Independent references.
 # --------------------------------------------------------------------------------------------
-
-
-def ref_delta_out_in(w: np.ndarray) -> np.ndarray:
-  """The C3A weight change in PyTorch (out, in) layout, float64, straight from the definition.
-
-  delta[i*b + r, j*b + c] = w[i, j, (c - r) mod b] / d_in
-  """
-  w = np.asarray(w, np.float64)
-  m, n, b = w.shape
-  i, r = np.divmod(np.arange(m * b), b)  # output row i*b + r
-  j, c = np.divmod(np.arange(n * b), b)  # input column j*b + c
-  delta = w[i[:, None], j[None, :], (c[None, :] - r[:, None]) % b]
-  return delta / (n * b)
 
 
 def ref_merge(params: Any) -> dict:
@@ -70,9 +58,9 @@ def ref_merge(params: Any) -> dict:
     out[k] = ref_merge(v) if hasattr(v, "items") else v
   kernel = out.get("kernel")
   if "c3a_kernel" in params:  # Flax layout (in, out)
-    delta = ref_delta_out_in(params["c3a_kernel"]).T
+    delta = dense_reference(params["c3a_kernel"]).T
   elif "c3a_kernel_out_in" in params:  # FlaxConv1D layout (out, in)
-    delta = ref_delta_out_in(params["c3a_kernel_out_in"])
+    delta = dense_reference(params["c3a_kernel_out_in"])
   else:
     return out
   assert kernel.shape == delta.shape, (kernel.shape, delta.shape)
@@ -317,7 +305,9 @@ def outputs(name: str, jit: bool) -> dict[str, np.ndarray]:
 
 
 MODELS = list(BUILDERS)
-JIT = pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+# Eagerly too in the integration tier.
+JIT = pytest.mark.parametrize(
+    "jit", [pytest.param(False, marks=pytest.mark.integration), True], ids=["eager", "jit"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +358,7 @@ def test_unwrapped_equals_base(name, jit):
     np.testing.assert_array_equal(out["c3a_on_base"], out["base"])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", MODELS)
 def test_jit_matches_eager(name):
   eager, jitted = outputs(name, False), outputs(name, True)
@@ -443,7 +434,7 @@ def test_scan_over_layers(remat):
     h = x
     dense = params["layers"]["dense"]
     for l in range(3):
-      kernel = np.asarray(dense["kernel"][l], np.float64) + ref_delta_out_in(w[l]).T
+      kernel = np.asarray(dense["kernel"][l], np.float64) + dense_reference(w[l]).T
       h = nn.gelu(h @ jnp.asarray(kernel, jnp.float32) + dense["bias"][l])
     out = ref_merge(params["out"])
     return h @ out["kernel"] + out["bias"]

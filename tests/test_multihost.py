@@ -7,9 +7,12 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 import c3a_jax as c3a
 from tests import multihost_worker
+
+pytestmark = pytest.mark.integration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +32,7 @@ def test_two_processes_match_one(tmp_path):
   logs = [p.communicate(timeout=300)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
   # One process, the same 4-device (data=2, fsdp=2) mesh, the whole batch.
-  mesh = c3a.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
+  mesh = c3a.training.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
   single = multihost_worker.train(mesh)
   got = np.load(out)
   want = {jax.tree_util.keystr(p): np.asarray(x)

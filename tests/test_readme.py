@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.integration
+
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 

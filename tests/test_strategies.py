@@ -1,8 +1,10 @@
-"""Every block_circulant_matmul strategy against the dense reference, values and gradients."""
+"""Every block_circulant_matmul strategy against the dense reference, values and gradients.
 
-import dataclasses
-import json
-import sys
+The default tier runs each strategy jitted on a few shapes; the ``integration`` tier runs the
+whole matrix: every shape, eagerly and under ``jit``.
+"""
+
+import warnings
 
 import flax.linen as nn
 import jax
@@ -12,15 +14,17 @@ import pytest
 
 import c3a_jax as c3a
 from c3a_jax import ops
-from tests.reference import dense_reference
+from tests.reference import dense_reference, kernel_grad_reference
 
-STRATEGIES = [s for s in ops.STRATEGIES]
+STRATEGIES = list(ops.STRATEGIES)
 # (m, n, b): b = 1, odd and even blocks, one block, many blocks (the dot_general paths), b > 16.
 SHAPES = [(1, 1, 1), (3, 2, 1), (2, 3, 5), (3, 2, 7), (1, 1, 2), (2, 2, 16), (2, 3, 33),
           (2, 20, 3), (20, 18, 2), (1, 2, 64)]
-# The Pallas kernel unrolls over block pairs, and interpret mode runs it op by op on CPU.
-CASES = [pytest.param(m, n, b, s, marks=[pytest.mark.slow] * (s == "pallas" and m * n > 16))
-         for s in STRATEGIES for m, n, b in SHAPES]
+# The default tier's few: b = 1, an odd b, an even b past the dense threshold, many blocks.
+FEW = {(1, 1, 1), (2, 3, 5), (2, 2, 16), (20, 18, 2)}
+CASES = [pytest.param(m, n, b, s, jit, id=f"{s}-{m}x{n}x{b}-{'jit' if jit else 'eager'}",
+                      marks=[] if jit and (m, n, b) in FEW else [pytest.mark.integration])
+         for s in STRATEGIES for m, n, b in SHAPES for jit in (True, False)]
 
 
 def _case(m, n, b, seed=0):
@@ -31,35 +35,26 @@ def _case(m, n, b, seed=0):
   return x, w, g
 
 
-def _kernel_grad_reference(x, w, g):
-  """dL/dw for L = <x @ D.T, g>, by the chain rule through the dense delta's entries."""
-  m, n, b = w.shape
-  gD = g.reshape(-1, m * b).T.astype(np.float64) @ x.reshape(-1, n * b)
-  ref = np.zeros(w.shape)
-  for r in range(b):
-    for c in range(b):
-      ref[:, :, (c - r) % b] += gD.reshape(m, b, n, b)[:, r, :, c] / (n * b)
-  return ref
-
-
-@pytest.mark.parametrize("m,n,b,strategy", CASES)
-def test_forward_matches_dense_reference(m, n, b, strategy, maybe_jit):
+@pytest.mark.parametrize("m,n,b,strategy,jit", CASES)
+def test_forward_matches_dense_reference(m, n, b, strategy, jit):
   x, w, _ = _case(m, n, b)
-  f = maybe_jit(lambda x, w: ops.block_circulant_matmul(x, w, strategy=strategy))
+  f = (jax.jit if jit else lambda f: f)(
+      lambda x, w: ops.block_circulant_matmul(x, w, strategy=strategy))
   y = f(jnp.asarray(x), jnp.asarray(w))
   assert y.shape == (2, 3, m * b) and y.dtype == jnp.float32
   # float32 arithmetic against a float64 reference: 1e-5 relative, 1e-5 absolute.
   np.testing.assert_allclose(y, x @ dense_reference(w).T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("m,n,b,strategy", CASES)
-def test_gradients_match_dense_reference(m, n, b, strategy, maybe_jit):
+@pytest.mark.parametrize("m,n,b,strategy,jit", CASES)
+def test_gradients_match_dense_reference(m, n, b, strategy, jit):
   x, w, g = _case(m, n, b, seed=1)
   loss = lambda x, w: jnp.sum(ops.block_circulant_matmul(x, w, strategy=strategy) * g)
-  gx, gw = maybe_jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(w))
+  grad = jax.grad(loss, argnums=(0, 1))
+  gx, gw = (jax.jit(grad) if jit else grad)(jnp.asarray(x), jnp.asarray(w))
   assert gx.dtype == jnp.float32 and gw.dtype == jnp.float32
   np.testing.assert_allclose(gx, g @ dense_reference(w), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(gw, _kernel_grad_reference(x, w, g), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(gw, kernel_grad_reference(x, w, g), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -77,26 +72,12 @@ def test_low_precision_and_token_counts(strategy):
   assert gx.dtype == jnp.bfloat16
 
 
-def test_pallas_kernel_across_token_tiles():
-  """Several token tiles, the last one padded: the per-tile kernel gradients must add up."""
-  from c3a_jax import pallas
-  rng = np.random.default_rng(3)
-  w = rng.normal(size=(2, 3, 8)).astype(np.float32)
-  x = rng.normal(size=(2 * pallas.TOKEN_TILE + 5, 24)).astype(np.float32)
-  g = rng.normal(size=(x.shape[0], 16)).astype(np.float32)
-  y, vjp = jax.vjp(lambda x, w: pallas.apply(x, w, interpret=True), jnp.asarray(x), jnp.asarray(w))
-  gx, gw = vjp(jnp.asarray(g))
-  np.testing.assert_allclose(y, x @ dense_reference(w).T, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(gx, g @ dense_reference(w), rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(gw, _kernel_grad_reference(x, w, g), rtol=1e-4, atol=1e-4)
-
-
 def test_auto_is_deterministic_and_valid():
   shapes = [((8, 128, 768), (6, 6, 128)), ((2048, 4096), (16, 16, 256)), ((4, 768), (6, 6, 128)),
             ((4096, 768), (96, 96, 8)), ((128, 4096), (1, 1, 4096))]
   for x_shape, w_shape in shapes:
     picks = {ops.choose_strategy(x_shape, w_shape) for _ in range(3)}
-    assert len(picks) == 1 and picks <= set(ops.STRATEGIES) - {"auto", "pallas"}
+    assert len(picks) == 1 and picks <= set(ops.STRATEGIES) - {"auto"}
     for backend in ("cpu", "gpu", "tpu"):
       assert ops.choose_strategy(x_shape, w_shape, backend) in set(ops.STRATEGIES) - {"auto"}
   # auto computes exactly what its pick computes.
@@ -107,8 +88,8 @@ def test_auto_is_deterministic_and_valid():
 
 
 def test_unknown_strategy_is_an_error():
-  with pytest.raises(ValueError, match=r"strategy='pallas!' is not one of"):
-    ops.block_circulant_matmul(jnp.ones((2, 4)), jnp.ones((1, 1, 4)), strategy="pallas!")
+  with pytest.raises(ValueError, match=r"strategy='pallas' is not one of \('auto', 'fft'"):
+    ops.block_circulant_matmul(jnp.ones((2, 4)), jnp.ones((1, 1, 4)), strategy="pallas")
   with pytest.raises(ValueError, match=r"intercept: strategy='x'"):
     with c3a.intercept(strategy="x"):
       pass
@@ -116,16 +97,28 @@ def test_unknown_strategy_is_an_error():
     c3a.wrap(lambda: None, strategy="x")
 
 
-def test_config_strategy_field():
-  assert c3a.C3AConfig().strategy == "auto"
-  assert "strategy" not in c3a.C3AConfig().to_dict()  # PEFT has no such field
-  cfg = c3a.C3AConfig(strategy="dft")
-  d = cfg.to_dict()
-  assert d["strategy"] == "dft"
-  assert c3a.C3AConfig.from_dict(json.loads(json.dumps(d))) == cfg
-  with pytest.raises(ValueError, match=r"C3AConfig.strategy must be one of .*got 'fast'"):
-    c3a.C3AConfig(strategy="fast")
-  assert "strategy" in {f.name for f in dataclasses.fields(c3a.C3AConfig)}
+def test_merged_is_a_deprecated_name_for_fold():
+  x, w, _ = _case(2, 3, 4)
+  with pytest.warns(DeprecationWarning, match=r"strategy='merged' is deprecated.*'fold'"):
+    y = ops.block_circulant_matmul(jnp.asarray(x), jnp.asarray(w), strategy="merged")
+  np.testing.assert_allclose(y, x @ dense_reference(w).T, rtol=1e-5, atol=1e-5)
+  with pytest.warns(DeprecationWarning, match=r"intercept: strategy='merged'"):
+    with c3a.intercept(strategy="merged"):
+      pass
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    ops.block_circulant_matmul(jnp.asarray(x), jnp.asarray(w), strategy="fold")
+
+
+def test_strategy_is_not_part_of_the_adapter_config():
+  assert "strategy" not in c3a.C3AConfig().to_dict()
+  with pytest.raises(TypeError, match="strategy"):
+    c3a.C3AConfig(strategy="fft")
+  # c3a-jax 0.1 wrote it into adapter_config.json: such files still load, with a warning.
+  with pytest.warns(UserWarning, match=r"old.json: ignoring strategy='dft'.*c3a.intercept"):
+    cfg = c3a.C3AConfig.from_dict({"peft_type": "C3A", "block_size": 4, "strategy": "dft"},
+                                  source="old.json")
+  assert cfg == c3a.C3AConfig(block_size=4)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -155,26 +148,24 @@ def test_nested_intercept_innermost_strategy_applies(monkeypatch):
     seen.append(strategy)
     return real(x, w, strategy=strategy)
 
-  module = sys.modules["c3a_jax.intercept"]  # the package's `intercept` is the function
-  monkeypatch.setattr(module, "block_circulant_matmul", spy)
+  monkeypatch.setattr(ops, "block_circulant_matmul", spy)
   model = nn.Dense(4)
   params = model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]
   params["c3a_kernel"] = jnp.ones((2, 2, 2))
   with c3a.intercept(strategy="dense"):
-    with c3a.intercept(strategy="dft"):
+    with c3a.intercept(strategy="freq_major"):
       model.apply({"params": params}, jnp.ones((1, 4)))
     model.apply({"params": params}, jnp.ones((1, 4)))
   model.apply({"params": params}, jnp.ones((1, 4)))  # outside: base model, no delta
-  assert seen == ["dft", "dense"]
+  assert seen == ["freq_major", "dense"]
 
 
 def test_interceptor_folds_float32_dense_only(monkeypatch):
   """"auto" folds the delta into a plain float32 Dense (values and every gradient, the base
   kernel's included, as the additive path); a bfloat16 Dense keeps the additive path."""
-  from c3a_jax import merged
   calls = []
-  real = merged.dense
-  monkeypatch.setattr(merged, "dense", lambda *a, **k: calls.append(1) or real(*a, **k))
+  real = ops.fold
+  monkeypatch.setattr(ops, "fold", lambda *a, **k: calls.append(1) or real(*a, **k))
   x = jax.random.normal(jax.random.key(0), (3, 5, 16))
   for dtype, folds in ((jnp.float32, True), (jnp.bfloat16, False)):
     model = nn.Dense(12, dtype=dtype)
@@ -193,10 +184,9 @@ def test_interceptor_folds_float32_dense_only(monkeypatch):
 
 def test_interceptor_folds_boxed_params(monkeypatch):
   """Params boxed with partitioning metadata (nn.with_partitioning) fold as Dense unboxes them."""
-  from c3a_jax import merged
   calls = []
-  real = merged.dense
-  monkeypatch.setattr(merged, "dense", lambda *a, **k: calls.append(1) or real(*a, **k))
+  real = ops.fold
+  monkeypatch.setattr(ops, "fold", lambda *a, **k: calls.append(1) or real(*a, **k))
   model = nn.Dense(8, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), (None, "m")))
   x = jax.random.normal(jax.random.key(0), (40, 8))
   params = dict(model.init(jax.random.key(1), x)["params"])

@@ -111,16 +111,16 @@ def test_pmap_equals_single_device():
 
 @pytest.mark.parametrize("data,fsdp,shard_base", [(8, 1, False), (4, 2, True), (2, 4, True)])
 def test_sharded_jit_equals_single_device(data, fsdp, shard_base):
-  mesh = c3a.make_mesh(data=data, fsdp=fsdp)
+  mesh = c3a.training.make_mesh(data=data, fsdp=fsdp)
   adapter, base = c3a.split(toy.params(), toy.CFG)
   tx = toy.tx()
   state = c3a.TrainState.create(adapter, tx, rng=0)
-  state_sh = c3a.param_shardings(state, mesh)
-  base_sh = c3a.param_shardings(base, mesh, fsdp=shard_base)
+  state_sh = c3a.training.param_shardings(state, mesh)
+  base_sh = c3a.training.param_shardings(base, mesh, fsdp=shard_base)
   state, base = jax.device_put(state, state_sh), jax.device_put(base, base_sh)
   step = jax.jit(c3a.make_train_step(toy.loss_fn(), tx), out_shardings=(state_sh, None),
                  donate_argnums=0)
-  batch = c3a.shard_batch(toy.data(32), mesh)
+  batch = c3a.training.shard_batch(toy.data(32), mesh)
   assert batch["x"].sharding.spec == P(("data", "fsdp"))
   for _ in range(STEPS):
     state, metrics = step(state, base, batch)
@@ -135,31 +135,31 @@ def test_sharded_jit_equals_single_device(data, fsdp, shard_base):
 
 
 def test_sharding_rule():
-  mesh = c3a.make_mesh(data=2, fsdp=4)
+  mesh = c3a.training.make_mesh(data=2, fsdp=4)
   tree = {"a": {"kernel": np.zeros((16, 6)), "bias": np.zeros(6), "c3a_kernel": np.zeros((4, 2, 8))},
           "b": {"kernel": np.zeros((3, 5)), "c3a_kernel": np.zeros((2, 2, 8))},
           "emb": {"embedding": np.zeros((6, 32))}}
-  specs = jax.tree.map(lambda s: s.spec, c3a.param_shardings(tree, mesh))
+  specs = jax.tree.map(lambda s: s.spec, c3a.training.param_shardings(tree, mesh))
   assert specs["a"]["c3a_kernel"] == P("fsdp")  # m = 4 divides over fsdp = 4
   assert specs["b"]["c3a_kernel"] == P()  # m = 2 does not: replicated
   assert specs["a"]["kernel"] == P("fsdp", None)  # the largest axis that divides
   assert specs["emb"]["embedding"] == P(None, "fsdp")
   assert specs["a"]["bias"] == P() and specs["b"]["kernel"] == P()
-  no_fsdp = jax.tree.map(lambda s: s.spec, c3a.param_shardings(tree, mesh, fsdp=False))
+  no_fsdp = jax.tree.map(lambda s: s.spec, c3a.training.param_shardings(tree, mesh, fsdp=False))
   assert no_fsdp["a"]["kernel"] == P() and no_fsdp["a"]["c3a_kernel"] == P("fsdp")
 
 
 def test_bad_meshes_and_batches_are_clear_errors():
   with pytest.raises(ValueError, match=r"data=3 x fsdp=2 must equal the number of devices \(8\)"):
-    c3a.make_mesh(data=3, fsdp=2)
+    c3a.training.make_mesh(data=3, fsdp=2)
   with pytest.raises(ValueError, match="fsdp=3 does not divide the 8 devices"):
-    c3a.make_mesh(fsdp=3)
+    c3a.training.make_mesh(fsdp=3)
   odd = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "model"))
   with pytest.raises(ValueError, match=r"mesh axes \['model'\] are not known"):
-    c3a.param_shardings({"k": np.zeros(4)}, odd)
+    c3a.training.param_shardings({"k": np.zeros(4)}, odd)
   with pytest.raises(ValueError, match=r"batch leaf \['x'\] has leading size 12, which does not "
                      r"divide over the 8 shards"):
-    c3a.shard_batch({"x": np.zeros((12, 4))}, c3a.make_mesh(data=8))
+    c3a.training.shard_batch({"x": np.zeros((12, 4))}, c3a.training.make_mesh(data=8))
 
 
 def test_compiled_memory_and_throughput():
@@ -167,11 +167,11 @@ def test_compiled_memory_and_throughput():
   tx = toy.tx()
   step = jax.jit(c3a.make_train_step(toy.loss_fn(), tx))
   state = c3a.TrainState.create(adapter, tx)
-  memory = c3a.compiled_memory(step, state, base, toy.data(32))
+  memory = c3a.training.compiled_memory(step, state, base, toy.data(32))
   args = sum(np.asarray(x).nbytes for x in jax.tree.leaves((state, base, toy.data(32))))
   assert 0.9 * args <= memory["argument"] <= args  # XLA may drop unused inputs
   assert memory["peak"] >= memory["argument"] and memory["temp"] > 0
-  meter = c3a.Throughput(window=3)
+  meter = c3a.training.Throughput(window=3)
   for _ in range(5):
     with meter.measure(tokens=32):
       state, metrics = step(state, base, toy.data(32))

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import c3a_jax as c3a
 from c3a_jax import ops
@@ -147,7 +147,6 @@ def layer_and_block(draw):
   return n * b, m * b, b, draw(st.integers(0, 2 ** 16))
 
 
-@settings(max_examples=20, deadline=None)
 @given(layer_and_block())
 def test_property_attach_then_wrap_equals_merge(case):
   d_in, d_out, b, seed = case
@@ -162,7 +161,6 @@ def test_property_attach_then_wrap_equals_merge(case):
   np.testing.assert_allclose(y, ym, atol=2e-6 * scale * d_in ** 0.5, rtol=1e-5)
 
 
-@settings(max_examples=20, deadline=None)
 @given(layer_and_block(), st.sampled_from([jnp.float32, jnp.bfloat16]))
 def test_property_merge_then_unmerge_restores(case, dtype):
   d_in, d_out, b, seed = case

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 
 from c3a_jax import _tree, ops
 from c3a_jax._tree import Params
-from c3a_jax.config import C3AConfig
-from c3a_jax.optim import label
-from c3a_jax.targets import C3A_LEAVES, select
+from c3a_jax._config import C3AConfig
+from c3a_jax._labels import label
+from c3a_jax._targets import C3A_LEAVES, select
 
 C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
 _WEIGHTS = ("kernel", "scale", "embedding", "weight")  # one per Flax layer, never two

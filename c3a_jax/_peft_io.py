@@ -33,9 +33,9 @@ import safetensors.numpy
 from c3a_jax import _tree
 from c3a_jax._io import atomic_write, current_umask
 from c3a_jax._tree import Params
-from c3a_jax.config import C3AConfig
-from c3a_jax.targets import C3A_LEAVES, block_size_for
-from c3a_jax.transform import combine, split
+from c3a_jax._config import C3AConfig
+from c3a_jax._targets import C3A_LEAVES, block_size_for
+from c3a_jax._transform import combine, split
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."

@@ -7,7 +7,7 @@ with block size ``b`` trains ``d_in * d_out / b``. So a block size near
 
 Example:
   >>> import numpy as np
-  >>> from c3a_jax.blocks import suggest
+  >>> from c3a_jax.cli.blocks import suggest
   >>> params = {"q": {"kernel": np.zeros((768, 768))}, "v": {"kernel": np.zeros((768, 768))}}
   >>> rows = suggest(params, ["q", "v"], rank=8)
   >>> [(r.block_size, r.c3a_params, r.lora_params) for r in rows if r.closest]
@@ -21,8 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Optional
 
-from c3a_jax.config import C3AConfig
-from c3a_jax.targets import select
+import c3a_jax as c3a
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +37,7 @@ def suggest(params: Mapping, target_modules: Sequence[str] | str, rank: int = 8,
   """Block sizes dividing every targeted layer, ``around`` on each side of LoRA-``rank``'s budget."""
   if rank < 1:
     raise ValueError(f"rank must be a positive integer, got {rank}")
-  targets = select(params, C3AConfig(block_size=1, target_modules=target_modules),
+  targets = c3a.select(params, c3a.C3AConfig(block_size=1, target_modules=target_modules),
                    model_type=model_type)
   g = 0
   for t in targets:
@@ -56,7 +55,7 @@ def report(model: str, *, rank: int = 8, target_modules: Optional[str] = None,
            from_pt: bool = False) -> str:
   """The CLI's table for a hub model, a local model directory, or ``"digits"``."""
   if model == "digits":
-    from c3a_jax import digits
+    from c3a_jax.cli import digits
     params, model_type = digits.pretrained_params(log=lambda _: None), None
     targets = target_modules.split(",") if target_modules else ["fc0", "fc1"]
   else:
@@ -69,7 +68,7 @@ def report(model: str, *, rank: int = 8, target_modules: Optional[str] = None,
     params, model_type = m.params, m.config.model_type
     targets = target_modules.split(",") if target_modules else None
   if targets is None:
-    from c3a_jax.targets import DEFAULT_TARGETS
+    from c3a_jax._targets import DEFAULT_TARGETS
     if model_type not in DEFAULT_TARGETS:
       raise ValueError(f"no default targets for model type {model_type!r}; "
                        "pass --target-modules")

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from c3a_jax._io import atomic_write
-from c3a_jax.job import Job, batches
+from c3a_jax.cli.job import Job, batches
 
 HIDDEN = 128
 PRETRAIN_STEPS, PRETRAIN_LR = 600, 3e-3

@@ -3,8 +3,8 @@
 Nothing about the model changes. Flax ignores the extra ``c3a_kernel`` leaves, so a plain call
 is the base model; under :func:`intercept` every ``nn.Dense`` (and transformers' ``FlaxConv1D``)
 whose scope holds a C3A kernel returns ``y + block_circulant_matmul(x, w)``. A plain float32
-``nn.Dense`` under ``strategy="auto"`` (or ``"merged"``) computes the same sum as
-``x @ (kernel + delta) + bias`` (:mod:`c3a_jax.merged`), so that the adapter rides on the
+``nn.Dense`` under ``strategy="auto"`` (or ``"fold"``) computes the same sum as
+``x @ (kernel + delta) + bias`` (:func:`c3a_jax.ops.fold`), so that the adapter rides on the
 layer's own matmuls.
 
 Example:
@@ -15,8 +15,8 @@ Example:
   >>> with c3a.intercept():
   ...   y = model.apply({"params": params}, jnp.ones((1, 4)))
   >>> y_jit = jax.jit(c3a.wrap(model.apply))({"params": params}, jnp.ones((1, 4)))
-  >>> y_dft = jax.jit(c3a.wrap(model.apply, strategy="dft"))({"params": params}, jnp.ones((1, 4)))
-  >>> bool(jnp.allclose(y, y_dft, atol=1e-6))
+  >>> y_fft = jax.jit(c3a.wrap(model.apply, strategy="fft"))({"params": params}, jnp.ones((1, 4)))
+  >>> bool(jnp.allclose(y, y_fft, atol=1e-6))
   True
 
 ``strategy`` (default ``"auto"``) picks how the delta is computed (see
@@ -37,9 +37,8 @@ from typing import Any, TypeVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from c3a_jax import merged
-from c3a_jax.ops import STRATEGIES, block_circulant_matmul, choose_strategy
-from c3a_jax.targets import C3A_LEAVES
+from c3a_jax import ops
+from c3a_jax._targets import C3A_LEAVES
 
 C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
 F = TypeVar("F", bound=Callable[..., Any])
@@ -76,16 +75,16 @@ def _interceptor(next_fun, args, kwargs, context):
   strategy = _strategy.get()
   foldable = not out_in and _foldable(module, x)
   if strategy == "auto" and foldable:
-    strategy = choose_strategy(x.shape, w.shape, with_base=True)
-  if strategy == "merged" and foldable:
+    strategy = ops.choose_strategy(x.shape, w.shape, with_base=True)
+  if strategy == "fold" and foldable:
     return _folded(module, x, w)
   y = next_fun(*args, **kwargs)
   # Cast x as Dense casts its inputs, so the delta sees what the base matmul saw.
-  return y + block_circulant_matmul(x.astype(y.dtype), w, strategy=strategy)
+  return y + ops.block_circulant_matmul(x.astype(y.dtype), w, strategy=strategy)
 
 
 def _foldable(module: nn.Module, x: Any) -> bool:
-  """A plain float32 Dense: its kernel can absorb the delta (``"merged"``) without rounding."""
+  """A plain float32 Dense: its kernel can absorb the delta (``"fold"``) without rounding."""
   if (type(module).__call__ is not nn.Dense.__call__ or module.dot_general is not None
       or module.dot_general_cls is not None or not module.has_variable("params", "kernel")):
     return False
@@ -97,11 +96,11 @@ def _foldable(module: nn.Module, x: Any) -> bool:
 
 
 def _folded(module: nn.Dense, x: Any, w: Any) -> Any:
-  """``nn.Dense.__call__`` with ``kernel + delta`` for the kernel (:mod:`c3a_jax.merged`)."""
+  """``nn.Dense.__call__`` with ``kernel + delta`` for the kernel (:func:`c3a_jax.ops.fold`)."""
   kernel = nn.unbox(module.get_variable("params", "kernel"))
   bias = nn.unbox(module.get_variable("params", "bias")) if module.use_bias else None
   x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
-  y = merged.dense(x, w, kernel, precision=module.precision)
+  y = ops.fold(x, w, kernel, precision=module.precision)
   if bias is not None:
     y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
   return y
@@ -112,21 +111,19 @@ _strategy = contextvars.ContextVar("c3a_intercept_strategy", default="auto")
 
 
 @contextlib.contextmanager
-def intercept(strategy: str = "auto") -> Iterator[None]:
+def intercept(strategy: ops.Strategy = "auto") -> Iterator[None]:
   """Within this context, Flax Dense layers holding a C3A kernel add its delta.
 
   Args:
     strategy: how the delta is computed, one of ``c3a_jax.ops.STRATEGIES``; all give equal
-      results. ``"auto"`` and ``"merged"`` fold the delta into a float32 Dense's kernel
-      (:mod:`c3a_jax.merged`; ``"auto"`` only with enough tokens); every other layer, and
+      results. ``"auto"`` and ``"fold"`` fold the delta into a float32 Dense's kernel
+      (:func:`c3a_jax.ops.fold`; ``"auto"`` only with enough tokens); every other layer, and
       every other strategy, adds ``block_circulant_matmul(x, w, strategy)`` to its output.
-      E.g. ``with c3a.intercept(strategy=cfg.strategy): ...``.
 
   Re-entrant: nested ``intercept()`` (e.g. a ``wrap``-ped function called inside one) adds
   each delta once; the innermost ``strategy`` applies.
   """
-  if strategy not in STRATEGIES:
-    raise ValueError(f"intercept: strategy={strategy!r} is not one of {STRATEGIES}")
+  strategy = ops.check_strategy(strategy, "intercept")
   strategy_token = _strategy.set(strategy)
   try:
     if _active.get():
@@ -142,10 +139,9 @@ def intercept(strategy: str = "auto") -> Iterator[None]:
     _strategy.reset(strategy_token)
 
 
-def wrap(fn: F, *, strategy: str = "auto") -> F:
+def wrap(fn: F, *, strategy: ops.Strategy = "auto") -> F:
   """``fn`` (e.g. ``model.apply``) run under ``intercept(strategy)``; safe to ``jit``."""
-  if strategy not in STRATEGIES:
-    raise ValueError(f"wrap: strategy={strategy!r} is not one of {STRATEGIES}")
+  strategy = ops.check_strategy(strategy, "wrap")
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):

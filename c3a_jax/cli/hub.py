@@ -14,8 +14,8 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
-from c3a_jax.experiment import DataSpec, Experiment
-from c3a_jax.job import Job
+from c3a_jax.cli.experiment import DataSpec, Experiment
+from c3a_jax.cli.job import Job
 
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
 _AUTO = {"seq_cls": "FlaxAutoModelForSequenceClassification",

@@ -1,7 +1,7 @@
 """Experiment configs for the CLI: a YAML file plus ``key=value`` overrides, validated.
 
 Example:
-  >>> from c3a_jax.experiment import Experiment
+  >>> from c3a_jax.cli.experiment import Experiment
   >>> exp = Experiment.from_dict({"task": "seq_cls", "model": {"name": "roberta-base"},
   ...                             "data": {"name": "glue", "subset": "sst2"}},
   ...                            overrides=["train.lr=0.3", "c3a.block_size=128"])
@@ -10,7 +10,7 @@ Example:
   >>> Experiment.from_dict({"train": {"lr_c3a": 1}})
   Traceback (most recent call last):
   ...
-  ValueError: config: unknown key train.lr_c3a (train has: batch_size, compute_dtype, eval_every, grad_accum, head_lr, keep_checkpoints, log_every, lr, mode, save_every, seed, steps, warmup_steps, weight_decay)
+  ValueError: config: unknown key train.lr_c3a (train has: batch_size, compute_dtype, eval_every, grad_accum, head_lr, keep_checkpoints, log_every, lr, mode, save_every, seed, steps, strategy, warmup_steps, weight_decay)
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+import warnings
 from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from c3a_jax.config import C3AConfig
-
-TASKS = ("digits", "seq_cls", "causal_lm", "image_cls")
-MODES = ("c3a", "head", "full")
+from c3a_jax import C3AConfig, ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +77,7 @@ class TrainSpec:
   keep_checkpoints: int = 3
   log_every: int = 10
   seed: int = 0
+  strategy: str = "auto"  # how the C3A delta is computed (c3a_jax.ops.STRATEGIES): same values
 
   @property
   def eval_batch_size(self) -> int:
@@ -90,6 +89,7 @@ class TrainSpec:
                 "keep_checkpoints", "log_every"):
       if getattr(self, key) < 1:
         raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)!r}")
+    object.__setattr__(self, "strategy", ops.check_strategy(self.strategy, "train.strategy"))
     if self.batch_size % self.grad_accum:
       raise ValueError(f"train.grad_accum={self.grad_accum} must divide train.batch_size="
                        f"{self.batch_size} (each step splits the batch into micro-batches)")
@@ -125,6 +125,14 @@ class Experiment:
         if not isinstance(node, dict):
           raise ValueError(f"override {item!r}: {p} is not a section")
       node[leaf] = yaml.safe_load(value)
+    if isinstance(d.get("c3a"), dict) and "strategy" in d["c3a"]:
+      # c3a-jax 0.1 kept the strategy in the adapter config; it is a training setting now.
+      strategy = d["c3a"].pop("strategy")
+      warnings.warn(f"{source}: c3a.strategy is deprecated; it is read as train.strategy",
+                    DeprecationWarning, stacklevel=2)
+      train = d.setdefault("train", {})
+      if isinstance(train, dict):
+        train.setdefault("strategy", strategy)
     exp = _build(cls, d, source, "")
     if exp.task != "digits" and not exp.model.name:
       raise ValueError(f"{source}: task {exp.task!r} needs model.name (a hub name or a path)")

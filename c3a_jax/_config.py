@@ -80,9 +80,9 @@ class C3AConfig:
       TOKEN_CLS add ``"classifier"`` and ``"score"`` to ``modules_to_save``, QUESTION_ANS adds
       ``"qa_outputs"``.
     base_model_name_or_path: the base model, kept for PEFT.
-    strategy: how the delta is computed (c3a-jax only; not a PEFT field, so it is left out
-      of adapter_config.json while ``"auto"``): one of ``ops.STRATEGIES``. Every strategy
-      gives the same result; pass it on with ``c3a.intercept(strategy=cfg.strategy)``.
+
+  How the delta is computed is not part of the adapter: pass ``strategy`` to
+  :func:`c3a_jax.intercept` (or ``train.strategy`` in a CLI config).
   """
 
   block_size: int = 256
@@ -96,7 +96,6 @@ class C3AConfig:
   init_weights: ops.InitWeights = "xavier_uniform"
   task_type: Optional[str] = None
   base_model_name_or_path: Optional[str] = None
-  strategy: str = "auto"
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -146,9 +145,6 @@ class C3AConfig:
                for v in ops.INIT_WEIGHTS):
       raise ValueError(f"C3AConfig.init_weights must be one of {ops.INIT_WEIGHTS}, "
                        f"got {self.init_weights!r}")
-    if self.strategy not in ops.STRATEGIES:
-      raise ValueError(f"C3AConfig.strategy must be one of {ops.STRATEGIES}, "
-                       f"got {self.strategy!r}")
 
   def __hash__(self) -> int:
     # block_size_pattern is a dict; hash the serialised form so configs work as static args.
@@ -165,9 +161,6 @@ class C3AConfig:
     if d["exclude_modules"] is None:
       # PEFT 0.21's C3AConfig has no such field and warns about it; save_adapter never writes it.
       del d["exclude_modules"]
-    if d["strategy"] == "auto":
-      # c3a-jax only (PEFT ignores it with a warning): written only when it is not the default.
-      del d["strategy"]
     return {**_PEFT_EXTRAS, **d}
 
   @classmethod
@@ -177,6 +170,11 @@ class C3AConfig:
       raise ValueError(f"{source}: peft_type is {d['peft_type']!r}, not 'C3A'; "
                        "this is not a C3A adapter")
     names = {f.name for f in dataclasses.fields(cls)}
+    if "strategy" in d:
+      warnings.warn(f"{source}: ignoring strategy={d['strategy']!r}, which c3a-jax 0.1 stored in "
+                    "the adapter config; pass it to c3a.intercept(strategy=...) instead (in a "
+                    "CLI config: train.strategy)")
+      d = {k: v for k, v in d.items() if k != "strategy"}
     unknown = set(d) - names - set(_PEFT_EXTRAS) - _PEFT_IGNORED
     if unknown:
       warnings.warn(f"{source}: ignoring fields unknown to C3A: {sorted(unknown)}")

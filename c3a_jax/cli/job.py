@@ -1,7 +1,7 @@
 """A Job: what the runner trains. A model function, its base params, and the data as arrays.
 
-Built by :mod:`c3a_jax.digits` (the offline default) and :mod:`c3a_jax.hub` (Hugging Face
-models and datasets); consumed by :func:`c3a_jax.runner.run`.
+Built by :mod:`c3a_jax.cli.digits` (the offline default) and :mod:`c3a_jax.cli.hub` (Hugging Face
+models and datasets); consumed by :func:`c3a_jax.cli.runner.run`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from c3a_jax.intercept import intercept
+from c3a_jax import intercept
 
 Batch = dict[str, np.ndarray]
 

@@ -21,8 +21,8 @@ Example:
   >>> def loss_fn(params, batch, rng):
   ...   return jnp.mean((model.apply({"params": params["fc"]}, batch["x"]) - batch["y"]) ** 2)
   >>> tx = optax.adam(1e-1)
-  >>> step = jax.jit(c3a.make_train_step(loss_fn, tx, grad_accum=2))
-  >>> state = c3a.TrainState.create(adapter, tx, rng=0)
+  >>> step = jax.jit(c3a.training.make_train_step(loss_fn, tx, grad_accum=2))
+  >>> state = c3a.training.TrainState.create(adapter, tx, rng=0)
   >>> batch = {"x": jnp.ones((4, 8)), "y": jnp.zeros((4, 8))}
   >>> state, metrics = step(state, base, batch)
   >>> int(state.step), sorted(metrics)
@@ -31,9 +31,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Optional, Union
 
 import jax
@@ -42,9 +40,10 @@ import numpy as np
 import optax
 from flax import struct
 
-from c3a_jax.intercept import intercept
-from c3a_jax.targets import C3A_LEAVES
-from c3a_jax.transform import combine
+from c3a_jax import ops
+from c3a_jax._intercept import intercept
+from c3a_jax._targets import C3A_LEAVES
+from c3a_jax._transform import combine
 
 LossFn = Callable[[Any, Any, jax.Array], Union[jax.Array, tuple[jax.Array, dict]]]
 
@@ -91,7 +90,7 @@ def _split_micro(batch: Any, n: int) -> Any:
 
 def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_accum: int = 1,
                     compute_dtype: Optional[Any] = None, axis_name: Optional[str] = None,
-                    strategy: str = "auto",
+                    strategy: ops.Strategy = "auto",
                     ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict]]:
   """Builds ``step(state, base, batch) -> (state, metrics)``, pure and ready for ``jax.jit``.
 
@@ -104,7 +103,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
       pass; C3A kernels, gradients and optimizer state stay float32. Pass a base already cast
       with :func:`cast_frozen` to skip the cast inside every step (it is then a no-op).
     axis_name: the ``jax.pmap`` axis to average gradients over. Not needed with sharded ``jit``.
-    strategy: how the C3A delta is computed (``cfg.strategy``; see ``c3a.ops``): same values.
+    strategy: how the C3A delta is computed (see :func:`c3a_jax.intercept`); same values.
   """
   if not isinstance(grad_accum, int) or grad_accum < 1:
     raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
@@ -148,59 +147,3 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
   return step
-
-
-def compiled_memory(jitted: Any, *args: Any) -> dict[str, int]:
-  """XLA's memory estimate, in bytes, for ``jitted(*args)`` (a ``jax.jit``-ed function).
-
-  Keys: ``argument``, ``output``, ``temp``, ``generated_code``, and ``peak`` (argument + output
-  + temp, less output aliased onto donated arguments).
-  """
-  analysis = jitted.lower(*args).compile().memory_analysis()
-  if analysis is None:
-    raise RuntimeError("this backend gives no compiled memory analysis")
-  out = {k: int(getattr(analysis, f"{k}_size_in_bytes")) for k in
-         ("argument", "output", "temp", "generated_code", "alias")}
-  out["peak"] = out["argument"] + out["output"] + out["temp"] - out.pop("alias")
-  return out
-
-
-class Throughput:
-  """Step time and tokens per second over the last ``window`` steps (host wall clock).
-
-  >>> meter = Throughput()
-  >>> with meter.measure(tokens=1024):
-  ...   _ = jnp.ones(4).block_until_ready()
-  >>> meter.steps, meter.tokens_per_s > 0
-  (1, True)
-  """
-
-  def __init__(self, window: int = 20):
-    self.window = window
-    self._times: list[float] = []
-    self._tokens: list[int] = []
-
-  @contextlib.contextmanager
-  def measure(self, tokens: int) -> Iterator[None]:
-    """Times one step; block on the step's outputs inside it."""
-    start = time.perf_counter()
-    yield
-    self.record(time.perf_counter() - start, tokens)
-
-  def record(self, seconds: float, tokens: int) -> None:
-    self._times = (self._times + [seconds])[-self.window:]
-    self._tokens = (self._tokens + [tokens])[-self.window:]
-
-  @property
-  def steps(self) -> int:
-    return len(self._times)
-
-  @property
-  def step_time(self) -> float:
-    """Median seconds per step over the window."""
-    return float(np.median(self._times)) if self._times else float("nan")
-
-  @property
-  def tokens_per_s(self) -> float:
-    return sum(self._tokens) / sum(self._times) if self._times else float("nan")
-

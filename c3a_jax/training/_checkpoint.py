@@ -8,8 +8,8 @@ mid-save leaves the earlier checkpoints intact, and restore finds the newest com
 Example:
   >>> import tempfile, jax.numpy as jnp, optax, c3a_jax as c3a
   >>> tx = optax.adam(1e-2)
-  >>> state = c3a.TrainState.create({"fc": {"c3a_kernel": jnp.ones((2, 2, 4))}}, tx)
-  >>> with c3a.Checkpointer(tempfile.mkdtemp(), max_to_keep=2) as ckpt:
+  >>> state = c3a.training.TrainState.create({"fc": {"c3a_kernel": jnp.ones((2, 2, 4))}}, tx)
+  >>> with c3a.training.Checkpointer(tempfile.mkdtemp(), max_to_keep=2) as ckpt:
   ...   _ = ckpt.save(state, data_position=128)
   ...   ckpt.wait()
   ...   restored, position = ckpt.restore(state)
@@ -26,8 +26,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from c3a_jax.config import C3AConfig
-from c3a_jax.train import TrainState
+from c3a_jax._config import C3AConfig
+from c3a_jax.training._step import TrainState
 
 
 def _shapes(tree: Any) -> dict[str, list]:

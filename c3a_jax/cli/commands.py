@@ -5,7 +5,7 @@
     c3a-jax merge RUN_DIR OUT_DIR
     c3a-jax suggest-block-size MODEL [--rank 8] [--target-modules query,value]
 
-With no config, ``train`` runs the offline default: the digits task (see c3a_jax.digits),
+With no config, ``train`` runs the offline default: the digits task (c3a_jax.cli.digits),
 C3A against head-only and full fine-tuning.
 """
 
@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from c3a_jax.experiment import Experiment
+from c3a_jax.cli.experiment import Experiment
 
 
 # The offline default: C3A on the digits MLP's hidden layers, the paper's large C3A learning rate.
@@ -35,14 +35,14 @@ def _log(msg: str) -> None:
 
 def _job(exp: Experiment):
   if exp.task == "digits":
-    from c3a_jax import digits
+    from c3a_jax.cli import digits
     return digits.job(exp.train.seed, log=_log)
-  from c3a_jax import hub
+  from c3a_jax.cli import hub
   return hub.job(exp, log=_log)
 
 
 def train(args: argparse.Namespace) -> int:
-  from c3a_jax import runner
+  from c3a_jax.cli import runner
   exp = (Experiment.load(args.config, args.overrides) if args.config
          else Experiment.from_dict(DIGITS_DEFAULT, args.overrides, source="default config"))
   job = _job(exp)
@@ -70,7 +70,7 @@ def _print_table(summaries: list[dict]) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-  from c3a_jax import runner
+  from c3a_jax.cli import runner
   exp, params = _load_run(args.run_dir)
   job = _job(exp)
   if job.eval_data is None:
@@ -82,7 +82,8 @@ def evaluate(args: argparse.Namespace) -> int:
 def _load_run(run_dir: str):
   """(experiment, params_of(job)) for a finished run directory."""
   import flax.serialization
-  from c3a_jax import peft_io, transform
+
+  import c3a_jax as c3a
 
   config = os.path.join(run_dir, "config.yaml")
   if not os.path.isfile(config):
@@ -91,8 +92,8 @@ def _load_run(run_dir: str):
 
   def params(job):
     if exp.train.mode == "c3a":
-      adapter, _ = peft_io.load_adapter(os.path.join(run_dir, "adapter"), job.params)
-      return transform.combine(adapter, job.params)
+      adapter, _ = c3a.load_adapter(os.path.join(run_dir, "adapter"), job.params)
+      return c3a.combine(adapter, job.params)
     path = os.path.join(run_dir, "params.msgpack")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"{path} does not exist: the run did not finish")
@@ -100,17 +101,17 @@ def _load_run(run_dir: str):
       data = f.read()
     if exp.train.mode == "full":
       return flax.serialization.from_bytes(job.params, data)
-    adapter, _ = transform.split(job.params, exp.c3a)
-    return transform.combine(flax.serialization.from_bytes(adapter, data), job.params)
+    adapter, _ = c3a.split(job.params, exp.c3a)
+    return c3a.combine(flax.serialization.from_bytes(adapter, data), job.params)
 
   return exp, params
 
 
 def merge(args: argparse.Namespace) -> int:
-  from c3a_jax import transform
+  import c3a_jax as c3a
   exp, params = _load_run(args.run_dir)
   job = _job(exp)
-  merged = transform.merge(params(job), safe=True)
+  merged = c3a.merge(params(job), safe=True)
   if job.save_merged is None:
     import flax.serialization
     from c3a_jax._io import atomic_write
@@ -124,7 +125,7 @@ def merge(args: argparse.Namespace) -> int:
 
 
 def suggest(args: argparse.Namespace) -> int:
-  from c3a_jax import blocks
+  from c3a_jax.cli import blocks
   print(blocks.report(args.model, rank=args.rank, target_modules=args.target_modules,
                       from_pt=args.from_pt))
   return 0

@@ -1,24 +1,24 @@
 """C3A as one fused Pallas kernel per pass: DFT, frequency product and inverse DFT per token tile.
 
-The ``"pallas"`` strategy of :func:`c3a_jax.ops.block_circulant_matmul`. Each program of the
+Experimental: unmeasured on the GPUs and TPUs it is written for, so it is not a strategy of
+:func:`c3a_jax.ops.block_circulant_matmul` and ``"auto"`` never picks it. Each program of the
 grid takes a tile of tokens and keeps everything between reading ``x`` and writing ``y`` on
 chip: the DFT of every input block (two matmuls with cosine and sine matrices), the product
 with the kernel spectrum summed over input blocks, and the inverse DFT (the transposed
-matrices, with irfft's weights folded into the kernel spectrum as in
-:mod:`c3a_jax.freq_major`). The backward pass is two more kernels: the input gradient is the
-same product with the transposed kernel spectrum, and the kernel gradient is a per-tile
-correlation summed over tiles outside the kernel (so no two programs write one block, as GPU
-grids require).
+matrices, with irfft's weights folded into the kernel spectrum, as the ``"freq_major"``
+strategy does). The backward pass is two more kernels: the input gradient is the same product
+with the transposed kernel spectrum, and the kernel gradient is a per-tile correlation summed
+over tiles outside the kernel (so no two programs write one block, as GPU grids require).
 
 The spectrum is padded from ``b // 2 + 1`` to ``b`` frequencies so that, for a power-of-two
 ``b``, every block shape is a power of two (Triton's requirement on GPU). Off CPU the kernel is
 compiled for the backend; on CPU it runs in Pallas's interpret mode, which is exact but slow:
-it is there to test the kernel, and ``"auto"`` never picks it (it is unmeasured on GPU/TPU in
-this project).
+it is there to test the kernel.
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from c3a_jax import ops, pallas
+  >>> from c3a_jax import ops
+  >>> from c3a_jax.experimental import pallas
   >>> x, w = jnp.ones((4, 8)), jnp.arange(16.0).reshape(2, 2, 4)
   >>> bool(jnp.allclose(pallas.apply(x, w), ops.block_circulant_matmul(x, w, strategy="fft"),
   ...                   atol=1e-5))
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from c3a_jax.freq_major import dft_halves, kernel_spectrum
+from c3a_jax.ops._spectral import dft_halves, kernel_spectrum
 
 TOKEN_TILE = 128
 """Tokens per program: a multiple of 8 (TPU sublanes) and of 16 (GPU matmul tiles)."""

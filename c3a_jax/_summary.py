@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from typing import Optional
 
 from c3a_jax import _tree
-from c3a_jax.config import C3AConfig
-from c3a_jax.optim import label
+from c3a_jax._config import C3AConfig
+from c3a_jax._labels import label
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,7 @@ full runs write ``params.msgpack`` instead). Ctrl-C saves a checkpoint and exits
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -26,19 +27,15 @@ import jax.numpy as jnp
 import optax
 import yaml
 
-from c3a_jax import peft_io
+import c3a_jax as c3a
 from c3a_jax._io import atomic_write
-from c3a_jax.checkpoint import Checkpointer
-from c3a_jax.experiment import Experiment
-from c3a_jax.job import Job, batches, eval_batches
-from c3a_jax.optim import optimizer
-from c3a_jax.summary import summary
-from c3a_jax.train import TrainState, cast_frozen, make_train_step
-from c3a_jax.transform import attach, combine, split
+from c3a_jax.cli.experiment import Experiment
+from c3a_jax.cli.job import Job, batches, eval_batches
+from c3a_jax.training import Checkpointer, TrainState, cast_frozen, make_train_step
 
 INTERRUPTED = 130  # the shell's exit status for Ctrl-C
 RESUMABLE = {("train", k) for k in ("steps", "log_every", "eval_every", "save_every",
-                                    "keep_checkpoints")}
+                                    "keep_checkpoints", "strategy")}
 RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "metrics.png", "summary.json", "checkpoints",
                "adapter", "params.msgpack", "baselines")
 
@@ -98,12 +95,12 @@ def _setup(exp: Experiment, job: Job):
     return job.params, None, adamw(head_lr), job.params
   params = job.params
   if t.mode == "c3a":
-    params = attach(params, cfg, jax.random.key(t.seed), model_type=job.model_type)
-  trainable, base = split(params, cfg)
+    params = c3a.attach(params, cfg, jax.random.key(t.seed), model_type=job.model_type)
+  trainable, base = c3a.split(params, cfg)
   if not jax.tree.leaves(trainable):
     raise ValueError(f"train.mode={t.mode!r} trains nothing: set c3a.modules_to_save "
                      "(e.g. [classifier]) or c3a.bias")
-  return trainable, base, optimizer(adamw(t.lr), trainable, cfg, head_tx=adamw(head_lr)), params
+  return trainable, base, c3a.optimizer(adamw(t.lr), trainable, cfg, head_tx=adamw(head_lr)), params
 
 
 def _plot(records: list[dict], path: str) -> None:
@@ -187,31 +184,63 @@ def _check_fits(exp: Experiment, job: Job) -> None:
     raise ValueError("the eval split is empty; set data.eval_split to null to train without one")
 
 
+@dataclasses.dataclass
+class _Metrics:
+  """``metrics.jsonl``, and its records in memory for the plot."""
+
+  path: str
+  records: list[dict]
+
+  @classmethod
+  def resume(cls, path: str, step: int) -> _Metrics:
+    """The records up to ``step`` (a resumed run drops what came after its checkpoint)."""
+    records = [r for r in _read_metrics(path) if r["step"] <= step]
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    return cls(path, records)
+
+  def write(self, record: dict) -> None:
+    # One line appended per record (not the whole file rewritten): a crash loses at most a
+    # partial last line, which resume drops along with everything past the checkpoint.
+    self.records.append(record)
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
 def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = False,
         quiet: bool = False, log=print) -> dict:
   """Trains ``job`` as ``exp`` says; returns the final summary (also in summary.json)."""
-  from tqdm.auto import tqdm
-
   _check_fits(exp, job)
-  t = exp.train
   trainable, base, tx, full_params = _setup(exp, job)
   out = prepare_dir(exp, resume=resume, overwrite=overwrite)
-  counts = summary(full_params if t.mode != "full" else job.params,
-                   exp.c3a if t.mode != "full" else None)
-  n_trainable = counts.trainable if t.mode != "full" else counts.total
+  if exp.train.compute_dtype == "bfloat16" and base is not None:
+    base = cast_frozen(base, jnp.bfloat16)  # once, not in every step
+  state, last_eval, metrics = _loop(exp, job, out, trainable, base, tx, resume=resume,
+                                    quiet=quiet, log=log)
+  return _finish(exp, job, out, state, base, full_params, last_eval, metrics)
 
-  def loss_fn(params, batch, rng):
-    return job.loss(params, batch, rng, True)
 
+def _combined(state: TrainState, base: Any) -> Any:
+  """The params the model runs with: the trained tree, over the frozen base if there is one."""
+  return state.params if base is None else c3a.combine(state.params, base)
+
+
+def _loop(exp: Experiment, job: Job, out: str, trainable: Any, base: Any,
+          tx: optax.GradientTransformation, *, resume: bool, quiet: bool, log
+          ) -> tuple[TrainState, dict | None, _Metrics]:
+  """Trains from the last checkpoint (or the start) to ``train.steps``, logging, evaluating
+  and checkpointing on the way; on Ctrl-C saves and exits with status 130.
+
+  Returns the state, the last evaluation (None if none ran) and the metrics file.
+  """
+  from tqdm.auto import tqdm
+
+  t = exp.train
   dtype = jnp.bfloat16 if t.compute_dtype == "bfloat16" else None
-  if dtype is not None and base is not None:
-    base = cast_frozen(base, dtype)  # once, not in every step
-  step_fn = jax.jit(make_train_step(loss_fn, tx, grad_accum=t.grad_accum, compute_dtype=dtype,
-                                    strategy=exp.c3a.strategy), donate_argnums=0)
-  combined = (lambda s: s.params) if base is None else (lambda s: combine(s.params, base))
+  step_fn = jax.jit(make_train_step(lambda params, batch, rng: job.loss(params, batch, rng, True),
+                                    tx, grad_accum=t.grad_accum, compute_dtype=dtype,
+                                    strategy=t.strategy), donate_argnums=0)
   # A copy: the step donates its state, and the job's params must outlive this run.
   state = TrainState.create(jax.tree.map(jnp.copy, trainable), tx, rng=t.seed)
-  metrics_path = os.path.join(out, "metrics.jsonl")
   ckpt = Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=t.keep_checkpoints,
                       config=exp.c3a if t.mode == "c3a" else None)
   position = 0
@@ -219,23 +248,8 @@ def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = Fa
     state, position = ckpt.restore(state)
     log(f"resumed {out} at step {int(state.step)}")
   step = saved = logged = int(state.step)  # host-side counters: no device sync per step
-  records = [r for r in _read_metrics(metrics_path) if r["step"] <= step]  # drop past the ckpt
-  atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+  metrics = _Metrics.resume(os.path.join(out, "metrics.jsonl"), step)
   tokens = t.batch_size * job.tokens_per_example
-
-  def write(record):
-    # One line appended per record (not the whole file rewritten): a crash loses at most a
-    # partial last line, which resume drops along with everything past the checkpoint.
-    records.append(record)
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-
-  def save():
-    nonlocal saved
-    if step != saved:
-      ckpt.save(state, data_position=position, force=True)
-      saved = step
-
   stream = batches(job.train_data, t.batch_size, t.seed, start=position)
   bar = tqdm(total=t.steps, initial=step, disable=quiet, file=sys.stderr,
              dynamic_ncols=True, desc=f"{t.mode} train")
@@ -244,42 +258,59 @@ def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = Fa
   with _sigint_flag() as interrupted:
     while step < t.steps and not interrupted():
       start = time.perf_counter()
-      state, metrics = step_fn(state, base, next(stream))
+      state, values = step_fn(state, base, next(stream))
       position += 1
       step += 1
       bar.update(1)
       if step % t.log_every == 0 or step == t.steps:
-        metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+        values = {k: float(v) for k, v in values.items()}  # waits for the step
         busy += time.perf_counter() - start
         tok_s = tokens * (step - logged) / max(busy, 1e-9)
         logged, busy = step, 0.0
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
-        write({"step": step, "split": "train", "tokens_per_s": tok_s, **metrics})
+        bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
+        metrics.write({"step": step, "split": "train", "tokens_per_s": tok_s, **values})
       else:
         busy += time.perf_counter() - start
       if job.eval_data is not None and (step % t.eval_every == 0 or step == t.steps):
-        last_eval = evaluate(job, combined(state), t.eval_batch_size)
-        write({"step": step, "split": "eval", **last_eval})
+        last_eval = evaluate(job, _combined(state, base), t.eval_batch_size)
+        metrics.write({"step": step, "split": "eval", **last_eval})
       if step % t.save_every == 0:
-        save()
+        saved = _checkpoint(ckpt, state, position, step, saved)
     bar.close()
-    save()
+    _checkpoint(ckpt, state, position, step, saved)
     ckpt.wait()
     ckpt.close()
     if interrupted():
       log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
       raise SystemExit(INTERRUPTED)
+  return state, last_eval, metrics
 
-  final = {"mode": t.mode, "steps": step, "trainable_params": n_trainable,
+
+def _checkpoint(ckpt: Checkpointer, state: TrainState, position: int, step: int, saved: int
+                ) -> int:
+  """Saves ``state`` unless ``step`` is saved already; returns the step now saved."""
+  if step != saved:
+    ckpt.save(state, data_position=position, force=True)
+  return step
+
+
+def _finish(exp: Experiment, job: Job, out: str, state: TrainState, base: Any, full_params: Any,
+            last_eval: dict | None, metrics: _Metrics) -> dict:
+  """Writes what a finished run leaves (adapter or params, plot, summary.json); the summary."""
+  t = exp.train
+  counts = c3a.summary(full_params if t.mode != "full" else job.params,
+                       exp.c3a if t.mode != "full" else None)
+  final = {"mode": t.mode, "steps": int(state.step),
+           "trainable_params": counts.trainable if t.mode != "full" else counts.total,
            "total_params": counts.total}
   if job.eval_data is not None:
-    if last_eval is None:  # resumed a finished run: nothing was evaluated above
-      last_eval = evaluate(job, combined(state), t.eval_batch_size)
+    if last_eval is None:  # resumed a finished run: nothing was evaluated in the loop
+      last_eval = evaluate(job, _combined(state, base), t.eval_batch_size)
     final.update({f"eval_{k}": v for k, v in last_eval.items()})
   if t.mode == "c3a":
-    peft_io.save_adapter(os.path.join(out, "adapter"), state.params, exp.c3a)
+    c3a.save_adapter(os.path.join(out, "adapter"), state.params, exp.c3a)
   else:
     atomic_write(os.path.join(out, "params.msgpack"), flax.serialization.to_bytes(state.params))
-  _plot(records, os.path.join(out, "metrics.png"))
+  _plot(metrics.records, os.path.join(out, "metrics.png"))
   atomic_write(os.path.join(out, "summary.json"), json.dumps(final, indent=2).encode())
   return final

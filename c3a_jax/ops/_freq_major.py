@@ -1,6 +1,7 @@
 """C3A's product with frequency-major spectra: every step a matmul, batched over frequencies.
 
-The ``"freq_major"`` strategy of :func:`c3a_jax.ops.block_circulant_matmul`. Each block of
+The ``"freq_major"`` strategy of :func:`c3a_jax.ops.block_circulant_matmul`, and the kernel
+gradient of the fold (:func:`c3a_jax.ops.fold`). Each block of
 ``x`` goes through a real DFT written as two matmuls (cosine and sine halves), whose output
 comes out frequency-major, ``(F, tokens * blocks)``, with ``F = b // 2 + 1``. In that layout
 the three products C3A needs are batched matmuls with the frequency as the batch axis:
@@ -14,22 +15,16 @@ The inverse DFT is the transpose of the forward one with the ``irfft`` weights f
 the kernel spectrum, so the backward pass reuses the same two matrices. A custom VJP keeps
 only ``x`` and the kernel spectrum; the spectrum of ``x`` is recomputed in the backward pass.
 
-Example:
-  >>> import jax.numpy as jnp
-  >>> from c3a_jax import freq_major, ops
-  >>> x, w = jnp.ones((4, 8)), jnp.arange(16.0).reshape(2, 2, 4)
-  >>> bool(jnp.allclose(freq_major.apply(x, w), ops.block_circulant_matmul(x, w, strategy="fft"),
-  ...                   atol=1e-5))
-  True
+It is the DFT-as-matmul path: on accelerators whose FFT is slow (TPUs) the transforms run
+on the matrix units.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from c3a_jax.ops._spectral import after, dft_halves, kernel_spectrum
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # the DFT must stay float32-exact on TPU/GPU matrix units
 
@@ -52,33 +47,6 @@ def kernel_grad(x: jax.Array, g: jax.Array, w: jax.Array) -> jax.Array:
 
 def _frequency_major(w: jax.Array) -> tuple[jax.Array, jax.Array]:
   return tuple(part.transpose(2, 1, 0) for part in kernel_spectrum(w))
-
-
-@functools.lru_cache(maxsize=None)
-def dft_halves(b: int) -> tuple[np.ndarray, np.ndarray]:
-  """(F, b) cosine and minus-sine rows: ``[cos; -sin] @ x`` is the real/imaginary rfft of x."""
-  angle = 2 * np.pi * np.outer(np.arange(b // 2 + 1), np.arange(b)) / b
-  return np.cos(angle).astype(np.float32), (-np.sin(angle)).astype(np.float32)
-
-
-def irfft_weights(b: int) -> np.ndarray:
-  """(F,) how often each rfft frequency counts in irfft: 1 for 0 (and b / 2 for even b), else 2."""
-  weight = np.full(b // 2 + 1, 2.0)
-  weight[0] = 1.0
-  if b % 2 == 0:
-    weight[-1] = 1.0
-  return weight
-
-
-def kernel_spectrum(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(m, n, F) real and imaginary parts of rfft(w) / d_in, times irfft's weights (1 or 2) / b.
-
-  With these weights folded in, the inverse DFT is the transpose of :func:`dft_halves`.
-  """
-  m, n, b = w.shape
-  wf = jnp.fft.rfft(w.astype(jnp.float32), axis=-1) * jnp.asarray(
-      irfft_weights(b) / (b * n * b), jnp.float32)
-  return wf.real, wf.imag
 
 
 def _spectrum(z: jax.Array, blocks: int) -> tuple[jax.Array, jax.Array]:
@@ -106,18 +74,6 @@ def _mul(a: jax.Array, k: jax.Array) -> jax.Array:
 
 def _correlate(a: jax.Array, g: jax.Array) -> jax.Array:
   return jnp.einsum("ftj,fti->fji", a, g, precision=_HIGHEST)
-
-
-def after(value: jax.Array, signal: jax.Array) -> jax.Array:
-  """``value`` plus a zero taken from ``signal``: whatever is computed from it waits for ``signal``.
-
-  A backward pass recomputes things (W', the spectrum of x) that depend on the forward pass
-  only; left free, XLA computes every adapted layer's at the start of the backward pass and
-  holds them all (optimisation barriers do not survive its CPU pipeline). Tied to the layer's
-  incoming gradient they are built one layer at a time. XLA keeps the float product with zero;
-  it can only turn a result NaN where ``signal`` already holds a NaN or an infinity.
-  """
-  return value + (0.0 * jnp.sum(signal.ravel()[:1])).astype(value.dtype)
 
 
 def _correlation(x, gr, gi, n):

@@ -21,10 +21,10 @@ from collections.abc import Mapping
 from typing import Any, Optional
 
 from c3a_jax import _tree
-from c3a_jax.config import C3AConfig
+from c3a_jax._config import C3AConfig
 
 # PEFT's TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING for the models transformers has in Flax.
-# ViT is not in PEFT's table; DESIGN.md adds it (its attention is named like BERT's).
+# ViT is not in PEFT's table; c3a-jax adds it (its attention is named like BERT's).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "vit"), ("query", "value")),
     **dict.fromkeys(("llama", "mistral", "gemma", "qwen2", "opt", "gptj", "gpt_neo", "bart"),

@@ -1,4 +1,4 @@
-"""What trains under a C3AConfig, and an optax optimizer that trains only that.
+"""An optax optimizer that trains only what a C3AConfig makes trainable.
 
 Example:
   >>> import jax, jax.numpy as jnp, optax, c3a_jax as c3a
@@ -6,8 +6,6 @@ Example:
   ...           "classifier": {"kernel": jnp.ones((8, 2)), "bias": jnp.zeros(2)}}
   >>> cfg = c3a.C3AConfig(block_size=4, target_modules=["query"], modules_to_save=["classifier"])
   >>> params = c3a.attach(params, cfg, jax.random.key(0))
-  >>> sorted(c3a.labels(params, cfg)["query"].items())
-  [('bias', 'frozen'), ('c3a_kernel', 'c3a'), ('kernel', 'frozen')]
   >>> tx = c3a.optimizer(optax.adamw(1e-1), params, cfg, head_tx=optax.adamw(4e-6))
   >>> state = tx.init(params)   # moments for c3a_kernel and the classifier only
 """
@@ -15,42 +13,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, Optional
-
-import jax
+from typing import Optional
 
 import optax
 
 from c3a_jax import _tree
-from c3a_jax.config import C3AConfig
-from c3a_jax.targets import C3A_LEAVES, trains_fully
-
-Label = Literal["c3a", "modules_to_save", "bias", "frozen"]
-
-
-def label(params: Mapping, path: str, name: str, cfg: Optional[C3AConfig] = None) -> Label:
-  """The label of leaf ``name`` of module ``path``: which group trains it, or ``"frozen"``."""
-  if name in C3A_LEAVES:
-    return "c3a"
-  if cfg is None:
-    return "frozen"
-  if cfg.modules_to_save and trains_fully(path, cfg):
-    return "modules_to_save"
-  if name == "bias" and (cfg.bias == "all" or (
-      cfg.bias == "c3a_only" and any(n in _tree.get(params, path) for n in C3A_LEAVES))):
-    return "bias"
-  return "frozen"
-
-
-def labels(params: Mapping, cfg: Optional[C3AConfig] = None) -> Any:
-  """A tree shaped like ``params`` (same container types) holding each leaf's :func:`label`."""
-
-  def one(path, _):
-    keys = [getattr(k, "key", k) for k in path]
-    return label(params, ".".join(keys[:-1]), keys[-1], cfg)
-
-  return jax.tree_util.tree_map_with_path(one, params)
-
+from c3a_jax._config import C3AConfig
+from c3a_jax._labels import labels
 
 def optimizer(tx: optax.GradientTransformation, params: Mapping, cfg: C3AConfig, *,
               head_tx: Optional[optax.GradientTransformation] = None,
@@ -74,4 +43,3 @@ def optimizer(tx: optax.GradientTransformation, params: Mapping, cfg: C3AConfig,
   transforms = {"c3a": tx, "bias": tx, "modules_to_save": head_tx or tx,
                 "frozen": optax.set_to_zero()}
   return optax.multi_transform(transforms, lambda p: labels(p, cfg))
-

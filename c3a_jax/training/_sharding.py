@@ -11,9 +11,9 @@ The rule for parameters:
 
 Example:
   >>> import jax, jax.numpy as jnp, c3a_jax as c3a
-  >>> mesh = c3a.make_mesh()  # every device on the "data" axis
+  >>> mesh = c3a.training.make_mesh()  # every device on the "data" axis
   >>> tree = {"fc": {"kernel": jnp.ones((8, 4)), "c3a_kernel": jnp.ones((2, 2, 4))}}
-  >>> sorted(str(s.spec) for s in jax.tree.leaves(c3a.param_shardings(tree, mesh)))
+  >>> sorted(str(s.spec) for s in jax.tree.leaves(c3a.training.param_shardings(tree, mesh)))
   ['P()', 'P()']
 """
 
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from c3a_jax.targets import C3A_LEAVES
+from c3a_jax._targets import C3A_LEAVES
 
 DATA, FSDP = "data", "fsdp"
 AXES = (DATA, FSDP)
@@ -50,7 +50,7 @@ def _check_mesh(mesh: Mesh) -> None:
   unknown = [a for a in mesh.axis_names if a not in AXES]
   if unknown:
     raise ValueError(f"mesh axes {unknown} are not known to c3a_jax's sharding rules; name the "
-                     f"axes from {AXES} (c3a.make_mesh builds such a mesh)")
+                     f"axes from {AXES} (c3a.training.make_mesh builds such a mesh)")
 
 
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh, *, fsdp: bool = True) -> P:

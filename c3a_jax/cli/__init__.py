@@ -1,0 +1,43 @@
+"""The ``c3a-jax`` command: fine-tune with C3A from YAML configs, on the library's public API.
+
+An app beside the library, with dependencies of its own (``pip install "c3a-jax[cli]"``):
+``commands`` (the subcommands), ``experiment`` (configs), ``runner`` (the training loop and
+the run directory), ``job`` (a model and its data), ``hub`` (Hugging Face models and datasets),
+``digits`` (the offline default task) and ``blocks`` (block size suggestions).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+# What the [cli] extra installs and the library never imports: the app's own modules, checked
+# before anything runs, and the Hugging Face ones, needed only for hub models and datasets.
+_APP_MODULES = ("yaml", "tqdm", "matplotlib", "sklearn")
+_HUB_MODULES = ("transformers", "datasets", "huggingface_hub", "PIL")
+
+
+def _missing(module: str) -> str:
+  return (f"c3a-jax: error: the command line needs {module!r}, which is not installed; install "
+          'the app\'s dependencies with: pip install "c3a-jax[cli]"')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs ``c3a-jax`` with ``argv`` (default: the process's); returns the exit status."""
+  for module in _APP_MODULES:
+    if importlib.util.find_spec(module) is None:
+      print(_missing(module), file=sys.stderr)
+      return 2
+  from c3a_jax.cli import commands
+  try:
+    return commands.main(argv)
+  except ModuleNotFoundError as e:
+    if (e.name or "").split(".")[0] not in _HUB_MODULES:
+      raise
+    print(_missing(e.name), file=sys.stderr)
+    return 2
+
+
+__all__ = ["main"]

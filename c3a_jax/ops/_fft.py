@@ -1,0 +1,20 @@
+"""The ``"fft"`` strategy: rfft, a complex product summed over input blocks, irfft.
+
+PEFT's own formulation, differentiated by autodiff: the plain reference the other strategies
+are tested against, and the fold's kernel gradient for blocks too large for DFT matmuls.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def apply(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``x @ delta_weight(w)`` for ``x`` of shape ``(tokens, n * b)``, in float32."""
+  m, n, b = w.shape
+  xf = jnp.fft.rfft(x.astype(jnp.float32).reshape(-1, n, b), axis=-1)
+  # The 1/d_in scale goes on the small kernel spectrum, not the (tokens, d_out) output.
+  wf = jnp.conj(jnp.fft.rfft(w.astype(jnp.float32), axis=-1)) / (n * b)
+  yf = jnp.einsum("tjf,ijf->tif", xf, wf)
+  return jnp.fft.irfft(yf, n=b, axis=-1).reshape(-1, m * b)

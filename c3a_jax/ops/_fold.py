@@ -1,0 +1,104 @@
+"""C3A folded into a matmul: ``y = x @ (W + delta)``, the kernel gradient computed spectrally.
+
+An adapted float32 Dense computes ``x @ W + x @ delta`` whichever way it is written; written
+as ``x @ W'`` with ``W' = W + delta``, the forward and the input gradient ride on the base
+layer's own matmuls (``x @ W'`` and ``g @ W'.T``), so the adapter adds only building ``delta``
+(``d_in * d_out`` elements, no flops to speak of) and its kernel gradient. That gradient is not
+taken through ``W'`` (which would be the full ``x.T @ g`` matmul a frozen layer never pays
+for) but as C3A's correlation summed over tokens: DFT matmuls (``"freq_major"``) up to
+``b = 256``, FFTs beyond.
+
+``W'`` is not kept for the backward pass (one ``(d_in, d_out)`` buffer per adapted layer) but
+rebuilt there, once the layer's gradient has arrived.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from c3a_jax.ops import _fft, _freq_major
+from c3a_jax.ops._kernel import delta_weight, kernel_shape
+from c3a_jax.ops._spectral import after
+
+# Above this block size the kernel gradient's transforms are FFTs, below it DFT matmuls
+# (benchmarks/RESULTS.md: a (b, b) DFT matmul per block costs more than an FFT for large b).
+_DFT_MAX_B = 256
+
+
+def fold(x: jax.Array, w: jax.Array, kernel: Optional[jax.Array] = None, *,
+         precision: jax.lax.PrecisionLike = None) -> jax.Array:
+  """``x @ (kernel + delta_weight(w))`` in float32; ``kernel=None``: ``x @ delta_weight(w)``.
+
+  The interceptor computes a plain float32 ``flax.linen.Dense`` this way under ``"auto"`` when
+  the tokens are enough to pay for building ``W'`` twice (:func:`choose_strategy`). Lower
+  precision layers never fold: rounding ``W + delta`` to bfloat16 would lose the small delta.
+
+  Args:
+    x: ``(..., d_in)`` activations; computed in float32.
+    w: ``(m, n, b)`` C3A kernel with ``n * b = d_in``.
+    kernel: ``(d_in, d_out)`` frozen Dense kernel, or None.
+    precision: passed to the matmuls, as ``flax.linen.Dense(precision=...)``.
+
+  Returns:
+    ``(..., d_out)`` float32. Gradients flow to ``x``, ``w`` and ``kernel`` (the last is a
+    full matmul; under ``jit`` XLA drops it when the kernel is frozen).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from c3a_jax import ops
+    >>> x, k = jnp.ones((4, 8)), jnp.eye(8, 12)
+    >>> w = jnp.arange(24.0).reshape(3, 2, 4)
+    >>> bool(jnp.allclose(ops.fold(x, w, k), x @ k + ops.block_circulant_matmul(x, w),
+    ...                   atol=1e-5))
+    True
+  """
+  m, n, b = kernel_shape(w, "fold")
+  if x.shape[-1] != n * b or (kernel is not None and kernel.shape != (n * b, m * b)):
+    raise ValueError(
+        f"fold: x has {x.shape[-1]} features and the kernel shape "
+        f"{None if kernel is None else tuple(kernel.shape)}, but the C3A kernel of shape "
+        f"{tuple(w.shape)} (m, n, b) needs x with n*b = {n * b} features and a kernel "
+        f"({n * b}, {m * b})")
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, n * b).astype(jnp.float32)
+  if kernel is not None:
+    kernel = kernel.astype(jnp.float32)
+  return _fold(x2, w, kernel, precision).reshape(*lead, m * b)
+
+
+def _weight(w, kernel):
+  delta = delta_weight(w)
+  return delta if kernel is None else kernel + delta
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fold(x, w, kernel, precision):
+  return jnp.matmul(x, _weight(w, kernel), precision=precision)
+
+
+def _fold_fwd(x, w, kernel, precision):
+  # Keeps what is alive anyway (x, the kernels); W' is rebuilt in the backward pass.
+  return _fold(x, w, kernel, precision), (x, w, kernel)
+
+
+def _fold_bwd(precision, residuals, g):
+  x, w, kernel = residuals
+  # Rebuilt after g arrives: left free, XLA would reuse the forward's W', holding every
+  # adapted layer's until the backward pass.
+  dx = jnp.matmul(g, _weight(after(w, g), kernel).T, precision=precision)
+  if w.shape[-1] <= _DFT_MAX_B:
+    dw = _freq_major.kernel_grad(x, g, w)  # ties x's spectrum to g itself
+  else:
+    # Only the kernel gradient of the FFT path is used; XLA drops its forward.
+    x_late = after(x, g)
+    _, vjp = jax.vjp(lambda w: _fft.apply(x_late, w), w)
+    dw = vjp(g)[0]
+  dkernel = None if kernel is None else jnp.matmul(x.T, g, precision=precision)
+  return dx, dw.astype(w.dtype), dkernel
+
+
+_fold.defvjp(_fold_fwd, _fold_bwd)

@@ -1,0 +1,38 @@
+"""A C3A kernel ``(m, n, b)``: its shape check and the dense weight change it stands for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def kernel_shape(w: Any, where: str) -> tuple[int, int, int]:
+  """``(m, n, b)`` of a C3A kernel (an array or a shape); a ValueError naming ``where`` if not."""
+  shape = tuple(getattr(w, "shape", w))
+  if len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f"{where}: a C3A kernel has shape (d_out // b, d_in // b, b), got {shape}")
+  return shape
+
+
+def delta_weight(w: jax.Array) -> jax.Array:
+  """The dense weight change of C3A kernel ``w`` in Flax ``(d_in, d_out)`` layout, float32.
+
+  ``delta_weight(w).T`` is PEFT's ``get_delta_weight`` (PyTorch ``(out, in)`` layout).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from c3a_jax import ops
+    >>> ops.delta_weight(jnp.array([[[1.0, 2.0]]])) * 2   # one 2x2 circulant block, d_in = 2
+    Array([[1., 2.],
+           [2., 1.]], dtype=float32)
+  """
+  m, n, b = kernel_shape(w, "delta_weight")
+  r = jnp.arange(b)
+  # blocks[i, j, r, c] = w[i, j, (c - r) mod b]: each row is the previous one shifted right.
+  # (A (b, b) index array: one gather straight into (d_in, d_out) would index with a
+  # (d_in * d_out, 3) array, three times the size of the result.)
+  blocks = w.astype(jnp.float32)[:, :, (r[None, :] - r[:, None]) % b]
+  # (i, j, r, c) -> rows j*b + c (input), columns i*b + r (output).
+  return blocks.transpose(1, 3, 0, 2).reshape(n * b, m * b) / (n * b)

@@ -1,0 +1,54 @@
+"""What the DFT-as-matmul paths share: DFT rows, irfft weights, the kernel spectrum, ordering.
+
+A real DFT of length ``b`` keeps ``F = b // 2 + 1`` frequencies; its rows are the cosine and
+minus-sine halves below. With irfft's weights and the ``1 / (b * d_in)`` scales folded into the
+kernel spectrum, the inverse DFT is the transpose of the forward one, so a forward pass and its
+backward pass use the same two matrices.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.lru_cache(maxsize=None)
+def dft_halves(b: int) -> tuple[np.ndarray, np.ndarray]:
+  """(F, b) cosine and minus-sine rows: ``[cos; -sin] @ x`` is the real/imaginary rfft of x."""
+  angle = 2 * np.pi * np.outer(np.arange(b // 2 + 1), np.arange(b)) / b
+  return np.cos(angle).astype(np.float32), (-np.sin(angle)).astype(np.float32)
+
+
+def irfft_weights(b: int) -> np.ndarray:
+  """(F,) how often each rfft frequency counts in irfft: 1 for 0 (and b / 2 for even b), else 2."""
+  weight = np.full(b // 2 + 1, 2.0)
+  weight[0] = 1.0
+  if b % 2 == 0:
+    weight[-1] = 1.0
+  return weight
+
+
+def kernel_spectrum(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(m, n, F) real and imaginary parts of rfft(w) / d_in, times irfft's weights (1 or 2) / b.
+
+  With these weights folded in, the inverse DFT is the transpose of :func:`dft_halves`.
+  """
+  m, n, b = w.shape
+  wf = jnp.fft.rfft(w.astype(jnp.float32), axis=-1) * jnp.asarray(
+      irfft_weights(b) / (b * n * b), jnp.float32)
+  return wf.real, wf.imag
+
+
+def after(value: jax.Array, signal: jax.Array) -> jax.Array:
+  """``value`` plus a zero taken from ``signal``: whatever is computed from it waits for ``signal``.
+
+  A backward pass recomputes things (W', the spectrum of x) that depend on the forward pass
+  only; left free, XLA computes every adapted layer's at the start of the backward pass and
+  holds them all (optimisation barriers do not survive its CPU pipeline). Tied to the layer's
+  incoming gradient they are built one layer at a time. XLA keeps the float product with zero;
+  it can only turn a result NaN where ``signal`` already holds a NaN or an infinity.
+  """
+  return value + (0.0 * jnp.sum(signal.ravel()[:1])).astype(value.dtype)

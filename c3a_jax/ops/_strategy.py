@@ -1,0 +1,84 @@
+"""How the C3A product is computed: the strategy names, and the one ``"auto"`` picks."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Literal, Optional
+
+import jax
+
+from c3a_jax.ops._kernel import kernel_shape
+
+Strategy = Literal["auto", "fft", "freq_major", "dense", "fold"]
+STRATEGIES: tuple[Strategy, ...] = ("auto", "fft", "freq_major", "dense", "fold")
+"""How :func:`block_circulant_matmul` computes the same product (see its docstring)."""
+
+# Old names, accepted for one release with a DeprecationWarning.
+_RENAMED = {"merged": "fold"}
+
+# "auto" thresholds, from benchmarks/layer.py on a 2-core CPU (see benchmarks/RESULTS.md).
+_DENSE_MAX_B = 8
+_DENSE_MAX_TOKENS = 16
+_FREQ_MAJOR_MAX_B = 256
+_FREQ_MAJOR_MIN_BLOCKS_CPU = 16
+
+
+def check_strategy(strategy: str, where: str) -> Strategy:
+  """``strategy`` if it is one of :data:`STRATEGIES` (or a deprecated name for one), else a
+  ValueError naming ``where`` and the valid names.
+
+  Example:
+    >>> from c3a_jax import ops
+    >>> ops.check_strategy("fold", "intercept")
+    'fold'
+  """
+  if strategy in _RENAMED:
+    new = _RENAMED[strategy]
+    warnings.warn(f"{where}: strategy={strategy!r} is deprecated; it is now called {new!r}",
+                  DeprecationWarning, stacklevel=3)
+    return new
+  if strategy not in STRATEGIES:
+    raise ValueError(f"{where}: strategy={strategy!r} is not one of {STRATEGIES}")
+  return strategy
+
+
+def choose_strategy(x_shape: tuple[int, ...], w_shape: tuple[int, int, int],
+                    backend: Optional[str] = None, *, with_base: bool = False) -> Strategy:
+  """The strategy ``"auto"`` uses for activations of ``x_shape`` and a kernel of ``w_shape``.
+
+  Deterministic: a function of the shapes, the backend (default: JAX's default backend) and
+  ``with_base`` only. The thresholds come from ``benchmarks/layer.py`` (see
+  benchmarks/RESULTS.md).
+
+  ``with_base=True`` says the delta goes into a float32 Dense whose kernel can absorb it (the
+  interceptor's case): then ``"fold"``, which leaves the adapter only the delta's build
+  (two passes over a ``(d_in, d_out)`` matrix) and its kernel gradient, unless the tokens are
+  too few to pay for the build: fewer than ``d_in * d_out / (2 * (d_in + d_out))``.
+
+  Example:
+    >>> from c3a_jax import ops
+    >>> ops.choose_strategy((8, 128, 768), (6, 6, 128), backend="cpu")
+    'fft'
+    >>> ops.choose_strategy((2048, 4096), (16, 16, 256), backend="cpu")
+    'freq_major'
+    >>> ops.choose_strategy((2048, 4096), (16, 16, 256), with_base=True)
+    'fold'
+  """
+  m, n, b = kernel_shape(w_shape, "choose_strategy")
+  tokens = math.prod(x_shape[:-1])
+  d_in, d_out = n * b, m * b
+  if with_base and 2 * tokens * (d_in + d_out) >= d_in * d_out:
+    return "fold"
+  if b <= _DENSE_MAX_B or tokens <= _DENSE_MAX_TOKENS:
+    return "dense"
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    # Not measured here (no accelerator in this project's CI): DFT matmuls feed the matrix
+    # units up to moderate blocks (TPUs have no fast FFT), cuFFT / the TPU FFT beyond.
+    return "freq_major" if b <= _FREQ_MAJOR_MAX_B else "fft"
+  # CPU (benchmarks/RESULTS.md): with many blocks the batched frequency-major matmuls win,
+  # until b is so large that the DFT-as-matmul costs more than an FFT.
+  if b <= _FREQ_MAJOR_MAX_B and max(m, n) >= _FREQ_MAJOR_MIN_BLOCKS_CPU:
+    return "freq_major"
+  return "fft"
