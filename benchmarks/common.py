@@ -31,13 +31,18 @@ def machine() -> str:
   except OSError:
     pass
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  return (f"{model}, {os.cpu_count()} cores, backend {jax.default_backend()}, jax "
-          f"{jax.__version__}, 1-min load at start {load:.2f}, "
-          f"{datetime.datetime.now().isoformat(timespec='minutes')}")
+  return (
+    f"{model}, {os.cpu_count()} cores, backend {jax.default_backend()}, jax "
+    f"{jax.__version__}, 1-min load at start {load:.2f}, "
+    f"{datetime.datetime.now().isoformat(timespec='minutes')}"
+  )
 
 
-def wait_for_quiet(max_load: float = 1.5, tries: int = int(os.environ.get("BENCH_WAIT_TRIES", 6)),
-                   sleep_s: float = 20.0) -> float:
+def wait_for_quiet(
+  max_load: float = 1.5,
+  tries: int = int(os.environ.get("BENCH_WAIT_TRIES", 6)),
+  sleep_s: float = 20.0,
+) -> float:
   """Waits (a few times; env BENCH_WAIT_TRIES) for the 1-minute load to drop below ``max_load``."""
   load = os.getloadavg()[0]
   for _ in range(tries):
@@ -49,8 +54,9 @@ def wait_for_quiet(max_load: float = 1.5, tries: int = int(os.environ.get("BENCH
   return load
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
-                ) -> dict[str, float]:
+def interleaved(
+  fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, float]:
   """Median seconds of each ``fn()``, run round-robin so that load drifts hit all alike."""
   for fn in fns.values():
     for _ in range(warmup):
@@ -84,17 +90,23 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 # ---- LoRA baseline: an interceptor adding (x @ lora_a) @ lora_b * alpha / r to Dense layers.
 
+
 def lora_interceptor(scale: float):
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if (context.method_name != "__call__" or not isinstance(module, nn.Dense)
-        or module.scope is None or not module.has_variable("params", "lora_a")):
+    if (
+      context.method_name != "__call__"
+      or not isinstance(module, nn.Dense)
+      or module.scope is None
+      or not module.has_variable("params", "lora_a")
+    ):
       return next_fun(*args, **kwargs)
     y = next_fun(*args, **kwargs)
     x = (args[0] if args else kwargs["inputs"]).astype(y.dtype)
     a = module.get_variable("params", "lora_a")
     b = module.get_variable("params", "lora_b")
     return y + ((x @ a) @ b) * scale
+
   return interceptor
 
 
@@ -102,19 +114,25 @@ def lora_interceptor(scale: float):
 # c3a_jax.experimental.pallas.apply(x, w) to Dense layers holding a C3A kernel. It is not a
 # strategy of c3a.intercept (it is unmeasured on the GPUs and TPUs it is written for).
 
+
 def pallas_interceptor():
   from c3a_jax.experimental import pallas
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if (context.method_name != "__call__" or not isinstance(module, nn.Dense)
-        or module.scope is None or not module.has_variable("params", "c3a_kernel")):
+    if (
+      context.method_name != "__call__"
+      or not isinstance(module, nn.Dense)
+      or module.scope is None
+      or not module.has_variable("params", "c3a_kernel")
+    ):
       return next_fun(*args, **kwargs)
     y = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     w = module.get_variable("params", "c3a_kernel")
     delta = pallas.apply(x.reshape(-1, x.shape[-1]).astype(jnp.float32), w)
     return y + delta.reshape(*x.shape[:-1], -1).astype(y.dtype)
+
   return interceptor
 
 
@@ -126,9 +144,10 @@ def attach_lora(params: Any, targets: tuple[str, ...], rank: int, key: jax.Array
     if path[-1] == "kernel" and path[-2] in targets and leaf.ndim == 2:
       key, sub = jax.random.split(key)
       d_in, d_out = leaf.shape
-      bound = 1.0 / d_in ** 0.5
-      out[(*path[:-1], "lora_a")] = jax.random.uniform(sub, (d_in, rank), jnp.float32,
-                                                        -bound, bound)
+      bound = 1.0 / d_in**0.5
+      out[(*path[:-1], "lora_a")] = jax.random.uniform(
+        sub, (d_in, rank), jnp.float32, -bound, bound
+      )
       out[(*path[:-1], "lora_b")] = jnp.zeros((rank, d_out), jnp.float32)
   return traverse_util.unflatten_dict(out)
 
@@ -142,8 +161,22 @@ def partition(params: Any, trainable: Callable[[tuple[str, ...]], bool]) -> tupl
 
 
 def combine(a: Any, b: Any) -> Any:
-  return traverse_util.unflatten_dict({**traverse_util.flatten_dict(a),
-                                       **traverse_util.flatten_dict(b)})
+  return traverse_util.unflatten_dict(
+    {**traverse_util.flatten_dict(a), **traverse_util.flatten_dict(b)}
+  )
+
+
+def roberta_base_config(layers: int, seq: int) -> dict[str, Any]:
+  """RoBERTa-base widths with ``layers`` layers, as keyword arguments of ``RobertaConfig``."""
+  return dict(
+    vocab_size=50265,
+    hidden_size=768,
+    num_hidden_layers=layers,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=max(514, seq + 2),
+    num_labels=2,
+  )
 
 
 def model_parser(description: str, repeats: int) -> argparse.ArgumentParser:

@@ -38,17 +38,31 @@ from c3a_jax.experimental import pallas
 
 # The delta alone: block_circulant_matmul's strategies, then, off CPU, the experimental Pallas
 # kernel (interpret mode on CPU is a test path, far too slow to time), then "auto" (last).
-STRATEGIES = ("fft", "freq_major", "dense",
-              *(("pallas",) if jax.default_backend() != "cpu" else ()), "auto")
+STRATEGIES = (
+  "fft",
+  "freq_major",
+  "dense",
+  *(("pallas",) if jax.default_backend() != "cpu" else ()),
+  "auto",
+)
 QUICK = [(768, 768, 4096, 128), (4096, 4096, 2048, 256)]
 DEFAULT = [
-    (768, 768, 128, 128), (768, 768, 4096, 32), (768, 768, 4096, 128), (768, 768, 4096, 768),
-    (4096, 4096, 2048, 32), (4096, 4096, 2048, 256), (4096, 4096, 2048, 4096),
-    (4096, 11008, 512, 256),
+  (768, 768, 128, 128),
+  (768, 768, 4096, 32),
+  (768, 768, 4096, 128),
+  (768, 768, 4096, 768),
+  (4096, 4096, 2048, 32),
+  (4096, 4096, 2048, 256),
+  (4096, 4096, 2048, 4096),
+  (4096, 11008, 512, 256),
 ]
 FULL = [
-    *DEFAULT, (768, 768, 16384, 128), (4096, 4096, 128, 256), (4096, 4096, 16384, 256),
-    (4096, 11008, 2048, 128), (768, 768, 8, 128),
+  *DEFAULT,
+  (768, 768, 16384, 128),
+  (4096, 4096, 128, 256),
+  (4096, 4096, 16384, 256),
+  (4096, 11008, 2048, 128),
+  (768, 768, 8, 128),
 ]
 TARGETS = {(4096, 4096, 2048, 256): 0.2, (768, 768, 4096, 128): 0.5}
 
@@ -56,12 +70,15 @@ TARGETS = {(4096, 4096, 2048, 256): 0.2, (768, 768, 4096, 128): 0.5}
 def measure(d_in, d_out, tokens, b, repeats, strategies=STRATEGIES):
   keys = jax.random.split(jax.random.key(0), 8)
   x = jax.random.normal(keys[0], (tokens, d_in), jnp.float32)
-  kernel = jax.random.normal(keys[1], (d_in, d_out), jnp.float32) / d_in ** 0.5
+  kernel = jax.random.normal(keys[1], (d_in, d_out), jnp.float32) / d_in**0.5
   g = jax.random.normal(keys[2], (tokens, d_out), jnp.float32)
   w = jax.random.normal(keys[3], (d_out // b, d_in // b, b), jnp.float32)
   r_same = max(1, round(d_in * d_out / (b * (d_in + d_out))))
-  fns = {"frozen": (lambda f: lambda: f(x, kernel, g))(
-      fwd_bwd(lambda x, k: x @ jax.lax.stop_gradient(k)))}
+  fns = {
+    "frozen": (lambda f: lambda: f(x, kernel, g))(
+      fwd_bwd(lambda x, k: x @ jax.lax.stop_gradient(k))
+    )
+  }
   for s in strategies:
     if s == "pallas":
       f = fwd_bwd(lambda x, w: pallas.apply(x, w))
@@ -74,8 +91,8 @@ def measure(d_in, d_out, tokens, b, repeats, strategies=STRATEGIES):
   for name, f in (("in_dense", folded if in_dense else added), ("fold_in_dense", folded)):
     fns[name] = (lambda f: lambda: f(x, kernel, w, g))(fwd_bwd(f))
   for name, r in (("lora8", 8), ("lora_same", r_same)):
-    a = jax.random.normal(keys[4], (d_in, r)) / d_in ** 0.5
-    bb = jax.random.normal(keys[5], (r, d_out)) / r ** 0.5
+    a = jax.random.normal(keys[4], (d_in, r)) / d_in**0.5
+    bb = jax.random.normal(keys[5], (r, d_out)) / r**0.5
     f = fwd_bwd(lambda x, a, bb: (x @ a) @ bb)
     fns[name] = (lambda f, a, bb: lambda: f(x, a, bb, g))(f, a, bb)
   t = interleaved(fns, repeats)
@@ -95,7 +112,7 @@ def main():
   shapes = QUICK if args.quick else FULL if args.full else DEFAULT
   rows, raw = [], []
   for d_in, d_out, tokens, b in shapes:
-    repeats = args.repeats if d_in * d_out * tokens < 2 ** 34 else max(3, args.repeats // 2)
+    repeats = args.repeats if d_in * d_out * tokens < 2**34 else max(3, args.repeats // 2)
     t, r_same = measure(d_in, d_out, tokens, b, repeats)
     auto = ops.choose_strategy((tokens, d_in), (d_out // b, d_in // b, b))
     best = min(STRATEGIES[:-1], key=lambda s: t[s])
@@ -104,22 +121,65 @@ def main():
     rel["in_dense"] -= 1.0
     rel["fold_in_dense"] -= 1.0
     in_dense = ops.choose_strategy((tokens, d_in), (d_out // b, d_in // b, b), with_base=True)
-    verdict = "" if target is None else ("met" if rel["in_dense"] <= target else "NOT met") + \
-        f" (<= {target})"
-    rows.append([f"{d_in}x{d_out}", tokens, b, f"{t['frozen'] * 1e3:.1f}", rel["in_dense"],
-                 in_dense, rel["fold_in_dense"], *(rel[s] for s in STRATEGIES), auto, best,
-                 rel["lora8"], f"{rel['lora_same']:.3f} (r={r_same})",
-                 rel["in_dense"] / rel["lora8"], rel["in_dense"] / rel["lora_same"], verdict])
-    raw.append({"shape": [d_in, d_out], "tokens": tokens, "b": b, "seconds": t,
-                "auto": auto, "in_dense_picks": in_dense, "r_same": r_same})
-    print(" ".join(str(v if not isinstance(v, float) else round(v, 3)) for v in rows[-1]),
-          flush=True)
-  header = ["layer", "tokens", "b", "frozen ms", "C3A in Dense (auto)", "picks",
-            "fold in Dense", *(f"{s}/frozen" for s in STRATEGIES),
-            "auto picks (alone)", "fastest", "LoRA r=8/frozen", "LoRA same-params/frozen",
-            "C3A in Dense/LoRA r=8", "C3A in Dense/LoRA same", "target"]
-  print("\nAdapter forward+backward time / frozen matmul forward+backward (medians of "
-        f"{args.repeats}, interleaved):\n")
+    verdict = (
+      ""
+      if target is None
+      else ("met" if rel["in_dense"] <= target else "NOT met") + f" (<= {target})"
+    )
+    rows.append(
+      [
+        f"{d_in}x{d_out}",
+        tokens,
+        b,
+        f"{t['frozen'] * 1e3:.1f}",
+        rel["in_dense"],
+        in_dense,
+        rel["fold_in_dense"],
+        *(rel[s] for s in STRATEGIES),
+        auto,
+        best,
+        rel["lora8"],
+        f"{rel['lora_same']:.3f} (r={r_same})",
+        rel["in_dense"] / rel["lora8"],
+        rel["in_dense"] / rel["lora_same"],
+        verdict,
+      ]
+    )
+    raw.append(
+      {
+        "shape": [d_in, d_out],
+        "tokens": tokens,
+        "b": b,
+        "seconds": t,
+        "auto": auto,
+        "in_dense_picks": in_dense,
+        "r_same": r_same,
+      }
+    )
+    print(
+      " ".join(str(v if not isinstance(v, float) else round(v, 3)) for v in rows[-1]), flush=True
+    )
+  header = [
+    "layer",
+    "tokens",
+    "b",
+    "frozen ms",
+    "C3A in Dense (auto)",
+    "picks",
+    "fold in Dense",
+    *(f"{s}/frozen" for s in STRATEGIES),
+    "auto picks (alone)",
+    "fastest",
+    "LoRA r=8/frozen",
+    "LoRA same-params/frozen",
+    "C3A in Dense/LoRA r=8",
+    "C3A in Dense/LoRA same",
+    "target",
+  ]
+  print(
+    "\nAdapter forward+backward time / frozen matmul forward+backward (medians of "
+    f"{args.repeats}, interleaved):\n"
+  )
   print(markdown_table(header, rows))
   if args.json:
     with open(args.json, "w") as f:

@@ -37,6 +37,7 @@ from common import (
   model_parser,
   pallas_interceptor,
   partition,
+  roberta_base_config,
   wait_for_quiet,
 )
 
@@ -45,9 +46,8 @@ import c3a_jax as c3a
 
 def build_model(layers: int, seq: int):
   from transformers import FlaxRobertaForSequenceClassification, RobertaConfig
-  config = RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=layers,
-                         num_attention_heads=12, intermediate_size=3072,
-                         max_position_embeddings=max(514, seq + 2), num_labels=2)
+
+  config = RobertaConfig(**roberta_base_config(layers, seq))
   return FlaxRobertaForSequenceClassification(config, seed=0)
 
 
@@ -75,23 +75,32 @@ def methods(model, block_size: int, strategies: tuple[str, ...]):
   import contextlib
 
   import flax.linen as nn
+
   params = model.params
   head = lambda path: path[0] == "classifier"
   out = {}
-  out["bitfit"] = (*partition(params, lambda p: head(p) or p[-1] == "bias"),
-                   contextlib.nullcontext)
-  cfg = c3a.C3AConfig(block_size=block_size, target_modules=["query", "value"],
-                      modules_to_save=["classifier"], task_type="SEQ_CLS")
+  out["bitfit"] = (*partition(params, lambda p: head(p) or p[-1] == "bias"), contextlib.nullcontext)
+  cfg = c3a.C3AConfig(
+    block_size=block_size,
+    target_modules=["query", "value"],
+    modules_to_save=["classifier"],
+    task_type="SEQ_CLS",
+  )
   c3a_params = c3a.attach(params, cfg, jax.random.key(1), model_type="roberta")
   adapter, base = c3a.split(c3a_params, cfg)
   for s in strategies:
     name = "c3a" if s == "auto" else f"c3a[{s}]"
-    context = ((lambda: nn.intercept_methods(pallas_interceptor())) if s == "pallas"
-               else lambda s=s: c3a.intercept(strategy=s))
+    context = (
+      (lambda: nn.intercept_methods(pallas_interceptor()))
+      if s == "pallas"
+      else lambda s=s: c3a.intercept(strategy=s)
+    )
     out[name] = (adapter, base, context)
   lora = attach_lora(params, ("query", "value"), 8, jax.random.key(2))
-  out["lora8"] = (*partition(lora, lambda p: head(p) or p[-1] in ("lora_a", "lora_b")),
-                  lambda: nn.intercept_methods(lora_interceptor(16 / 8)))
+  out["lora8"] = (
+    *partition(lora, lambda p: head(p) or p[-1] in ("lora_a", "lora_b")),
+    lambda: nn.intercept_methods(lora_interceptor(16 / 8)),
+  )
   out["full"] = (params, {}, contextlib.nullcontext)
   return out
 
@@ -112,9 +121,18 @@ def main():
   model, ids, labels = setup(args)
   # The experimental Pallas kernel runs in interpret mode on CPU (a test path, far too slow to
   # time): GPU/TPU only.
-  strategies = (("auto", "fft", "freq_major", "dense", "fold",
-                 *(("pallas",) if jax.default_backend() != "cpu" else ())) if args.all
-                else ("auto", "fft"))
+  strategies = (
+    (
+      "auto",
+      "fft",
+      "freq_major",
+      "dense",
+      "fold",
+      *(("pallas",) if jax.default_backend() != "cpu" else ()),
+    )
+    if args.all
+    else ("auto", "fft")
+  )
   tx = optax.adamw(1e-3)
   fns, memory = {}, {}
   for name, (trainable, frozen, context) in methods(model, args.block_size, strategies).items():
@@ -122,29 +140,59 @@ def main():
     opt_state = tx.init(trainable)
     memory[name] = c3a.training.compiled_memory(step, trainable, opt_state, frozen, ids, labels)
     fns[name] = (lambda step, t, o, f: lambda: step(t, o, f, ids, labels))(
-        step, trainable, opt_state, frozen)
+      step, trainable, opt_state, frozen
+    )
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
     memory[name]["trainable"] = n_train
     print(f"# compiled {name}: {n_train:,} trainable", flush=True)
   t = interleaved(fns, args.repeats, warmup=2)
   tokens = args.batch * args.seq
-  mib = lambda b: f"{b / 2 ** 20:.1f}"
-  rows = [[name, f"{memory[name]['trainable']:,}", f"{t[name] * 1e3:.1f}",
-           f"{tokens / t[name]:.0f}", t[name] / t["bitfit"], t[name] / t["lora8"],
-           mib(memory[name]["temp"]), mib(memory[name]["peak"]),
-           memory[name]["temp"] / memory["lora8"]["temp"],
-           memory[name]["peak"] / memory["lora8"]["peak"]] for name in fns]
-  print(f"\nTraining step, RoBERTa-base widths, {args.layers} layers, batch {args.batch} x seq "
-        f"{args.seq}, C3A block {args.block_size} (medians of {args.repeats}, interleaved):\n")
-  print(markdown_table(["method", "trainable", "step ms", "tokens/s", "/ bitfit", "/ lora8",
-                        "temp MiB", "peak MiB", "temp / lora8", "peak / lora8"], rows))
+  mib = lambda b: f"{b / 2**20:.1f}"
+  rows = [
+    [
+      name,
+      f"{memory[name]['trainable']:,}",
+      f"{t[name] * 1e3:.1f}",
+      f"{tokens / t[name]:.0f}",
+      t[name] / t["bitfit"],
+      t[name] / t["lora8"],
+      mib(memory[name]["temp"]),
+      mib(memory[name]["peak"]),
+      memory[name]["temp"] / memory["lora8"]["temp"],
+      memory[name]["peak"] / memory["lora8"]["peak"],
+    ]
+    for name in fns
+  ]
+  print(
+    f"\nTraining step, RoBERTa-base widths, {args.layers} layers, batch {args.batch} x seq "
+    f"{args.seq}, C3A block {args.block_size} (medians of {args.repeats}, interleaved):\n"
+  )
+  print(
+    markdown_table(
+      [
+        "method",
+        "trainable",
+        "step ms",
+        "tokens/s",
+        "/ bitfit",
+        "/ lora8",
+        "temp MiB",
+        "peak MiB",
+        "temp / lora8",
+        "peak / lora8",
+      ],
+      rows,
+    )
+  )
   c, bf, lo = t["c3a"], t["bitfit"], t["lora8"]
-  print(f"\nTargets: c3a/bitfit = {c / bf:.3f} "
-        f"(<= 1.05: {'met' if c / bf <= 1.05 else 'NOT met'}); "
-        f"c3a/lora8 = {c / lo:.3f} (<= 1.02: {'met' if c / lo <= 1.02 else 'NOT met'}); "
-        f"compiled peak c3a/lora8 = {memory['c3a']['peak'] / memory['lora8']['peak']:.3f}, "
-        f"temp = {memory['c3a']['temp'] / memory['lora8']['temp']:.3f} (<= 1: "
-        f"{'met' if memory['c3a']['peak'] <= memory['lora8']['peak'] else 'NOT met'})")
+  print(
+    f"\nTargets: c3a/bitfit = {c / bf:.3f} "
+    f"(<= 1.05: {'met' if c / bf <= 1.05 else 'NOT met'}); "
+    f"c3a/lora8 = {c / lo:.3f} (<= 1.02: {'met' if c / lo <= 1.02 else 'NOT met'}); "
+    f"compiled peak c3a/lora8 = {memory['c3a']['peak'] / memory['lora8']['peak']:.3f}, "
+    f"temp = {memory['c3a']['temp'] / memory['lora8']['temp']:.3f} (<= 1: "
+    f"{'met' if memory['c3a']['peak'] <= memory['lora8']['peak'] else 'NOT met'})"
+  )
 
 
 if __name__ == "__main__":

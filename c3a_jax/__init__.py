@@ -25,36 +25,44 @@ from c3a_jax.training import TrainState, make_train_step
 __version__ = "0.2.0"
 
 __all__ = [
-    "C3AConfig",
-    "Summary",
-    "Target",
-    "TrainState",
-    "attach",
-    "combine",
-    "intercept",
-    "labels",
-    "load_adapter",
-    "make_train_step",
-    "merge",
-    "ops",
-    "optimizer",
-    "save_adapter",
-    "select",
-    "split",
-    "summary",
-    "training",
-    "unmerge",
-    "wrap",
+  "C3AConfig",
+  "Summary",
+  "Target",
+  "TrainState",
+  "attach",
+  "combine",
+  "intercept",
+  "labels",
+  "load_adapter",
+  "make_train_step",
+  "merge",
+  "ops",
+  "optimizer",
+  "save_adapter",
+  "select",
+  "split",
+  "summary",
+  "training",
+  "unmerge",
+  "wrap",
 ]
 
 # Names that moved to c3a_jax.training in 0.2; the old spelling works for one release.
-_MOVED_TO_TRAINING = ("Checkpointer", "Throughput", "batch_sharding", "compiled_memory",
-                      "make_mesh", "param_shardings", "shard_batch")
+_MOVED_TO_TRAINING = (
+  "Checkpointer",
+  "Throughput",
+  "batch_sharding",
+  "compiled_memory",
+  "make_mesh",
+  "param_shardings",
+  "shard_batch",
+)
 
 
 def __getattr__(name: str):
   if name in _MOVED_TO_TRAINING:
-    _warnings.warn(f"c3a_jax.{name} is deprecated; use c3a_jax.training.{name}",
-                   DeprecationWarning, stacklevel=2)
+    _warnings.warn(
+      f"c3a_jax.{name} is deprecated; use c3a_jax.training.{name}", DeprecationWarning, stacklevel=2
+    )
     return getattr(training, name)
   raise AttributeError(f"module 'c3a_jax' has no attribute {name!r}")

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import warnings
-from typing import Any, Optional, Union
+from typing import Any
 
 from c3a_jax import ops
 from c3a_jax._io import atomic_write
@@ -26,23 +26,32 @@ from c3a_jax._io import atomic_write
 CONFIG_NAME = "adapter_config.json"
 BIAS = ("none", "all", "c3a_only")
 # PEFT bookkeeping that is read and written but means nothing to c3a-jax.
-_PEFT_EXTRAS = {"peft_type": "C3A", "auto_mapping": None, "revision": None,
-                "inference_mode": True}
+_PEFT_EXTRAS = {"peft_type": "C3A", "auto_mapping": None, "revision": None, "inference_mode": True}
 _PEFT_IGNORED = {"peft_version", "target_parameters"}
 # PEFT's task models make their heads trainable (and save them) whatever modules_to_save says.
-TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
-              "FEATURE_EXTRACTION")
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
-              "QUESTION_ANS": ("qa_outputs",)}
+TASK_TYPES = (
+  "SEQ_CLS",
+  "SEQ_2_SEQ_LM",
+  "CAUSAL_LM",
+  "TOKEN_CLS",
+  "QUESTION_ANS",
+  "FEATURE_EXTRACTION",
+)
+TASK_HEADS = {
+  "SEQ_CLS": ("classifier", "score"),
+  "TOKEN_CLS": ("classifier", "score"),
+  "QUESTION_ANS": ("qa_outputs",),
+}
 
 
-def _strs(value: Any, field: str, *, allow_str: bool) -> Union[None, str, tuple[str, ...]]:
+def _strs(value: Any, field: str, *, allow_str: bool) -> str | tuple[str, ...] | None:
   if value is None or (allow_str and isinstance(value, str)):
     return value
   if isinstance(value, str):
     value = [value]
   if not isinstance(value, (list, tuple, set, frozenset)) or not all(
-      isinstance(v, str) for v in value):
+    isinstance(v, str) for v in value
+  ):
     kinds = "a list of module names, a regex string" if allow_str else "a list of module names"
     raise ValueError(f"C3AConfig.{field} must be {kinds} or None, got {value!r}")
   # Sorted for sets (PEFT stores target_modules as a set); dict.fromkeys dedups, keeping order.
@@ -87,22 +96,24 @@ class C3AConfig:
 
   block_size: int = 256
   block_size_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
-  target_modules: Optional[Union[str, tuple[str, ...]]] = None
-  exclude_modules: Optional[Union[str, tuple[str, ...]]] = None
-  layers_to_transform: Optional[Union[int, tuple[int, ...]]] = None
-  layers_pattern: Optional[Union[str, tuple[str, ...]]] = None
+  target_modules: str | tuple[str, ...] | None = None
+  exclude_modules: str | tuple[str, ...] | None = None
+  layers_to_transform: int | tuple[int, ...] | None = None
+  layers_pattern: str | tuple[str, ...] | None = None
   bias: str = "none"
-  modules_to_save: Optional[tuple[str, ...]] = None
+  modules_to_save: tuple[str, ...] | None = None
   init_weights: ops.InitWeights = "xavier_uniform"
-  task_type: Optional[str] = None
-  base_model_name_or_path: Optional[str] = None
+  task_type: str | None = None
+  base_model_name_or_path: str | None = None
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
     _positive_int(self.block_size, "block_size")
     if not isinstance(self.block_size_pattern, dict):
-      raise ValueError("C3AConfig.block_size_pattern must be a dict {name or regex: block_size}, "
-                       f"got {self.block_size_pattern!r}")
+      raise ValueError(
+        "C3AConfig.block_size_pattern must be a dict {name or regex: block_size}, "
+        f"got {self.block_size_pattern!r}"
+      )
     for key, size in self.block_size_pattern.items():
       _positive_int(size, f"block_size_pattern[{key!r}]")
       _check_regex(key, "block_size_pattern key")
@@ -112,11 +123,14 @@ class C3AConfig:
     set_("layers_pattern", _strs(self.layers_pattern, "layers_pattern", allow_str=True))
     set_("modules_to_save", _strs(self.modules_to_save, "modules_to_save", allow_str=False))
     if self.task_type is not None and self.task_type not in TASK_TYPES:
-      raise ValueError(f"C3AConfig.task_type must be one of {TASK_TYPES} or None, "
-                       f"got {self.task_type!r}")
+      raise ValueError(
+        f"C3AConfig.task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}"
+      )
     if self.task_type in TASK_HEADS:
-      set_("modules_to_save", tuple(dict.fromkeys((*(self.modules_to_save or ()),
-                                                   *TASK_HEADS[self.task_type]))))
+      set_(
+        "modules_to_save",
+        tuple(dict.fromkeys((*(self.modules_to_save or ()), *TASK_HEADS[self.task_type]))),
+      )
     if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
       set_("target_modules", "all-linear")  # PEFT accepts any case
     for field in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
@@ -129,22 +143,32 @@ class C3AConfig:
       if isinstance(layers, (list, tuple)):
         layers = tuple(layers)
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-          raise ValueError("C3AConfig.layers_to_transform must be a non-negative int or a list "
-                           f"of them, got {self.layers_to_transform!r}")
+          raise ValueError(
+            "C3AConfig.layers_to_transform must be a non-negative int or a list "
+            f"of them, got {self.layers_to_transform!r}"
+          )
       elif isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
-        raise ValueError("C3AConfig.layers_to_transform must be a non-negative int or a list of "
-                         f"them, got {layers!r}")
+        raise ValueError(
+          "C3AConfig.layers_to_transform must be a non-negative int or a list of "
+          f"them, got {layers!r}"
+        )
       set_("layers_to_transform", layers)
     if isinstance(self.target_modules, str) and (
-        self.layers_to_transform is not None or self.layers_pattern is not None):
-      raise ValueError("C3AConfig.layers_to_transform and layers_pattern need target_modules as a "
-                       f"list of names, not the regex string {self.target_modules!r}")
+      self.layers_to_transform is not None or self.layers_pattern is not None
+    ):
+      raise ValueError(
+        "C3AConfig.layers_to_transform and layers_pattern need target_modules as a "
+        f"list of names, not the regex string {self.target_modules!r}"
+      )
     if self.bias not in BIAS:
       raise ValueError(f"C3AConfig.bias must be one of {BIAS}, got {self.bias!r}")
-    if not any(self.init_weights is v if isinstance(v, bool) else self.init_weights == v
-               for v in ops.INIT_WEIGHTS):
-      raise ValueError(f"C3AConfig.init_weights must be one of {ops.INIT_WEIGHTS}, "
-                       f"got {self.init_weights!r}")
+    if not any(
+      self.init_weights is v if isinstance(v, bool) else self.init_weights == v
+      for v in ops.INIT_WEIGHTS
+    ):
+      raise ValueError(
+        f"C3AConfig.init_weights must be one of {ops.INIT_WEIGHTS}, got {self.init_weights!r}"
+      )
 
   def __hash__(self) -> int:
     # block_size_pattern is a dict; hash the serialised form so configs work as static args.
@@ -167,17 +191,21 @@ class C3AConfig:
   def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> C3AConfig:
     """Builds a config from adapter_config.json fields; ``source`` names the origin in errors."""
     if d.get("peft_type", "C3A") != "C3A":
-      raise ValueError(f"{source}: peft_type is {d['peft_type']!r}, not 'C3A'; "
-                       "this is not a C3A adapter")
+      raise ValueError(
+        f"{source}: peft_type is {d['peft_type']!r}, not 'C3A'; this is not a C3A adapter"
+      )
     names = {f.name for f in dataclasses.fields(cls)}
     if "strategy" in d:
-      warnings.warn(f"{source}: ignoring strategy={d['strategy']!r}, which c3a-jax 0.1 stored in "
-                    "the adapter config; pass it to c3a.intercept(strategy=...) instead (in a "
-                    "CLI config: train.strategy)")
+      warnings.warn(
+        f"{source}: ignoring strategy={d['strategy']!r}, which c3a-jax 0.1 stored in "
+        "the adapter config; pass it to c3a.intercept(strategy=...) instead (in a "
+        "CLI config: train.strategy)",
+        stacklevel=2,
+      )
       d = {k: v for k, v in d.items() if k != "strategy"}
     unknown = set(d) - names - set(_PEFT_EXTRAS) - _PEFT_IGNORED
     if unknown:
-      warnings.warn(f"{source}: ignoring fields unknown to C3A: {sorted(unknown)}")
+      warnings.warn(f"{source}: ignoring fields unknown to C3A: {sorted(unknown)}", stacklevel=2)
     try:
       return cls(**{k: v for k, v in d.items() if k in names})
     except ValueError as e:
@@ -194,8 +222,10 @@ class C3AConfig:
     """Reads ``directory/adapter_config.json`` (as written by PEFT or by :meth:`save`)."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} does not exist: a C3A adapter directory holds "
-                              f"{CONFIG_NAME} and adapter_model.safetensors")
+      raise FileNotFoundError(
+        f"{path} does not exist: a C3A adapter directory holds "
+        f"{CONFIG_NAME} and adapter_model.safetensors"
+      )
     try:
       with open(path) as f:
         d = json.load(f)

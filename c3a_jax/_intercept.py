@@ -56,20 +56,28 @@ def _interceptor(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
   out_in = _stores_out_in(module)
   dense = out_in or isinstance(module, nn.Dense)
-  held = ([n for n in C3A_LEAVES if module.has_variable("params", n)]
-          if module.scope is not None else [])
+  held = (
+    [n for n in C3A_LEAVES if module.has_variable("params", n)] if module.scope is not None else []
+  )
   if not held:
     return next_fun(*args, **kwargs)
   path = ".".join(module.scope.path)
   if not dense:
-    raise ValueError(f"layer {path!r} holds a C3A kernel but is a {type(module).__name__}; the "
-                     "interceptor adapts flax.linen.Dense and transformers' FlaxConv1D only")
+    raise ValueError(
+      f"layer {path!r} holds a C3A kernel but is a {type(module).__name__}; the "
+      "interceptor adapts flax.linen.Dense and transformers' FlaxConv1D only"
+    )
   name = C3A_KERNEL_OUT_IN if out_in else C3A_KERNEL
   if held != [name]:
     raise ValueError(
-        f"layer {path!r} is a {type(module).__name__} but holds {held[0]!r}: its kernel is stored "
-        + ("(out, in); attach with model_type='gpt2' (or the model's type) so the C3A kernel "
-           "gets that layout" if out_in else "(in, out), not (out, in)"))
+      f"layer {path!r} is a {type(module).__name__} but holds {held[0]!r}: its kernel is stored "
+      + (
+        "(out, in); attach with model_type='gpt2' (or the model's type) so the C3A kernel "
+        "gets that layout"
+        if out_in
+        else "(in, out), not (out, in)"
+      )
+    )
   x = args[0] if args else kwargs["inputs"]
   w = module.get_variable("params", name)
   strategy = _strategy.get()
@@ -85,8 +93,12 @@ def _interceptor(next_fun, args, kwargs, context):
 
 def _foldable(module: nn.Module, x: Any) -> bool:
   """A plain float32 Dense: its kernel can absorb the delta (``"fold"``) without rounding."""
-  if (type(module).__call__ is not nn.Dense.__call__ or module.dot_general is not None
-      or module.dot_general_cls is not None or not module.has_variable("params", "kernel")):
+  if (
+    type(module).__call__ is not nn.Dense.__call__
+    or module.dot_general is not None
+    or module.dot_general_cls is not None
+    or not module.has_variable("params", "kernel")
+  ):
     return False
   kernel = nn.unbox(module.get_variable("params", "kernel"))  # as Dense's self.param unboxes
   if getattr(kernel, "ndim", None) != 2:

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import jax
 
@@ -26,7 +26,7 @@ from c3a_jax._targets import C3A_LEAVES, trains_fully
 Label = Literal["c3a", "modules_to_save", "bias", "frozen"]
 
 
-def label(params: Mapping, path: str, name: str, cfg: Optional[C3AConfig] = None) -> Label:
+def label(params: Mapping, path: str, name: str, cfg: C3AConfig | None = None) -> Label:
   """The label of leaf ``name`` of module ``path``: which group trains it, or ``"frozen"``."""
   if name in C3A_LEAVES:
     return "c3a"
@@ -34,13 +34,15 @@ def label(params: Mapping, path: str, name: str, cfg: Optional[C3AConfig] = None
     return "frozen"
   if cfg.modules_to_save and trains_fully(path, cfg):
     return "modules_to_save"
-  if name == "bias" and (cfg.bias == "all" or (
-      cfg.bias == "c3a_only" and any(n in _tree.get(params, path) for n in C3A_LEAVES))):
+  if name == "bias" and (
+    cfg.bias == "all"
+    or (cfg.bias == "c3a_only" and any(n in _tree.get(params, path) for n in C3A_LEAVES))
+  ):
     return "bias"
   return "frozen"
 
 
-def labels(params: Mapping, cfg: Optional[C3AConfig] = None) -> Any:
+def labels(params: Mapping, cfg: C3AConfig | None = None) -> Any:
   """A tree shaped like ``params`` (same container types) holding each leaf's :func:`label`."""
 
   def one(path, _):

@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
 
 import optax
 
@@ -21,9 +20,14 @@ from c3a_jax import _tree
 from c3a_jax._config import C3AConfig
 from c3a_jax._labels import labels
 
-def optimizer(tx: optax.GradientTransformation, params: Mapping, cfg: C3AConfig, *,
-              head_tx: Optional[optax.GradientTransformation] = None,
-              ) -> optax.GradientTransformation:
+
+def optimizer(
+  tx: optax.GradientTransformation,
+  params: Mapping,
+  cfg: C3AConfig,
+  *,
+  head_tx: optax.GradientTransformation | None = None,
+) -> optax.GradientTransformation:
   """Wraps ``tx`` so that it trains only what ``cfg`` makes trainable, in a one-tree setup.
 
   C3A kernels and the biases ``cfg.bias`` names are updated by ``tx``; ``cfg.modules_to_save``
@@ -38,8 +42,14 @@ def optimizer(tx: optax.GradientTransformation, params: Mapping, cfg: C3AConfig,
   """
   tree = labels(params, cfg)
   if all(v == "frozen" for _, _, v in _tree.leaves(tree)):
-    raise ValueError("optimizer: nothing in params is trainable; call c3a.attach(params, cfg, rng) "
-                     "first (or set modules_to_save / bias)")
-  transforms = {"c3a": tx, "bias": tx, "modules_to_save": head_tx or tx,
-                "frozen": optax.set_to_zero()}
+    raise ValueError(
+      "optimizer: nothing in params is trainable; call c3a.attach(params, cfg, rng) "
+      "first (or set modules_to_save / bias)"
+    )
+  transforms = {
+    "c3a": tx,
+    "bias": tx,
+    "modules_to_save": head_tx or tx,
+    "frozen": optax.set_to_zero(),
+  }
   return optax.multi_transform(transforms, lambda p: labels(p, cfg))

@@ -14,7 +14,8 @@ Example:
   >>> path = tempfile.mkdtemp()
   >>> c3a.save_adapter(path, params, cfg)
   >>> adapter, cfg2 = c3a.load_adapter(path, params)
-  >>> bool((adapter["layer"]["query"]["c3a_kernel"] == params["layer"]["query"]["c3a_kernel"]).all())
+  >>> w = params["layer"]["query"]["c3a_kernel"]
+  >>> bool((adapter["layer"]["query"]["c3a_kernel"] == w).all())
   True
 """
 
@@ -24,18 +25,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
 from c3a_jax import _tree
-from c3a_jax._io import atomic_write, current_umask
-from c3a_jax._tree import Params
 from c3a_jax._config import C3AConfig
+from c3a_jax._io import atomic_write, current_umask
 from c3a_jax._targets import C3A_LEAVES, block_size_for
 from c3a_jax._transform import combine, split
+from c3a_jax._tree import Params
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -58,7 +58,7 @@ def _kernel_from_torch(value: np.ndarray) -> np.ndarray:
   return value.transpose(*range(2, nd), 1, 0)
 
 
-def _from_torch(name: str, value: np.ndarray, module: Optional[Mapping], key: str) -> str:
+def _from_torch(name: str, value: np.ndarray, module: Mapping | None, key: str) -> str:
   """The Flax leaf name of a PyTorch ``name`` (``module`` resolves ``weight``; else by rank)."""
   if name != "weight":
     return name
@@ -66,8 +66,10 @@ def _from_torch(name: str, value: np.ndarray, module: Optional[Mapping], key: st
     # A Flax leaf may itself be called "weight" (transformers' FlaxLlamaRMSNorm).
     found = [n for n in ("weight", "kernel", "scale", "embedding") if n in module]
     if not found:
-      raise ValueError(f"{key}: the model's module has no kernel, scale or embedding to take "
-                       f"this weight (it holds {sorted(module)})")
+      raise ValueError(
+        f"{key}: the model's module has no kernel, scale or embedding to take "
+        f"this weight (it holds {sorted(module)})"
+      )
     return found[0]
   return "scale" if value.ndim == 1 else "kernel"
 
@@ -96,8 +98,10 @@ def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
       adapted.append(path)
       b = block_size_for(path, cfg)
       if value.ndim != 3 or value.shape[2] != b:
-        raise ValueError(f"save_adapter: {path}.c3a_kernel has shape {value.shape} but the config "
-                         f"gives layer {path!r} block size {b}; PEFT could not load it")
+        raise ValueError(
+          f"save_adapter: {path}.c3a_kernel has shape {value.shape} but the config "
+          f"gives layer {path!r} block size {b}; PEFT could not load it"
+        )
     elif name == "bias" and any(n in _tree.get(adapter, path) for n in C3A_LEAVES):
       name = "base_layer.bias"  # PEFT wraps an adapted Linear; its own bias sits in base_layer.
     else:
@@ -107,17 +111,20 @@ def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
     tensors[f"{PREFIX}{path}.{name}"] = np.ascontiguousarray(value)
   if out_in:
     raise ValueError(
-        f"save_adapter: layers {out_in} store their kernel (out, in) (transformers' Conv1D, as in "
-        "GPT-2). PEFT's C3A supports torch.nn.Linear only and would misread them, so no PEFT "
-        "adapter was written; keep such adapters with c3a.split and orbax or np.savez.")
+      f"save_adapter: layers {out_in} store their kernel (out, in) (transformers' Conv1D, as in "
+      "GPT-2). PEFT's C3A supports torch.nn.Linear only and would misread them, so no PEFT "
+      "adapter was written; keep such adapters with c3a.split and orbax or np.savez."
+    )
   if not adapted:
     raise ValueError("save_adapter: params hold no c3a_kernel; call c3a.attach first")
   if cfg.target_modules is None or cfg.target_modules == "all-linear" or cfg.exclude_modules:
     # PEFT would resolve these its own way (and 0.21 has no exclude_modules): name the layers.
     cfg = cfg.replace(target_modules=tuple(adapted), exclude_modules=None)
   if "" in adapted:
-    raise ValueError("save_adapter: the C3A layer sits at the params root, so it has no module "
-                     "name for PEFT; nest the params under the layer's name")
+    raise ValueError(
+      "save_adapter: the C3A layer sits at the params root, so it has no module "
+      "name for PEFT; nest the params under the layer's name"
+    )
   if os.path.exists(directory):
     # Each file is replaced atomically; the config goes last, as it is what readers open first.
     atomic_write(os.path.join(directory, WEIGHTS_NAME), safetensors.numpy.save(tensors))
@@ -137,7 +144,7 @@ def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
     raise
 
 
-def load_adapter(directory: str, params: Optional[Mapping] = None) -> tuple[Params, C3AConfig]:
+def load_adapter(directory: str, params: Mapping | None = None) -> tuple[Params, C3AConfig]:
   """Reads a PEFT C3A adapter (saved by PEFT or :func:`save_adapter`) as ``(adapter, cfg)``.
 
   Pass the model's ``params`` to check every key and shape against the model (and to place
@@ -154,8 +161,11 @@ def load_adapter(directory: str, params: Optional[Mapping] = None) -> tuple[Para
   cfg = C3AConfig.load(directory)
   weights = os.path.join(directory, WEIGHTS_NAME)
   if not os.path.isfile(weights):
-    hint = (" (only adapter_model.bin is there: re-save it with PEFT's safe_serialization=True)"
-            if os.path.isfile(os.path.join(directory, "adapter_model.bin")) else "")
+    hint = (
+      " (only adapter_model.bin is there: re-save it with PEFT's safe_serialization=True)"
+      if os.path.isfile(os.path.join(directory, "adapter_model.bin"))
+      else ""
+    )
     raise FileNotFoundError(f"load_adapter: {weights} does not exist{hint}")
   try:
     tensors = safetensors.numpy.load_file(weights)
@@ -166,7 +176,7 @@ def load_adapter(directory: str, params: Optional[Mapping] = None) -> tuple[Para
     where = f"{weights}: key {key!r}"
     if not key.startswith(PREFIX) or key.count(".") < 3:
       raise ValueError(f"{where} is not a PEFT adapter key ({PREFIX}<module path>.<name>)")
-    path, name = key[len(PREFIX):].rsplit(".", 1)
+    path, name = key[len(PREFIX) :].rsplit(".", 1)
     parts = path.split(".")
     if "original_module" in parts:
       continue  # PEFT's frozen copy of a modules_to_save module (saved under bias="all")
@@ -176,13 +186,16 @@ def load_adapter(directory: str, params: Optional[Mapping] = None) -> tuple[Para
       try:
         module = _tree.get(params, path)
       except KeyError as e:
-        raise ValueError(f"{where} names module {path!r}, which the model does not have "
-                         f"(no {e.args[0]!r})") from None
+        raise ValueError(
+          f"{where} names module {path!r}, which the model does not have (no {e.args[0]!r})"
+        ) from None
     if name == C3A_KERNEL:
       b = block_size_for(path, cfg)
       if value.ndim != 3 or value.shape[2] != b:
-        raise ValueError(f"{where} has shape {value.shape}; adapter_config.json gives block "
-                         f"size {b}, so (d_out // {b}, d_in // {b}, {b}) was expected")
+        raise ValueError(
+          f"{where} has shape {value.shape}; adapter_config.json gives block "
+          f"size {b}, so (d_out // {b}, d_in // {b}, {b}) was expected"
+        )
     else:
       name = _from_torch(name, value, module, where)
       if name == "kernel":
@@ -196,4 +209,3 @@ def load_adapter(directory: str, params: Optional[Mapping] = None) -> tuple[Para
     except ValueError as e:
       raise ValueError(f"load_adapter({directory}): {e}") from None
   return adapter, cfg
-

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Optional
 
 from c3a_jax import _tree
 from c3a_jax._config import C3AConfig
@@ -34,16 +33,17 @@ class Summary:
     return self.trainable / self.total if self.total else 0.0
 
   def __str__(self) -> str:
-    lines = [f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
-             f"trainable%: {100 * self.share:.4f}"]
+    lines = [
+      f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+      f"trainable%: {100 * self.share:.4f}"
+    ]
     if self.layers:
       width = max(len(p) for p, *_ in self.layers)
-      lines += [f"  {p:<{width}}  {lab:<15} {str(s):<16} {n:>12,}" for p, lab, s, n in self.layers]
+      lines += [f"  {p:<{width}}  {lab:<15} {s!s:<16} {n:>12,}" for p, lab, s, n in self.layers]
     return "\n".join(lines)
 
 
-def summary(params: Mapping, cfg: Optional[C3AConfig] = None, *, per_layer: bool = False
-            ) -> Summary:
+def summary(params: Mapping, cfg: C3AConfig | None = None, *, per_layer: bool = False) -> Summary:
   """Counts the parameters ``cfg`` trains (C3A kernels only without ``cfg``) and all of them."""
   trainable = total = 0
   layers = []

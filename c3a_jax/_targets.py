@@ -18,7 +18,7 @@ import math
 import re
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 from c3a_jax import _tree
 from c3a_jax._config import C3AConfig
@@ -26,12 +26,13 @@ from c3a_jax._config import C3AConfig
 # PEFT's TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING for the models transformers has in Flax.
 # ViT is not in PEFT's table; c3a-jax adds it (its attention is named like BERT's).
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "vit"), ("query", "value")),
-    **dict.fromkeys(("llama", "mistral", "gemma", "qwen2", "opt", "gptj", "gpt_neo", "bart"),
-                    ("q_proj", "v_proj")),
-    **dict.fromkeys(("t5", "mt5"), ("q", "v")),
-    "bloom": ("query_key_value",),
-    "gpt2": ("mlp.c_proj",),
+  **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra", "vit"), ("query", "value")),
+  **dict.fromkeys(
+    ("llama", "mistral", "gemma", "qwen2", "opt", "gptj", "gpt_neo", "bart"), ("q_proj", "v_proj")
+  ),
+  **dict.fromkeys(("t5", "mt5"), ("q", "v")),
+  "bloom": ("query_key_value",),
+  "gpt2": ("mlp.c_proj",),
 }
 # Layers whose kernel is stored (out, in) rather than Flax's (in, out): transformers' FlaxConv1D.
 OUT_IN_LAYERS: dict[str, tuple[str, ...]] = {"gpt2": ("c_attn", "c_proj", "c_fc")}
@@ -59,8 +60,12 @@ class Target:
 
 def is_dense(node: Any) -> bool:
   """A Dense-like module: a 2-D ``kernel`` beside array leaves only."""
-  return (isinstance(node, Mapping) and "kernel" in node and len(_tree.shape(node["kernel"])) == 2
-          and not any(isinstance(v, Mapping) for v in node.values()))
+  return (
+    isinstance(node, Mapping)
+    and "kernel" in node
+    and len(_tree.shape(node["kernel"])) == 2
+    and not any(isinstance(v, Mapping) for v in node.values())
+  )
 
 
 def in_modules_to_save(path: str, cfg: C3AConfig) -> bool:
@@ -86,14 +91,15 @@ def _ends_with(path: str, names: tuple[str, ...]) -> bool:
   return any(path == n or path.endswith("." + n) for n in names)
 
 
-def _layer_index(path: str, pattern: Optional[tuple[str, ...] | str]) -> Optional[int]:
+def _layer_index(path: str, pattern: tuple[str, ...] | str | None) -> int | None:
   if not pattern:
     # Lazy: the first numbered segment is the layer, not e.g. an expert index nested in it.
     match = re.match(r".*?\.[^.]*\.(\d+)\.", path)
   else:
     patterns = (pattern,) if isinstance(pattern, str) else pattern
-    match = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", path) for p in patterns)),
-                 None)
+    match = next(
+      filter(None, (re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", path) for p in patterns)), None
+    )
   return int(match.group(1)) if match else None
 
 
@@ -123,14 +129,15 @@ def _matches(path: str, node: Mapping, cfg: C3AConfig, targets: Any) -> bool:
   return index == layers if isinstance(layers, int) else index in layers
 
 
-def _pattern_key(path: str, cfg: C3AConfig) -> Optional[str]:
+def _pattern_key(path: str, cfg: C3AConfig) -> str | None:
   # PEFT: the first key with re.match(rf".*\.{key}$", path), else the whole path as a key.
   key = next((k for k in cfg.block_size_pattern if re.match(rf".*\.{k}$", path)), path)
   return key if key in cfg.block_size_pattern else None
 
 
 def block_size_for(path: str, cfg: C3AConfig) -> int:
-  """The first ``block_size_pattern`` key matching ``path`` (or equal to it), else ``block_size``."""
+  """The first ``block_size_pattern`` key matching ``path`` (or equal to it), else
+  ``block_size``."""
   key = _pattern_key(path, cfg)
   return cfg.block_size if key is None else cfg.block_size_pattern[key]
 
@@ -140,7 +147,7 @@ def _divisors(a: int, b: int) -> list[int]:
   return [d for d in range(1, g + 1) if g % d == 0]
 
 
-def select(params: Mapping, cfg: C3AConfig, *, model_type: Optional[str] = None) -> list[Target]:
+def select(params: Mapping, cfg: C3AConfig, *, model_type: str | None = None) -> list[Target]:
   """The layers ``cfg`` adapts in ``params``, in tree order.
 
   Args:
@@ -160,8 +167,9 @@ def select(params: Mapping, cfg: C3AConfig, *, model_type: Optional[str] = None)
     if model_type not in DEFAULT_TARGETS:
       known = ", ".join(sorted(DEFAULT_TARGETS))
       raise ValueError(
-          f"C3AConfig.target_modules is None and model_type={model_type!r} has no default "
-          f"targets (known: {known}); pass target_modules, e.g. ['query', 'value']")
+        f"C3AConfig.target_modules is None and model_type={model_type!r} has no default "
+        f"targets (known: {known}); pass target_modules, e.g. ['query', 'value']"
+      )
     targets = DEFAULT_TARGETS[model_type]
   out_in_names = OUT_IN_LAYERS.get(model_type, ())
   selected = []
@@ -170,31 +178,40 @@ def select(params: Mapping, cfg: C3AConfig, *, model_type: Optional[str] = None)
     if not _matches(path, node, cfg, targets):
       continue
     if not is_dense(node):
-      leaves = {k: (_tree.shape(v) if not isinstance(v, Mapping) else "{...}")
-                for k, v in node.items()}
+      leaves = {
+        k: (_tree.shape(v) if not isinstance(v, Mapping) else "{...}") for k, v in node.items()
+      }
       raise ValueError(
-          f"C3A target {path!r} (matched by target_modules={targets!r}) is not a Dense layer: it "
-          f"holds {leaves}. C3A adapts Dense layers (a 2-D 'kernel'); narrow target_modules.")
+        f"C3A target {path!r} (matched by target_modules={targets!r}) is not a Dense layer: it "
+        f"holds {leaves}. C3A adapts Dense layers (a 2-D 'kernel'); narrow target_modules."
+      )
     out_in = _ends_with(path, out_in_names)
     if model_type is None and _ends_with(path, OUT_IN_LAYERS["gpt2"]):
-      warnings.warn(f"layer {path!r} is named like GPT-2's Conv1D, whose kernel is stored "
-                    "(out, in); if this is GPT-2, pass model_type='gpt2' or merge will be wrong")
+      warnings.warn(
+        f"layer {path!r} is named like GPT-2's Conv1D, whose kernel is stored "
+        "(out, in); if this is GPT-2, pass model_type='gpt2' or merge will be wrong",
+        stacklevel=3,
+      )
     rows, cols = _tree.shape(node["kernel"])
     d_in, d_out = (cols, rows) if out_in else (rows, cols)
     b = block_size_for(path, cfg)
     if d_in % b or d_out % b:
       raise ValueError(
-          f"block size {b} does not divide layer {path!r}: kernel {(rows, cols)} has d_in={d_in}, "
-          f"d_out={d_out}; block sizes that divide both: {_divisors(d_in, d_out)}")
+        f"block size {b} does not divide layer {path!r}: kernel {(rows, cols)} has d_in={d_in}, "
+        f"d_out={d_out}; block sizes that divide both: {_divisors(d_in, d_out)}"
+      )
     selected.append(Target(path, b, d_in, d_out, out_in))
   if not selected:
     dense = [p for p, n in _tree.modules(params) if is_dense(n)]
     raise ValueError(
-        f"target_modules={targets!r} matched no layer. Dense layers here include: {dense[:8]}"
-        + (" ..." if len(dense) > 8 else ""))
+      f"target_modules={targets!r} matched no layer. Dense layers here include: {dense[:8]}"
+      + (" ..." if len(dense) > 8 else "")
+    )
   used = {_pattern_key(t.path, cfg) for t in selected}
   for key in cfg.block_size_pattern:
     if key not in used and not any(re.match(rf".*\.{key}$", t.path) for t in selected):
-      raise ValueError(f"block_size_pattern key {key!r} matches no C3A target; targets are "
-                       f"{[t.path for t in selected][:8]}")
+      raise ValueError(
+        f"block_size_pattern key {key!r} matches no C3A target; targets are "
+        f"{[t.path for t in selected][:8]}"
+      )
   return selected

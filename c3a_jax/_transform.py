@@ -25,23 +25,24 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from c3a_jax import _tree, ops
-from c3a_jax._tree import Params
 from c3a_jax._config import C3AConfig
 from c3a_jax._labels import label
 from c3a_jax._targets import C3A_LEAVES, select
+from c3a_jax._tree import Params
 
 C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
 _WEIGHTS = ("kernel", "scale", "embedding", "weight")  # one per Flax layer, never two
 
 
-def attach(params: Mapping, cfg: C3AConfig, rng: jax.Array, *,
-           model_type: Optional[str] = None) -> Params:
+def attach(
+  params: Mapping, cfg: C3AConfig, rng: jax.Array, *, model_type: str | None = None
+) -> Params:
   """Returns ``params`` with a C3A kernel leaf in every Dense layer ``cfg`` selects.
 
   Pure: ``params`` is not modified. Each layer's kernel is drawn from ``rng`` folded with a
@@ -60,15 +61,21 @@ def attach(params: Mapping, cfg: C3AConfig, rng: jax.Array, *,
   out = _tree.to_dict(params)
   for t in select(out, cfg, model_type=model_type):
     if any(leaf in _tree.get(out, t.path) for leaf in C3A_LEAVES):
-      raise ValueError(f"layer {t.path!r} already holds a C3A kernel; c3a.split(params) first to "
-                       "attach a fresh adapter to the base")
+      raise ValueError(
+        f"layer {t.path!r} already holds a C3A kernel; c3a.split(params) first to "
+        "attach a fresh adapter to the base"
+      )
     key = jax.random.fold_in(rng, zlib.crc32(t.path.encode()))
-    _tree.set_leaf(out, t.path, C3A_KERNEL_OUT_IN if t.out_in else C3A_KERNEL,
-                   ops.init(key, t.shape, cfg.init_weights))
+    _tree.set_leaf(
+      out,
+      t.path,
+      C3A_KERNEL_OUT_IN if t.out_in else C3A_KERNEL,
+      ops.init(key, t.shape, cfg.init_weights),
+    )
   return out
 
 
-def split(params: Mapping, cfg: Optional[C3AConfig] = None) -> tuple[Params, Params]:
+def split(params: Mapping, cfg: C3AConfig | None = None) -> tuple[Params, Params]:
   """Splits ``params`` into ``(adapter, base)``: the trainable leaves, and the frozen rest.
 
   Without ``cfg`` the adapter holds the C3A kernels only; with it, also the ``modules_to_save``
@@ -101,18 +108,24 @@ def combine(adapter: Mapping, base: Mapping) -> Params:
     try:
       module = _tree.get(out, path)
     except KeyError as e:
-      raise ValueError(f"combine: adapter leaf {path}.{name} does not fit the base, which has no "
-                       f"module {e.args[0]!r}") from None
+      raise ValueError(
+        f"combine: adapter leaf {path}.{name} does not fit the base, which has no "
+        f"module {e.args[0]!r}"
+      ) from None
     if name in C3A_LEAVES:
       _check_fits(path, module, name, value, "combine")
     elif name in module:
       if _tree.shape(module[name]) != _tree.shape(value):
-        raise ValueError(f"combine: adapter leaf {path}.{name} has shape {_tree.shape(value)}, "
-                         f"the base's has {_tree.shape(module[name])}")
+        raise ValueError(
+          f"combine: adapter leaf {path}.{name} has shape {_tree.shape(value)}, "
+          f"the base's has {_tree.shape(module[name])}"
+        )
     elif name in _WEIGHTS and any(n in module for n in _WEIGHTS):
       # E.g. a PyTorch "weight" read as a Dense kernel where the layer is an Embed.
-      raise ValueError(f"combine: adapter leaf {path}.{name} does not fit the base, whose module "
-                       f"{path!r} holds {sorted(module)}; load adapters with the model's params")
+      raise ValueError(
+        f"combine: adapter leaf {path}.{name} does not fit the base, whose module "
+        f"{path!r} holds {sorted(module)}; load adapters with the model's params"
+      )
     module[name] = value
   return out
 
@@ -121,14 +134,17 @@ def _check_fits(path: str, module: Mapping, name: str, w: Any, what: str) -> Non
   kernel = module.get("kernel")
   shape = _tree.shape(w)
   if kernel is None or len(_tree.shape(kernel)) != 2 or len(shape) != 3:
-    raise ValueError(f"{what}: {path}.{name} of shape {shape} needs a Dense layer with a 2-D "
-                     f"kernel, but {path!r} holds {sorted(module)}")
+    raise ValueError(
+      f"{what}: {path}.{name} of shape {shape} needs a Dense layer with a 2-D "
+      f"kernel, but {path!r} holds {sorted(module)}"
+    )
   m, n, b = shape
   expected = (m * b, n * b) if name == C3A_KERNEL_OUT_IN else (n * b, m * b)
   if _tree.shape(kernel) != expected:
     raise ValueError(
-        f"{what}: {path}.{name} has shape {shape} (m, n, b), for a layer with d_in={n * b} and "
-        f"d_out={m * b} at block size {b}; but layer {path!r} has kernel {_tree.shape(kernel)}")
+      f"{what}: {path}.{name} has shape {shape} (m, n, b), for a layer with d_in={n * b} and "
+      f"d_out={m * b} at block size {b}; but layer {path!r} has kernel {_tree.shape(kernel)}"
+    )
 
 
 def _delta(name: str, w: jax.Array) -> jax.Array:
@@ -157,11 +173,15 @@ def merge(params: Mapping, *, safe: bool = False) -> Params:
       kernel = module["kernel"]
       merged = (kernel.astype(jnp.float32) + _delta(name, w)).astype(kernel.dtype)
       if safe and isinstance(merged, jax.core.Tracer):
-        raise ValueError("merge(safe=True) checks values, so it needs concrete arrays: call it "
-                         "outside jax.jit (or use safe=False inside)")
+        raise ValueError(
+          "merge(safe=True) checks values, so it needs concrete arrays: call it "
+          "outside jax.jit (or use safe=False inside)"
+        )
       if safe and not bool(jnp.isfinite(merged).all()):
-        raise ValueError(f"merge(safe=True): layer {path!r} would get non-finite weights; its C3A "
-                         f"kernel holds {int((~jnp.isfinite(w)).sum())} non-finite values")
+        raise ValueError(
+          f"merge(safe=True): layer {path!r} would get non-finite weights; its C3A "
+          f"kernel holds {int((~jnp.isfinite(w)).sum())} non-finite values"
+        )
       module["kernel"] = merged
   return out
 

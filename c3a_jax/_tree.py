@@ -19,8 +19,10 @@ def to_dict(tree: Any, prefix: str = "") -> Any:
     return tree
   for k in tree:
     if not isinstance(k, str) or "." in k:
-      raise ValueError(f"params key {k!r} under {prefix or 'the root'!r}: c3a_jax needs string "
-                       "keys without dots (Flax params have them), as paths join keys with dots")
+      raise ValueError(
+        f"params key {k!r} under {prefix or 'the root'!r}: c3a_jax needs string "
+        "keys without dots (Flax params have them), as paths join keys with dots"
+      )
   return {k: to_dict(v, f"{prefix}{k}.") for k, v in tree.items()}
 
 

@@ -2,16 +2,17 @@ import os
 
 # Eight host CPU devices for the pmap / sharded-jit tests; set before JAX starts.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
 
 # The tests make everything they load; never wait on a hub that this machine cannot reach.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from hypothesis import settings  # noqa: E402
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
+from hypothesis import settings
 
 # Property tests draw few examples (each compiles a model); HYPOTHESIS_PROFILE=thorough for more.
 settings.register_profile("fast", max_examples=10, deadline=None)
@@ -22,8 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
 
 
-@pytest.fixture(params=[pytest.param(False, marks=pytest.mark.integration), True],
-                ids=["eager", "jit"])
+@pytest.fixture(
+  params=[pytest.param(False, marks=pytest.mark.integration), True], ids=["eager", "jit"]
+)
 def maybe_jit(request):
   """Runs a test under jax.jit and, in the integration tier, also eagerly."""
   return jax.jit if request.param else (lambda f: f)

@@ -1,6 +1,6 @@
 """The one independent reference the tests compare against: C3A's definition, in float64 numpy.
 
-    delta[i*b + r, j*b + c] = w[i, j, (c - r) mod b] / d_in        (PyTorch (out, in) layout)
+delta[i*b + r, j*b + c] = w[i, j, (c - r) mod b] / d_in        (PyTorch (out, in) layout)
 """
 
 import numpy as np
@@ -22,8 +22,9 @@ def dense_reference(w: np.ndarray) -> np.ndarray:
 def kernel_grad_reference(x: np.ndarray, w: np.ndarray, g: np.ndarray) -> np.ndarray:
   """dL/dw for L = <x @ delta.T, g>, by the chain rule through each entry of the delta."""
   m, n, b = np.shape(w)
-  g_delta = (np.reshape(g, (-1, m * b)).T.astype(np.float64)
-             @ np.reshape(x, (-1, n * b)).astype(np.float64))  # dL/d delta[row, col]
+  g_delta = np.reshape(g, (-1, m * b)).T.astype(np.float64) @ np.reshape(x, (-1, n * b)).astype(
+    np.float64
+  )  # dL/d delta[row, col]
   ref = np.zeros((m, n, b))
   for r in range(b):
     for c in range(b):

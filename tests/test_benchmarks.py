@@ -16,8 +16,14 @@ TINY = ["--layers", "1", "--seq", "16", "--batch", "2", "--repeats", "1"]
 def run(script, *args):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["BENCH_WAIT_TRIES"] = "0"  # do not wait for a quiet machine
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 

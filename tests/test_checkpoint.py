@@ -71,7 +71,9 @@ def test_restore_onto_another_mesh(tmp_path):
   mesh = c3a.training.make_mesh(data=4, fsdp=2)
   sharded = jax.device_put(state, c3a.training.param_shardings(state, mesh))
   assert sharded.params["fc0"]["c3a_kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
-  sharded = train(step, sharded, jax.device_put(base, c3a.training.param_shardings(base, mesh)), 0, 2)
+  sharded = train(
+    step, sharded, jax.device_put(base, c3a.training.param_shardings(base, mesh)), 0, 2
+  )
   with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
     ckpt.save(sharded, data_position=2)
   other = c3a.training.make_mesh(data=2, fsdp=4, devices=jax.devices()[::-1])
@@ -80,8 +82,9 @@ def test_restore_onto_another_mesh(tmp_path):
     restored, _ = ckpt.restore(target)
   kernel = restored.params["fc1"]["c3a_kernel"]
   assert kernel.sharding.mesh.devices.shape == (2, 4)
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-               restored, sharded)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, sharded
+  )
   with c3a.training.Checkpointer(str(tmp_path)) as ckpt:  # and onto one device
     single, _ = ckpt.restore(jax.device_put(state, jax.devices()[0]))
   np.testing.assert_array_equal(single.params["fc1"]["c3a_kernel"], kernel)
@@ -92,13 +95,19 @@ def test_refuses_a_checkpoint_of_another_config_or_model(tmp_path):
   with c3a.training.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
     ckpt.save(state)
   with c3a.training.Checkpointer(str(tmp_path), config=toy.CFG.replace(block_size=4)) as ckpt:
-    with pytest.raises(ValueError, match=r"another config or model:\n  config field block_size: "
-                       r"checkpoint has 8, here 4"):
+    with pytest.raises(
+      ValueError,
+      match=r"another config or model:\n  config field block_size: "
+      r"checkpoint has 8, here 4",
+    ):
       ckpt.restore(state)
   wider = state.replace(params={**state.params, "fc0": {"c3a_kernel": jnp.ones((8, 2, 4))}})
   with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
-    with pytest.raises(ValueError, match=r"state leaf \.params\['fc0'\]\['c3a_kernel'\]: "
-                       r"checkpoint has \[\[4, 2, 8\], 'float32'\], here \[\[8, 2, 4\]"):
+    with pytest.raises(
+      ValueError,
+      match=r"state leaf \.params\['fc0'\]\['c3a_kernel'\]: "
+      r"checkpoint has \[\[4, 2, 8\], 'float32'\], here \[\[8, 2, 4\]",
+    ):
       ckpt.restore(wider)
   with c3a.training.Checkpointer(str(tmp_path / "empty")) as ckpt:
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
@@ -121,8 +130,13 @@ KILLED_SAVE = textwrap.dedent("""
 
 
 def test_a_save_killed_midway_loses_nothing_already_saved(tmp_path):
-  proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", KILLED_SAVE, str(tmp_path)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == -9, proc.stderr[-2000:]
   # The kill landed mid-save: step 2 is an unfinished temporary directory.
   assert any(d.startswith("2.") and "tmp" in d for d in os.listdir(tmp_path)), os.listdir(tmp_path)

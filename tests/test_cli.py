@@ -17,6 +17,7 @@ import yaml
 import c3a_jax as c3a
 from c3a_jax import cli
 from c3a_jax.cli.experiment import Experiment
+from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,8 +43,14 @@ def test_default_job_compares_c3a_with_head_only_and_full(tmp_path, capsys):
   assert accuracy["C3A"] > accuracy["head only"] + 0.03  # adapting the body pays
   assert params["head only"] < params["C3A"] < params["full fine-tuning"] / 5
   # The run directory.
-  for name in ["config.yaml", "metrics.jsonl", "metrics.png", "summary.json",
-               "adapter/adapter_config.json", "adapter/adapter_model.safetensors"]:
+  for name in [
+    "config.yaml",
+    "metrics.jsonl",
+    "metrics.png",
+    "summary.json",
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+  ]:
     assert (out / name).is_file(), name
   assert sorted(os.listdir(out / "checkpoints")) == ["100", "200", "300"]
   records = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -57,7 +64,8 @@ def test_default_job_compares_c3a_with_head_only_and_full(tmp_path, capsys):
   assert exp.c3a.block_size == 16 and exp.train.steps == 300
   assert cli.main(["eval", str(out)]) == 0
   assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(
-      summary["eval_accuracy"], abs=1e-6)
+    summary["eval_accuracy"], abs=1e-6
+  )
 
 
 @pytest.mark.integration
@@ -66,14 +74,22 @@ def test_run_directory_rules(tmp_path, capsys):
   args = [f"output_dir={out}", "train.steps=20", "train.save_every=10", "train.eval_every=10"]
   assert train(*args, "train.mode=head") == 0
   assert train(*args, "train.mode=head") == 2
-  assert "holds another run; pass --resume to continue it or --overwrite" in \
-      capsys.readouterr().err
+  assert "holds another run; pass --resume to continue it or --overwrite" in capsys.readouterr().err
   assert train(*args, "train.mode=head", "train.lr=0.5", "--resume") == 2
   assert "the config differs from the run" in capsys.readouterr().err
   # Intervals and the step count may change on resume; so may how output_dir is spelled.
   relative = os.path.relpath(out)
-  assert train(f"output_dir={relative}", "train.steps=30", "train.save_every=10",
-               "train.eval_every=5", "train.mode=head", "--resume") == 0
+  assert (
+    train(
+      f"output_dir={relative}",
+      "train.steps=30",
+      "train.save_every=10",
+      "train.eval_every=5",
+      "train.mode=head",
+      "--resume",
+    )
+    == 0
+  )
   assert train(*args, "train.mode=head", "--overwrite") == 0
   assert train("--resume", f"output_dir={tmp_path / 'none'}") == 2
   assert "holds no run" in capsys.readouterr().err
@@ -89,8 +105,7 @@ def test_run_directory_rules(tmp_path, capsys):
   # Errors a run would meet at its first step come before the directory is touched.
   fresh = tmp_path / "fresh"
   assert train(f"output_dir={fresh}", "train.batch_size=4096") == 2
-  assert "train.batch_size=4096 is larger than the 250 training examples" in \
-      capsys.readouterr().err
+  assert "train.batch_size=4096 is larger than the 250 training examples" in capsys.readouterr().err
   assert train(f"output_dir={fresh}", "train.grad_accum=3") == 2
   assert "train.grad_accum=3 must divide train.batch_size=32" in capsys.readouterr().err
   assert not fresh.exists()
@@ -98,8 +113,12 @@ def test_run_directory_rules(tmp_path, capsys):
 
 @pytest.mark.integration
 def test_overrides_extend_the_default_config(tmp_path, capsys):
-  assert train(f"output_dir={tmp_path / 'run'}", "c3a.block_size=32", "train.steps=20",
-               "train.mode=head") == 0
+  assert (
+    train(
+      f"output_dir={tmp_path / 'run'}", "c3a.block_size=32", "train.steps=20", "train.mode=head"
+    )
+    == 0
+  )
   exp = Experiment.load(str(tmp_path / "run" / "config.yaml"))
   assert exp.c3a.block_size == 32 and exp.c3a.target_modules == ("fc0", "fc1")
 
@@ -122,9 +141,23 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   out = tmp_path / "run"
   env = {**os.environ, "PYTHONUNBUFFERED": "1"}
   proc = subprocess.Popen(
-      [sys.executable, "-m", "c3a_jax", "train", "--quiet", f"output_dir={out}",
-       "train.steps=1000000", "train.save_every=1000000", "train.eval_every=1000000"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "-m",
+      "c3a_jax",
+      "train",
+      "--quiet",
+      f"output_dir={out}",
+      "train.steps=1000000",
+      "train.save_every=1000000",
+      "train.eval_every=1000000",
+    ],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   deadline = time.time() + 120
   while time.time() < deadline and not (out / "metrics.jsonl").exists():
     time.sleep(0.2)
@@ -137,7 +170,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   assert len(steps) == 1 and steps[0] > 0
 
 
-@pytest.mark.parametrize("content,match", [
+@pytest.mark.parametrize(
+  "content,match",
+  [
     (None, "config file .* does not exist"),
     ("task: [unclosed", "is not valid YAML"),
     ("train:\n  learning_rate: 0.1\n", r"unknown key train.learning_rate \(train has: .*lr"),
@@ -147,7 +182,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     ("c3a:\n  block_size: 0\n", "C3AConfig.block_size must be a positive integer"),
     ("c3a:\n  rank: 8\n", "unexpected keyword argument 'rank'"),
     ("task: seq_cls\n", "task 'seq_cls' needs model.name"),
-])
+  ],
+)
 def test_bad_configs_are_clear_errors(tmp_path, capsys, content, match):
   path = tmp_path / "config.yaml"
   if content is not None:
@@ -179,8 +215,23 @@ def test_suggest_block_size(capsys):
 # Hugging Face models and data, made locally.
 
 transformers = pytest.importorskip("transformers")
-WORDS = ["good", "bad", "great", "awful", "movie", "film", "plot", "fun", "dull", "the", "a",
-         "was", "is", "very", "not"]
+WORDS = [
+  "good",
+  "bad",
+  "great",
+  "awful",
+  "movie",
+  "film",
+  "plot",
+  "fun",
+  "dull",
+  "the",
+  "a",
+  "was",
+  "is",
+  "very",
+  "not",
+]
 
 
 def tokenizer(directory):
@@ -196,8 +247,11 @@ def sentences(n, seed):
   rows = []
   for _ in range(n):
     label = int(rng.integers(2))
-    word = ["bad", "awful", "dull"][rng.integers(3)] if label == 0 else \
-        ["good", "great", "fun"][rng.integers(3)]
+    word = (
+      ["bad", "awful", "dull"][rng.integers(3)]
+      if label == 0
+      else ["good", "great", "fun"][rng.integers(3)]
+    )
     rows.append({"sentence": f"the movie was very {word}", "label": label})
   return rows
 
@@ -205,9 +259,7 @@ def sentences(n, seed):
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("bert")
-  config = transformers.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, intermediate_size=64,
-                                   max_position_embeddings=32, num_labels=2)
+  config = transformers.BertConfig(**dict(tiny.BERT, vocab_size=32, num_labels=2))
   transformers.FlaxBertForSequenceClassification(config, seed=0).save_pretrained(str(d))
   tokenizer(d)
   return d
@@ -221,14 +273,32 @@ def write_jsonl(path, rows):
 def seq_cls_config(tmp_path, bert_dir, **data):
   train_file = write_jsonl(tmp_path / "train.jsonl", sentences(64, 0))
   eval_file = write_jsonl(tmp_path / "eval.jsonl", sentences(32, 1))
-  cfg = {"task": "seq_cls", "model": {"name": str(bert_dir)},
-         "data": {"name": str(train_file), "eval_split": str(eval_file),
-                  "text_column": "sentence", "max_length": 12, **data},
-         "c3a": {"block_size": 16, "target_modules": ["query", "value"],
-                 "modules_to_save": ["classifier"], "task_type": "SEQ_CLS"},
-         "train": {"steps": 40, "batch_size": 16, "lr": 1.0, "head_lr": 3e-2,
-                   "eval_every": 20, "save_every": 20},
-         "output_dir": str(tmp_path / "run")}
+  cfg = {
+    "task": "seq_cls",
+    "model": {"name": str(bert_dir)},
+    "data": {
+      "name": str(train_file),
+      "eval_split": str(eval_file),
+      "text_column": "sentence",
+      "max_length": 12,
+      **data,
+    },
+    "c3a": {
+      "block_size": 16,
+      "target_modules": ["query", "value"],
+      "modules_to_save": ["classifier"],
+      "task_type": "SEQ_CLS",
+    },
+    "train": {
+      "steps": 40,
+      "batch_size": 16,
+      "lr": 1.0,
+      "head_lr": 3e-2,
+      "eval_every": 20,
+      "save_every": 20,
+    },
+    "output_dir": str(tmp_path / "run"),
+  }
   path = tmp_path / "config.yaml"
   path.write_text(yaml.safe_dump(cfg))
   return path
@@ -247,14 +317,15 @@ def test_seq_cls_from_local_model_and_files(tmp_path, bert_dir, capsys):
   assert cfg.target_modules == ("query", "value")
   capsys.readouterr()
   assert cli.main(["eval", str(out)]) == 0
-  assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(
-      summary["eval_accuracy"])
+  assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(summary["eval_accuracy"])
   # merge writes a plain Flax model whose logits equal the adapted model's.
   assert cli.main(["merge", str(out), str(tmp_path / "merged")]) == 0
-  merged = transformers.FlaxBertForSequenceClassification.from_pretrained(
-      str(tmp_path / "merged"))
-  ids = np.asarray(transformers.AutoTokenizer.from_pretrained(str(tmp_path / "merged"))(
-      ["the film was great"], return_tensors="np")["input_ids"])
+  merged = transformers.FlaxBertForSequenceClassification.from_pretrained(str(tmp_path / "merged"))
+  ids = np.asarray(
+    transformers.AutoTokenizer.from_pretrained(str(tmp_path / "merged"))(
+      ["the film was great"], return_tensors="np"
+    )["input_ids"]
+  )
   with c3a.intercept():
     adapted = model(ids, params=c3a.combine(adapter, model.params)).logits
   np.testing.assert_allclose(merged(ids).logits, adapted, atol=1e-5)
@@ -266,9 +337,7 @@ def test_seq_cls_adapter_loads_in_peft(tmp_path):
   peft = pytest.importorskip("peft")
   d = tmp_path / "bert_pt"
   d.mkdir()
-  config = transformers.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2,
-                                   num_attention_heads=4, intermediate_size=64,
-                                   max_position_embeddings=32, num_labels=2)
+  config = transformers.BertConfig(**dict(tiny.BERT, vocab_size=32, num_labels=2))
   torch.manual_seed(0)
   transformers.BertForSequenceClassification(config).save_pretrained(str(d))
   tokenizer(d)
@@ -279,8 +348,7 @@ def test_seq_cls_adapter_loads_in_peft(tmp_path):
   assert train("--config", str(cfg_path)) == 0
   base = transformers.BertForSequenceClassification.from_pretrained(str(d)).eval()
   pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
-  flax_model = transformers.FlaxBertForSequenceClassification.from_pretrained(str(d),
-                                                                              from_pt=True)
+  flax_model = transformers.FlaxBertForSequenceClassification.from_pretrained(str(d), from_pt=True)
   adapter, _ = c3a.load_adapter(str(tmp_path / "run" / "adapter"), flax_model.params)
   ids = np.asarray([[2, 9, 4 + 5, 11, 13, 5, 3]])
   with torch.no_grad():
@@ -329,21 +397,29 @@ def test_bad_data_and_models_are_clear_errors(tmp_path, bert_dir, capsys):
 def test_causal_lm_with_a_prompt_template(tmp_path):
   d = tmp_path / "llama"
   d.mkdir()
-  config = transformers.LlamaConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2,
-                                    intermediate_size=64, max_position_embeddings=32)
+  config = transformers.LlamaConfig(**dict(tiny.LLAMA, vocab_size=32))
   transformers.FlaxLlamaForCausalLM(config, seed=0).save_pretrained(str(d))
   tokenizer(d)
   rows = [{"instruction": "rate the film", "output": r["sentence"]} for r in sentences(48, 2)]
   data = write_jsonl(tmp_path / "train.json", rows)
-  cfg = {"task": "causal_lm", "model": {"name": str(d)},
-         "data": {"name": str(data), "eval_split": None, "max_length": 12,
-                  "prompt_template": "{instruction} {output}"},
-         "c3a": {"block_size": 16, "target_modules": ["q_proj", "v_proj", "down_proj"],
-                 "block_size_pattern": {"down_proj": 8}, "task_type": "CAUSAL_LM"},
-         "train": {"steps": 20, "batch_size": 8, "lr": 0.5, "log_every": 5,
-                   "compute_dtype": "bfloat16"},
-         "output_dir": str(tmp_path / "run")}
+  cfg = {
+    "task": "causal_lm",
+    "model": {"name": str(d)},
+    "data": {
+      "name": str(data),
+      "eval_split": None,
+      "max_length": 12,
+      "prompt_template": "{instruction} {output}",
+    },
+    "c3a": {
+      "block_size": 16,
+      "target_modules": ["q_proj", "v_proj", "down_proj"],
+      "block_size_pattern": {"down_proj": 8},
+      "task_type": "CAUSAL_LM",
+    },
+    "train": {"steps": 20, "batch_size": 8, "lr": 0.5, "log_every": 5, "compute_dtype": "bfloat16"},
+    "output_dir": str(tmp_path / "run"),
+  }
   path = tmp_path / "config.yaml"
   path.write_text(yaml.safe_dump(cfg))
   assert train("--config", str(path)) == 0
@@ -358,11 +434,19 @@ def test_causal_lm_with_a_prompt_template(tmp_path):
 def test_image_classification_from_a_saved_dataset(tmp_path):
   datasets = pytest.importorskip("datasets")
   from PIL import Image
+
   d = tmp_path / "vit"
   d.mkdir()
-  config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, num_labels=2)
+  config = transformers.ViTConfig(
+    image_size=16,
+    patch_size=8,
+    num_channels=3,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    num_labels=2,
+  )
   transformers.FlaxViTForImageClassification(config, seed=0).save_pretrained(str(d))
   transformers.ViTImageProcessor(size={"height": 16, "width": 16}).save_pretrained(str(d))
   rng = np.random.default_rng(0)
@@ -374,12 +458,18 @@ def test_image_classification_from_a_saved_dataset(tmp_path):
     labels.append(label)
   ds = datasets.Dataset.from_dict({"img": images, "label": labels})
   datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "data"))
-  cfg = {"task": "image_cls", "model": {"name": str(d)},
-         "data": {"name": str(tmp_path / "data"), "eval_split": "test", "image_column": "img"},
-         "c3a": {"block_size": 16, "target_modules": ["query", "value"],
-                 "modules_to_save": ["classifier"]},
-         "train": {"steps": 20, "batch_size": 8, "lr": 0.5, "head_lr": 1e-2, "eval_every": 10},
-         "output_dir": str(tmp_path / "run")}
+  cfg = {
+    "task": "image_cls",
+    "model": {"name": str(d)},
+    "data": {"name": str(tmp_path / "data"), "eval_split": "test", "image_column": "img"},
+    "c3a": {
+      "block_size": 16,
+      "target_modules": ["query", "value"],
+      "modules_to_save": ["classifier"],
+    },
+    "train": {"steps": 20, "batch_size": 8, "lr": 0.5, "head_lr": 1e-2, "eval_every": 10},
+    "output_dir": str(tmp_path / "run"),
+  }
   path = tmp_path / "config.yaml"
   path.write_text(yaml.safe_dump(cfg))
   assert train("--config", str(path)) == 0

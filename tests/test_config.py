@@ -16,7 +16,9 @@ def test_defaults_are_peft_defaults():
   assert cfg.init_weights == "xavier_uniform" and cfg.modules_to_save is None
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(block_size=0), "block_size must be a positive integer, got 0"),
     (dict(block_size=-4), "block_size must be a positive integer"),
     (dict(block_size=2.0), "block_size must be a positive integer"),
@@ -34,7 +36,8 @@ def test_defaults_are_peft_defaults():
     (dict(target_modules="q", layers_to_transform=[0]), "need target_modules as a list"),
     (dict(target_modules=["q"], layers_to_transform=[-1]), "layers_to_transform"),
     (dict(target_modules=["q"], layers_to_transform="0"), "layers_to_transform"),
-])
+  ],
+)
 def test_bad_values_are_errors_naming_the_field(kwargs, match):
   if match is None:
     assert C3AConfig(**kwargs).modules_to_save == ("classifier",)
@@ -44,21 +47,37 @@ def test_bad_values_are_errors_naming_the_field(kwargs, match):
 
 
 def test_list_fields_are_normalised_and_hashable():
-  cfg = C3AConfig(target_modules=["query", "value", "query"], modules_to_save=["classifier"] * 2,
-                  block_size_pattern={"value": 8})
+  cfg = C3AConfig(
+    target_modules=["query", "value", "query"],
+    modules_to_save=["classifier"] * 2,
+    block_size_pattern={"value": 8},
+  )
   assert cfg.target_modules == ("query", "value") and cfg.modules_to_save == ("classifier",)
   assert C3AConfig(target_modules={"value", "query"}).target_modules == ("query", "value")
-  assert hash(cfg) == hash(C3AConfig(target_modules=("query", "value"),
-                                     modules_to_save=("classifier",), block_size_pattern={"value": 8}))
+  assert hash(cfg) == hash(
+    C3AConfig(
+      target_modules=("query", "value"),
+      modules_to_save=("classifier",),
+      block_size_pattern={"value": 8},
+    )
+  )
   assert cfg.replace(block_size=64).block_size == 64
   with pytest.raises(ValueError, match="block_size"):
     cfg.replace(block_size=0)
 
 
 def test_json_round_trip(tmp_path):
-  cfg = C3AConfig(block_size=64, block_size_pattern={"down_proj": 32}, target_modules=["q", "v"],
-                  layers_to_transform=[0, 2], layers_pattern="layers", bias="c3a_only",
-                  modules_to_save=["lm_head"], init_weights=True, task_type="CAUSAL_LM")
+  cfg = C3AConfig(
+    block_size=64,
+    block_size_pattern={"down_proj": 32},
+    target_modules=["q", "v"],
+    layers_to_transform=[0, 2],
+    layers_pattern="layers",
+    bias="c3a_only",
+    modules_to_save=["lm_head"],
+    init_weights=True,
+    task_type="CAUSAL_LM",
+  )
   cfg.save(str(tmp_path))
   d = json.loads((tmp_path / "adapter_config.json").read_text())
   assert d["peft_type"] == "C3A" and d["target_modules"] == ["q", "v"]
@@ -92,17 +111,34 @@ def test_load_errors_name_the_file(tmp_path):
 
 
 def test_public_api_names():
-  for name in ["C3AConfig", "attach", "wrap", "intercept", "split", "combine", "optimizer",
-               "merge", "unmerge", "save_adapter", "load_adapter", "summary", "labels", "select"]:
+  for name in [
+    "C3AConfig",
+    "attach",
+    "wrap",
+    "intercept",
+    "split",
+    "combine",
+    "optimizer",
+    "merge",
+    "unmerge",
+    "save_adapter",
+    "load_adapter",
+    "summary",
+    "labels",
+    "select",
+  ]:
     assert callable(getattr(c3a, name)), name
   assert callable(c3a.ops.block_circulant_matmul) and callable(c3a.ops.delta_weight)
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(task_type="seq_cls"), r"task_type must be one of \('SEQ_CLS'"),
     (dict(target_modules=["q"], layers_pattern="la(yer"), "layers_pattern .* not a valid regex"),
     (dict(modules_to_save=["cls("]), "modules_to_save .* not a valid regex"),
-])
+  ],
+)
 def test_more_bad_values(kwargs, match):
   with pytest.raises(ValueError, match=match):
     C3AConfig(**kwargs)

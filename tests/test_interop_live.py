@@ -34,17 +34,18 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import c3a_jax as c3a  # noqa: E402
+from tests import tiny  # noqa: E402
 
 pytestmark = [pytest.mark.interop, pytest.mark.integration]
 
 ATOL = 1e-5  # logits; PyTorch and XLA agree on the base models to ~1e-7
-BERT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-            intermediate_size=64, max_position_embeddings=32, num_labels=3)
-LLAMA = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32,
-             tie_word_embeddings=False)
-LLAMA_C3A = dict(block_size=16, block_size_pattern={"down_proj": 8},
-                 target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+BERT = tiny.BERT
+LLAMA = dict(tiny.LLAMA, tie_word_embeddings=False)
+LLAMA_C3A = dict(
+  block_size=16,
+  block_size_pattern={"down_proj": 8},
+  target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,8 +68,9 @@ def _differs(a, b, what, by=100 * ATOL):
 
 def _torch_logits(model, m):
   with torch.no_grad():
-    return model(input_ids=torch.as_tensor(m.ids),
-                 attention_mask=torch.as_tensor(m.mask)).logits.numpy()
+    return model(
+      input_ids=torch.as_tensor(m.ids), attention_mask=torch.as_tensor(m.mask)
+    ).logits.numpy()
 
 
 def _jax_logits(m, params, *, adapter=True):
@@ -83,16 +85,23 @@ def _peft_load(m, directory):
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     pm = peft.PeftModel.from_pretrained(m.torch_base(), directory).eval()
-  bad = [str(w.message) for w in caught if "missing adapter keys" in str(w.message).lower()
-         or "unexpected" in str(w.message).lower() and "adapter" in str(w.message).lower()]
+  bad = [
+    str(w.message)
+    for w in caught
+    if "missing adapter keys" in str(w.message).lower()
+    or ("unexpected" in str(w.message).lower() and "adapter" in str(w.message).lower())
+  ]
   assert not bad, f"PEFT did not load the adapter cleanly: {bad}"
   return pm
 
 
 def _c3a_layers(pm):
   """{module path: C3ALinear} of a PEFT model, paths as in the base model (= Flax paths)."""
-  return {name: mod for name, mod in pm.base_model.model.named_modules()
-          if isinstance(mod, peft.tuners.c3a.C3ALinear)}
+  return {
+    name: mod
+    for name, mod in pm.base_model.model.named_modules()
+    if isinstance(mod, peft.tuners.c3a.C3ALinear)
+  }
 
 
 def _perturb(params, key, paths, scale):
@@ -135,8 +144,12 @@ def _check_merged_weights(pm, merged_params):
     for seg in path.split("."):
       node = node[seg]
     assert "c3a_kernel" not in node
-    _close(np.asarray(node["kernel"]).T, layer.get_base_layer().weight.detach().numpy(),
-           f"merged weight {path}", atol=1e-6)
+    _close(
+      np.asarray(node["kernel"]).T,
+      layer.get_base_layer().weight.detach().numpy(),
+      f"merged weight {path}",
+      atol=1e-6,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,21 +165,36 @@ def _make(tmp_path_factory, name, torch_cls, torch_cfg, flax_cls, seed):
   mask = np.ones_like(ids)
   mask[1, 7:] = 0
   return types.SimpleNamespace(
-      dir=d, ids=ids, mask=mask,
-      flax=flax_cls.from_pretrained(d, from_pt=True),
-      torch_base=lambda: torch_cls.from_pretrained(d).eval())
+    dir=d,
+    ids=ids,
+    mask=mask,
+    flax=flax_cls.from_pretrained(d, from_pt=True),
+    torch_base=lambda: torch_cls.from_pretrained(d).eval(),
+  )
 
 
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
-  return _make(tmp_path_factory, "bert", transformers.BertForSequenceClassification,
-               transformers.BertConfig(**BERT), transformers.FlaxBertForSequenceClassification, 0)
+  return _make(
+    tmp_path_factory,
+    "bert",
+    transformers.BertForSequenceClassification,
+    transformers.BertConfig(**BERT),
+    transformers.FlaxBertForSequenceClassification,
+    0,
+  )
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-  m = _make(tmp_path_factory, "llama", transformers.LlamaForCausalLM,
-            transformers.LlamaConfig(**LLAMA), transformers.FlaxLlamaForCausalLM, 1)
+  m = _make(
+    tmp_path_factory,
+    "llama",
+    transformers.LlamaForCausalLM,
+    transformers.LlamaConfig(**LLAMA),
+    transformers.FlaxLlamaForCausalLM,
+    1,
+  )
   m.mask = np.ones_like(m.ids)  # causal LM: no padding, keep positions identical on both sides
   return m
 
@@ -174,8 +202,9 @@ def llama(tmp_path_factory):
 @pytest.mark.parametrize("family", ["bert", "llama"])
 def test_base_models_agree(family, request):
   m = request.getfixturevalue(family)
-  _close(_jax_logits(m, m.flax.params, adapter=False), _torch_logits(m.torch_base(), m),
-         f"{family} base")
+  _close(
+    _jax_logits(m, m.flax.params, adapter=False), _torch_logits(m.torch_base(), m), f"{family} base"
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,10 +212,14 @@ def test_base_models_agree(family, request):
 
 
 def test_bert_jax_to_peft(bert, tmp_path):
-  cfg = c3a.C3AConfig(block_size=8, block_size_pattern={"intermediate.dense": 16},
-                      target_modules=["query", "value", "intermediate.dense"],
-                      modules_to_save=["classifier"], init_weights="xavier_uniform",
-                      task_type="SEQ_CLS")
+  cfg = c3a.C3AConfig(
+    block_size=8,
+    block_size_pattern={"intermediate.dense": 16},
+    target_modules=["query", "value", "intermediate.dense"],
+    modules_to_save=["classifier"],
+    init_weights="xavier_uniform",
+    task_type="SEQ_CLS",
+  )
   params = c3a.attach(bert.flax.params, cfg, jax.random.key(0))
   params = _scale_kernels(params, 30.0)
   params = _perturb(params, jax.random.key(1), ["classifier"], 0.2)
@@ -194,8 +227,11 @@ def test_bert_jax_to_peft(bert, tmp_path):
   base = _jax_logits(bert, bert.flax.params, adapter=False)
   _differs(ours, base, "bert jax->peft")
   # the C3A kernels alone (without the new head) matter as well
-  _differs(_jax_logits(bert, c3a.combine(c3a.split(params)[0], bert.flax.params)), base,
-           "bert jax->peft, kernels only")
+  _differs(
+    _jax_logits(bert, c3a.combine(c3a.split(params)[0], bert.flax.params)),
+    base,
+    "bert jax->peft, kernels only",
+  )
 
   c3a.save_adapter(str(tmp_path), params, cfg)
   pm = _peft_load(bert, str(tmp_path))
@@ -206,8 +242,9 @@ def test_bert_jax_to_peft(bert, tmp_path):
     for seg in path.split("."):
       node = node[seg]
     assert layer.block_size["default"] == (16 if path.endswith("intermediate.dense") else 8)
-    np.testing.assert_array_equal(layer.c3a_kernel["default"].detach().numpy(),
-                                  np.asarray(node["c3a_kernel"]), err_msg=path)
+    np.testing.assert_array_equal(
+      layer.c3a_kernel["default"].detach().numpy(), np.asarray(node["c3a_kernel"]), err_msg=path
+    )
   _close(ours, _torch_logits(pm, bert), "bert jax->peft adapter logits")
 
   _check_merge(pm, params, bert, "bert jax->peft")
@@ -215,10 +252,14 @@ def test_bert_jax_to_peft(bert, tmp_path):
 
 def test_bert_peft_to_jax(bert, tmp_path):
   torch.manual_seed(2)
-  pcfg = peft.C3AConfig(block_size=8, block_size_pattern={"value": 4, "output.dense": 16},
-                        target_modules=["query", "key", "value", "output.dense"],
-                        init_weights="gaussian", modules_to_save=["classifier"],
-                        task_type="SEQ_CLS")
+  pcfg = peft.C3AConfig(
+    block_size=8,
+    block_size_pattern={"value": 4, "output.dense": 16},
+    target_modules=["query", "key", "value", "output.dense"],
+    init_weights="gaussian",
+    modules_to_save=["classifier"],
+    task_type="SEQ_CLS",
+  )
   pm = peft.get_peft_model(bert.torch_base(), pcfg).eval()
   _peft_perturb(pm.base_model.model.classifier.modules_to_save["default"], 0.2)
   want = _torch_logits(pm, bert)
@@ -232,13 +273,20 @@ def test_bert_peft_to_jax(bert, tmp_path):
     node = adapter
     for seg in path.split("."):
       node = node[seg]
-    np.testing.assert_array_equal(np.asarray(node["c3a_kernel"]),
-                                  layer.c3a_kernel["default"].detach().numpy(), err_msg=path)
+    np.testing.assert_array_equal(
+      np.asarray(node["c3a_kernel"]), layer.c3a_kernel["default"].detach().numpy(), err_msg=path
+    )
   params = c3a.combine(adapter, bert.flax.params)
   _close(_jax_logits(bert, params), want, "bert peft->jax adapter logits")
-  _close(np.asarray(jax.jit(c3a.wrap(
-      lambda p: bert.flax(bert.ids, attention_mask=bert.mask, params=p).logits))(params)),
-         want, "bert peft->jax adapter logits (jit)")
+  _close(
+    np.asarray(
+      jax.jit(c3a.wrap(lambda p: bert.flax(bert.ids, attention_mask=bert.mask, params=p).logits))(
+        params
+      )
+    ),
+    want,
+    "bert peft->jax adapter logits (jit)",
+  )
 
   _check_merge(pm, params, bert, "bert peft->jax")
 
@@ -248,8 +296,9 @@ def test_bert_peft_to_jax(bert, tmp_path):
 
 
 def test_llama_jax_to_peft(llama, tmp_path):
-  cfg = c3a.C3AConfig(**LLAMA_C3A, modules_to_save=["lm_head"], init_weights="gaussian",
-                      task_type="CAUSAL_LM")
+  cfg = c3a.C3AConfig(
+    **LLAMA_C3A, modules_to_save=["lm_head"], init_weights="gaussian", task_type="CAUSAL_LM"
+  )
   params = c3a.attach(llama.flax.params, cfg, jax.random.key(3))
   assert params["model"]["layers"]["1"]["mlp"]["down_proj"]["c3a_kernel"].shape == (4, 8, 8)
   assert params["model"]["layers"]["1"]["self_attn"]["v_proj"]["c3a_kernel"].shape == (1, 2, 16)
@@ -261,8 +310,9 @@ def test_llama_jax_to_peft(llama, tmp_path):
   pm = _peft_load(llama, str(tmp_path))
   layers = _c3a_layers(pm)
   assert len(layers) == 8
-  assert {p: l.block_size["default"] for p, l in layers.items()} == {
-      t.path: t.block_size for t in c3a.select(llama.flax.params, cfg)}
+  assert {p: layer.block_size["default"] for p, layer in layers.items()} == {
+    t.path: t.block_size for t in c3a.select(llama.flax.params, cfg)
+  }
   _close(ours, _torch_logits(pm, llama), "llama jax->peft adapter logits")
 
   _check_merge(pm, params, llama, "llama jax->peft")
@@ -270,8 +320,10 @@ def test_llama_jax_to_peft(llama, tmp_path):
 
 def test_llama_peft_to_jax(llama, tmp_path):
   torch.manual_seed(5)
-  pm = peft.get_peft_model(llama.torch_base(), peft.C3AConfig(
-      **copy.deepcopy(LLAMA_C3A), init_weights="gaussian", task_type="CAUSAL_LM")).eval()
+  pm = peft.get_peft_model(
+    llama.torch_base(),
+    peft.C3AConfig(**copy.deepcopy(LLAMA_C3A), init_weights="gaussian", task_type="CAUSAL_LM"),
+  ).eval()
   want = _torch_logits(pm, llama)
   _differs(want, _jax_logits(llama, llama.flax.params, adapter=False), "llama peft->jax")
   pm.save_pretrained(str(tmp_path), safe_serialization=True)
@@ -290,8 +342,12 @@ def test_llama_peft_to_jax(llama, tmp_path):
 
 
 def test_trained_adapter_round_trip(bert, tmp_path):
-  cfg = c3a.C3AConfig(block_size=8, target_modules=["query", "value", "dense"],
-                      modules_to_save=["classifier"], task_type="SEQ_CLS")
+  cfg = c3a.C3AConfig(
+    block_size=8,
+    target_modules=["query", "value", "dense"],
+    modules_to_save=["classifier"],
+    task_type="SEQ_CLS",
+  )
   params0 = c3a.attach(bert.flax.params, cfg, jax.random.key(6))
   tx = c3a.optimizer(optax.adam(1e-1), params0, cfg, head_tx=optax.adam(1e-2))
   labels = jnp.asarray(np.random.RandomState(7).randint(0, BERT["num_labels"], len(bert.ids)))
@@ -317,8 +373,9 @@ def test_trained_adapter_round_trip(bert, tmp_path):
   trained, frozen = c3a.split(params, cfg)
   initial, frozen0 = c3a.split(params0, cfg)
   jax.tree_util.tree_map(np.testing.assert_array_equal, frozen, frozen0)
-  moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-                                 trained, initial)
+  moved = jax.tree_util.tree_map(
+    lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), trained, initial
+  )
   assert all(jax.tree_util.tree_leaves(moved)), moved
 
   ours = _jax_logits(bert, params)
@@ -335,12 +392,18 @@ def test_trained_adapter_round_trip(bert, tmp_path):
   assert set(cfg2.target_modules) == set(cfg.target_modules)
   assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(trained)
   jax.tree_util.tree_map(np.testing.assert_array_equal, again, trained)
-  _close(_jax_logits(bert, c3a.combine(again, bert.flax.params)), ours,
-         "trained adapter peft->jax logits")
+  _close(
+    _jax_logits(bert, c3a.combine(again, bert.flax.params)),
+    ours,
+    "trained adapter peft->jax logits",
+  )
 
   pm.merge_adapter()
-  _close(_jax_logits(bert, c3a.merge(params), adapter=False), _torch_logits(pm, bert),
-         "trained adapter merged logits")
+  _close(
+    _jax_logits(bert, c3a.merge(params), adapter=False),
+    _torch_logits(pm, bert),
+    "trained adapter merged logits",
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +415,6 @@ def test_one_layer_gradients(d_in, d_out, b):
   torch.manual_seed(d_in * 100 + b)
 
   class One(torch.nn.Module):
-
     def __init__(self):
       super().__init__()
       self.lin = torch.nn.Linear(d_in, d_out)
@@ -360,8 +422,9 @@ def test_one_layer_gradients(d_in, d_out, b):
     def forward(self, x):
       return self.lin(x)
 
-  pm = peft.get_peft_model(One(), peft.C3AConfig(block_size=b, target_modules=["lin"],
-                                                 init_weights="gaussian"))
+  pm = peft.get_peft_model(
+    One(), peft.C3AConfig(block_size=b, target_modules=["lin"], init_weights="gaussian")
+  )
   layer = pm.base_model.model.lin
   w_t = layer.c3a_kernel["default"]
   weight = layer.get_base_layer().weight.detach()
@@ -386,11 +449,15 @@ def test_one_layer_gradients(d_in, d_out, b):
     return (y * g).sum(), y
 
   (_, y), (gw, gx) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(
-      jnp.asarray(w_t.detach().numpy()), x)
+    jnp.asarray(w_t.detach().numpy()), x
+  )
   scale = float(np.abs(w_t.grad.numpy()).max())
   _close(y, y_t.detach().numpy(), f"one layer {d_in}x{d_out}/b{b} forward")
-  _close(np.asarray(gw) / scale, w_t.grad.numpy() / scale,
-         f"one layer {d_in}x{d_out}/b{b} kernel grad (relative)")
+  _close(
+    np.asarray(gw) / scale,
+    w_t.grad.numpy() / scale,
+    f"one layer {d_in}x{d_out}/b{b} kernel grad (relative)",
+  )
   _close(gx, x_ref.grad.numpy(), f"one layer {d_in}x{d_out}/b{b} input grad vs autograd")
 
 
@@ -398,32 +465,59 @@ def test_one_layer_gradients(d_in, d_out, b):
 # layer selection: c3a.select adapts exactly the layers (and block sizes) PEFT adapts
 
 SELECTION = [
-    ("bert", dict(block_size=8, target_modules=["query", "value"])),
-    ("bert", dict(block_size=8, target_modules=["dense"],
-                  block_size_pattern={"intermediate.dense": 16, r"output\.dense": 4})),
-    ("bert", dict(block_size=8, target_modules=r".*layer\.1\..*(query|key)")),
-    ("bert", dict(block_size=8, target_modules=["query", "value"], layers_to_transform=1)),
-    ("bert", dict(block_size=8, target_modules=["query", "value"], layers_to_transform=[0],
-                  layers_pattern="layer")),
-    ("bert", dict(block_size=8, target_modules="all-linear")),
-    ("bert", dict(block_size=8, target_modules=["dense"], modules_to_save=["pooler"])),
-    ("bert", dict(block_size=8)),
-    ("llama", dict(block_size=16, target_modules="all-linear",
-                   block_size_pattern={"down_proj": 8, r"1\.self_attn\.o_proj": 4})),
-    ("llama", dict(block_size=16, target_modules=["q_proj", "gate_proj"], layers_to_transform=[1],
-                   layers_pattern="layers")),
-    ("llama", dict(block_size=16)),
+  ("bert", dict(block_size=8, target_modules=["query", "value"])),
+  (
+    "bert",
+    dict(
+      block_size=8,
+      target_modules=["dense"],
+      block_size_pattern={"intermediate.dense": 16, r"output\.dense": 4},
+    ),
+  ),
+  ("bert", dict(block_size=8, target_modules=r".*layer\.1\..*(query|key)")),
+  ("bert", dict(block_size=8, target_modules=["query", "value"], layers_to_transform=1)),
+  (
+    "bert",
+    dict(
+      block_size=8,
+      target_modules=["query", "value"],
+      layers_to_transform=[0],
+      layers_pattern="layer",
+    ),
+  ),
+  ("bert", dict(block_size=8, target_modules="all-linear")),
+  ("bert", dict(block_size=8, target_modules=["dense"], modules_to_save=["pooler"])),
+  ("bert", dict(block_size=8)),
+  (
+    "llama",
+    dict(
+      block_size=16,
+      target_modules="all-linear",
+      block_size_pattern={"down_proj": 8, r"1\.self_attn\.o_proj": 4},
+    ),
+  ),
+  (
+    "llama",
+    dict(
+      block_size=16,
+      target_modules=["q_proj", "gate_proj"],
+      layers_to_transform=[1],
+      layers_pattern="layers",
+    ),
+  ),
+  ("llama", dict(block_size=16)),
 ]
 
 
-@pytest.mark.parametrize("family,kw", SELECTION, ids=[f"{f}-{i}" for i, (f, _) in
-                                                      enumerate(SELECTION)])
+@pytest.mark.parametrize(
+  "family,kw", SELECTION, ids=[f"{f}-{i}" for i, (f, _) in enumerate(SELECTION)]
+)
 def test_selection_matches_peft(family, kw, request):
   m = request.getfixturevalue(family)
   task = "SEQ_CLS" if family == "bert" else "CAUSAL_LM"
   # PEFT mutates lists in its config (it adds the classifier to modules_to_save): give it a copy.
   pm = peft.get_peft_model(m.torch_base(), peft.C3AConfig(**copy.deepcopy(kw), task_type=task))
-  theirs = {p: l.block_size["default"] for p, l in _c3a_layers(pm).items()}
+  theirs = {p: layer.block_size["default"] for p, layer in _c3a_layers(pm).items()}
   cfg = c3a.C3AConfig(**kw, task_type=task)
   ours = {t.path: t.block_size for t in c3a.select(m.flax.params, cfg, model_type=family)}
   assert ours == theirs
@@ -436,12 +530,19 @@ def test_selection_matches_peft(family, kw, request):
 
 @pytest.mark.parametrize("bias", ["c3a_only", "all"])
 def test_bias_jax_to_peft(bert, tmp_path, bias):
-  cfg = c3a.C3AConfig(block_size=8, target_modules=["query", "value"], bias=bias,
-                      modules_to_save=["classifier"], init_weights="gaussian", task_type="SEQ_CLS")
+  cfg = c3a.C3AConfig(
+    block_size=8,
+    target_modules=["query", "value"],
+    bias=bias,
+    modules_to_save=["classifier"],
+    init_weights="gaussian",
+    task_type="SEQ_CLS",
+  )
   params = c3a.attach(bert.flax.params, cfg, jax.random.key(8))
   adapter, base = c3a.split(params, cfg)
   adapter = jax.tree_util.tree_map_with_path(
-      lambda kp, x: x + 0.5 if jax.tree_util.keystr(kp).endswith("['bias']") else x, adapter)
+    lambda kp, x: x + 0.5 if jax.tree_util.keystr(kp).endswith("['bias']") else x, adapter
+  )
   params = c3a.combine(adapter, base)
   ours = _jax_logits(bert, params)
   c3a.save_adapter(str(tmp_path), params, cfg)
@@ -452,9 +553,17 @@ def test_bias_jax_to_peft(bert, tmp_path, bias):
 @pytest.mark.parametrize("bias", ["c3a_only", "all"])
 def test_bias_peft_to_jax(bert, tmp_path, bias):
   torch.manual_seed(9)
-  pm = peft.get_peft_model(bert.torch_base(), peft.C3AConfig(
-      block_size=8, target_modules=["query", "value"], bias=bias, init_weights="gaussian",
-      modules_to_save=["classifier"], task_type="SEQ_CLS")).eval()
+  pm = peft.get_peft_model(
+    bert.torch_base(),
+    peft.C3AConfig(
+      block_size=8,
+      target_modules=["query", "value"],
+      bias=bias,
+      init_weights="gaussian",
+      modules_to_save=["classifier"],
+      task_type="SEQ_CLS",
+    ),
+  ).eval()
   with torch.no_grad():
     for name, p in pm.named_parameters():
       if p.requires_grad and name.endswith("bias"):
@@ -462,13 +571,18 @@ def test_bias_peft_to_jax(bert, tmp_path, bias):
   want = _torch_logits(pm, bert)
   pm.save_pretrained(str(tmp_path), safe_serialization=True)
   adapter, _ = c3a.load_adapter(str(tmp_path), bert.flax.params)
-  _close(_jax_logits(bert, c3a.combine(adapter, bert.flax.params)), want,
-         f"bias={bias} peft->jax logits")
+  _close(
+    _jax_logits(bert, c3a.combine(adapter, bert.flax.params)), want, f"bias={bias} peft->jax logits"
+  )
 
 
 def test_exclude_modules_jax_to_peft(bert, tmp_path):
-  cfg = c3a.C3AConfig(block_size=8, target_modules=["query", "value"], exclude_modules=["value"],
-                      init_weights="gaussian")
+  cfg = c3a.C3AConfig(
+    block_size=8,
+    target_modules=["query", "value"],
+    exclude_modules=["value"],
+    init_weights="gaussian",
+  )
   params = c3a.attach(bert.flax.params, cfg, jax.random.key(10))
   ours = _jax_logits(bert, params)
   c3a.save_adapter(str(tmp_path), params, cfg)
@@ -479,19 +593,27 @@ def test_exclude_modules_jax_to_peft(bert, tmp_path):
 
 def test_llama_norm_in_modules_to_save_peft_to_jax(llama, tmp_path):
   torch.manual_seed(11)
-  pm = peft.get_peft_model(llama.torch_base(), peft.C3AConfig(
-      **copy.deepcopy(LLAMA_C3A), modules_to_save=["model.norm"], task_type="CAUSAL_LM")).eval()
+  pm = peft.get_peft_model(
+    llama.torch_base(),
+    peft.C3AConfig(
+      **copy.deepcopy(LLAMA_C3A), modules_to_save=["model.norm"], task_type="CAUSAL_LM"
+    ),
+  ).eval()
   _peft_perturb(pm.base_model.model.model.norm.modules_to_save["default"], 0.3)
   want = _torch_logits(pm, llama)
   pm.save_pretrained(str(tmp_path), safe_serialization=True)
   adapter, _ = c3a.load_adapter(str(tmp_path), llama.flax.params)
-  _close(_jax_logits(llama, c3a.combine(adapter, llama.flax.params)), want,
-         "llama model.norm peft->jax logits")
+  _close(
+    _jax_logits(llama, c3a.combine(adapter, llama.flax.params)),
+    want,
+    "llama model.norm peft->jax logits",
+  )
 
 
 def test_seq_cls_without_modules_to_save(bert, tmp_path):
-  cfg = c3a.C3AConfig(block_size=8, target_modules=["query", "value"], init_weights="gaussian",
-                      task_type="SEQ_CLS")
+  cfg = c3a.C3AConfig(
+    block_size=8, target_modules=["query", "value"], init_weights="gaussian", task_type="SEQ_CLS"
+  )
   params = c3a.attach(bert.flax.params, cfg, jax.random.key(12))
   try:
     c3a.save_adapter(str(tmp_path), params, cfg)

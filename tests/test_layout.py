@@ -36,10 +36,13 @@ def _graph() -> dict[str, set[str]]:
       elif isinstance(node, ast.ImportFrom):
         base = node.module or ""
         if node.level:
-          base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
-                          + ([base] if base else []))
-        targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
-                   for a in node.names]
+          base = ".".join(
+            package.split(".")[: len(package.split(".")) - node.level + 1]
+            + ([base] if base else [])
+          )
+        targets = [
+          f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+        ]
       else:
         continue
       edges |= {t for t in targets if t in modules and t != name}
@@ -54,7 +57,7 @@ def _cycle(graph: dict[str, set[str]]):
     state[node] = "open"
     for nxt in sorted(graph[node]):
       if state.get(nxt) == "open":
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state and (found := visit(nxt, stack + [nxt])):
         return found
     state[node] = "done"
@@ -90,8 +93,13 @@ def test_ops_imports_nothing_else_from_the_package():
 
 def test_layers_import_one_way():
   def layer(name):
-    for prefix, rank in (("c3a_jax.cli", 3), ("c3a_jax.__main__", 3), ("c3a_jax.training", 2),
-                         ("c3a_jax.experimental", 2), ("c3a_jax.ops", 0)):
+    for prefix, rank in (
+      ("c3a_jax.cli", 3),
+      ("c3a_jax.__main__", 3),
+      ("c3a_jax.training", 2),
+      ("c3a_jax.experimental", 2),
+      ("c3a_jax.ops", 0),
+    ):
       if name == prefix or name.startswith(prefix + "."):
         return rank
     return 1  # the adapter library
@@ -122,8 +130,9 @@ y = jax.jit(c3a.wrap(mlp.apply))({{"params": params}}, jnp.ones((2, 16)))
 assert y.shape == (2, 8)
 print("ok")
 """
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=os.path.dirname(PACKAGE))
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(PACKAGE)
+  )
   assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
@@ -134,7 +143,8 @@ sys.modules.update(dict.fromkeys({APP_PACKAGES!r}))  # None: the import fails, a
 from c3a_jax.cli import main
 sys.exit(main(["train", "--quiet"]))
 """
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=os.path.dirname(PACKAGE))
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(PACKAGE)
+  )
   assert out.returncode == 2, out.stderr[-2000:]
   assert 'pip install "c3a-jax[cli]"' in out.stderr and "'tqdm'" in out.stderr

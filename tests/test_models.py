@@ -37,6 +37,7 @@ import optax
 import pytest
 
 import c3a_jax as c3a
+from tests import tiny
 from tests.reference import dense_reference
 
 RTOL_SCALE = 1e-5  # atol = RTOL_SCALE * max|reference|
@@ -162,56 +163,95 @@ def _hf_case(name, model, cfg, inputs) -> Case:
 
 def _bert() -> Case:
   from transformers import BertConfig, FlaxBertForSequenceClassification
+
   model = FlaxBertForSequenceClassification(
-      BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=64, max_position_embeddings=32, num_labels=3), _do_init=False)
+    BertConfig(**tiny.BERT),
+    _do_init=False,
+  )
   # Default targets for "bert" (query, value), with two block sizes.
-  cfg = c3a.C3AConfig(block_size=8, block_size_pattern={"value": 16}, target_modules=None,
-                      init_weights="gaussian")
+  cfg = c3a.C3AConfig(
+    block_size=8, block_size_pattern={"value": 16}, target_modules=None, init_weights="gaussian"
+  )
   return _hf_case("bert", model, cfg, _tokens(64))
 
 
 def _roberta() -> Case:
   from transformers import FlaxRobertaForSequenceClassification, RobertaConfig
+
   # Position ids start at padding_idx + 1 = 2: max_position_embeddings must exceed seq_len + 1.
   model = FlaxRobertaForSequenceClassification(
-      RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=64, max_position_embeddings=40, num_labels=3), _do_init=False)
-  cfg = c3a.C3AConfig(block_size=8, block_size_pattern={"intermediate.dense": 16},
-                      target_modules="all-linear", init_weights="gaussian")
+    RobertaConfig(
+      vocab_size=64,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      max_position_embeddings=40,
+      num_labels=3,
+    ),
+    _do_init=False,
+  )
+  cfg = c3a.C3AConfig(
+    block_size=8,
+    block_size_pattern={"intermediate.dense": 16},
+    target_modules="all-linear",
+    init_weights="gaussian",
+  )
   return _hf_case("roberta", model, cfg, _tokens(64))
 
 
 def _llama() -> Case:
   from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
   model = FlaxLlamaForCausalLM(
-      LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32),
-      _do_init=False)
+    LlamaConfig(**tiny.LLAMA),
+    _do_init=False,
+  )
   # k_proj/v_proj are (32, 16): non-square; k_proj at b=16 has m=1, n=2.
-  cfg = c3a.C3AConfig(block_size=8, block_size_pattern={"k_proj": 16},
-                      target_modules="all-linear", init_weights="gaussian")
+  cfg = c3a.C3AConfig(
+    block_size=8,
+    block_size_pattern={"k_proj": 16},
+    target_modules="all-linear",
+    init_weights="gaussian",
+  )
   return _hf_case("llama", model, cfg, _tokens(64))
 
 
 def _gpt2_model():
   from transformers import FlaxGPT2LMHeadModel, GPT2Config
+
   return FlaxGPT2LMHeadModel(
-      GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4), _do_init=False)
+    GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4), _do_init=False
+  )
 
 
 def _gpt2() -> Case:
   # FlaxConv1D: c_attn kernel (96, 32) and c_fc (128, 32) are stored (out, in), non-square.
-  cfg = c3a.C3AConfig(block_size=8, block_size_pattern={"c_fc": 16},
-                      target_modules=["c_attn", "c_proj", "c_fc"], init_weights="gaussian")
+  cfg = c3a.C3AConfig(
+    block_size=8,
+    block_size_pattern={"c_fc": 16},
+    target_modules=["c_attn", "c_proj", "c_fc"],
+    init_weights="gaussian",
+  )
   return _hf_case("gpt2", _gpt2_model(), cfg, _tokens(64))
 
 
 def _vit() -> Case:
   from transformers import FlaxViTForImageClassification, ViTConfig
+
   model = FlaxViTForImageClassification(
-      ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                num_attention_heads=4, intermediate_size=64, num_labels=3), _do_init=False)
+    ViTConfig(
+      image_size=8,
+      patch_size=4,
+      num_channels=3,
+      hidden_size=32,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      intermediate_size=64,
+      num_labels=3,
+    ),
+    _do_init=False,
+  )
   cfg = c3a.C3AConfig(block_size=8, target_modules="all-linear", init_weights="gaussian")
   # HF Flax ViT takes pixel_values (batch, channels, H, W) and transposes them itself.
   pixels = jax.random.normal(jax.random.key(7), (2, 3, 8, 8))
@@ -245,58 +285,66 @@ def _mlp(remat: bool) -> Case:
   def run(params, x):
     return model.apply({"params": params}, x)
 
-  return Case("mlp_remat" if remat else "mlp", run, x, base, adapted,
-              [t.path for t in c3a.select(base, cfg)])
+  return Case(
+    "mlp_remat" if remat else "mlp", run, x, base, adapted, [t.path for t in c3a.select(base, cfg)]
+  )
 
 
 BUILDERS = {
-    "bert": _bert,
-    "roberta": _roberta,
-    "llama": _llama,
-    "gpt2": _gpt2,
-    "vit": _vit,
-    "mlp": functools.partial(_mlp, False),
-    "mlp_remat": functools.partial(_mlp, True),
+  "bert": _bert,
+  "roberta": _roberta,
+  "llama": _llama,
+  "gpt2": _gpt2,
+  "vit": _vit,
+  "mlp": functools.partial(_mlp, False),
+  "mlp_remat": functools.partial(_mlp, True),
 }
 EXPECTED_TARGETS = {
-    "bert": r"bert\.encoder\.layer\.\d\.attention\.self\.(query|value)",
-    "roberta": r"roberta\.(encoder\.layer\.\d\.(attention\.self\.(query|key|value)|"
-               r"attention\.output\.dense|intermediate\.dense|output\.dense)|pooler\.dense)",
-    "llama": r"model\.layers\.\d\.(self_attn\.[qkvo]_proj|mlp\.(up|gate|down)_proj)",
-    "gpt2": r"transformer\.h\.\d\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)",
-    "vit": r"vit\.(encoder\.layer\.\d\.(attention\.attention\.(query|key|value)|"
-           r"attention\.output\.dense|intermediate\.dense|output\.dense)|pooler\.dense)",
-    "mlp": r"dense_[012]",
-    "mlp_remat": r"dense_[012]",
+  "bert": r"bert\.encoder\.layer\.\d\.attention\.self\.(query|value)",
+  "roberta": r"roberta\.(encoder\.layer\.\d\.(attention\.self\.(query|key|value)|"
+  r"attention\.output\.dense|intermediate\.dense|output\.dense)|pooler\.dense)",
+  "llama": r"model\.layers\.\d\.(self_attn\.[qkvo]_proj|mlp\.(up|gate|down)_proj)",
+  "gpt2": r"transformer\.h\.\d\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)",
+  "vit": r"vit\.(encoder\.layer\.\d\.(attention\.attention\.(query|key|value)|"
+  r"attention\.output\.dense|intermediate\.dense|output\.dense)|pooler\.dense)",
+  "mlp": r"dense_[012]",
+  "mlp_remat": r"dense_[012]",
 }
 
 # Two layers each: BERT query/value; RoBERTa, ViT q/k/v/out/intermediate/output; Llama q/k/v/o and
 # up/gate/down; GPT-2 c_attn/attn.c_proj/c_fc/mlp.c_proj; the MLP's three Dense layers.
-EXPECTED_COUNT = {"bert": 4, "roberta": 12, "llama": 14, "gpt2": 8, "vit": 12, "mlp": 3,
-                  "mlp_remat": 3}
+EXPECTED_COUNT = {
+  "bert": 4,
+  "roberta": 12,
+  "llama": 14,
+  "gpt2": 8,
+  "vit": 12,
+  "mlp": 3,
+  "mlp_remat": 3,
+}
 
 
 HF_MODELS = ("bert", "roberta", "llama", "gpt2", "vit")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_case(name: str) -> Case:
   if name in HF_MODELS:
     pytest.importorskip("transformers")  # the [hf] extra; the linen MLPs run without it
   return BUILDERS[name]()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def outputs(name: str, jit: bool) -> dict[str, np.ndarray]:
   """Every output the equality tests compare, computed once per (model, jit)."""
   case = get_case(name)
   plain = case.fn(under_c3a=False, jit=jit)
   wrapped = case.fn(under_c3a=True, jit=jit)
   out = {
-      "base": np.asarray(plain(case.base, case.inputs)),
-      "unwrapped": np.asarray(plain(case.adapted, case.inputs)),
-      "c3a": np.asarray(wrapped(case.adapted, case.inputs)),
-      "ref_merged": np.asarray(plain(ref_merge(case.adapted), case.inputs)),
+    "base": np.asarray(plain(case.base, case.inputs)),
+    "unwrapped": np.asarray(plain(case.adapted, case.inputs)),
+    "c3a": np.asarray(wrapped(case.adapted, case.inputs)),
+    "ref_merged": np.asarray(plain(ref_merge(case.adapted), case.inputs)),
   }
   if not jit:  # (eager only, to spare a compilation per model)
     # The interceptor on a tree with no C3A kernels is the base model.
@@ -307,7 +355,8 @@ def outputs(name: str, jit: bool) -> dict[str, np.ndarray]:
 MODELS = list(BUILDERS)
 # Eagerly too in the integration tier.
 JIT = pytest.mark.parametrize(
-    "jit", [pytest.param(False, marks=pytest.mark.integration), True], ids=["eager", "jit"])
+  "jit", [pytest.param(False, marks=pytest.mark.integration), True], ids=["eager", "jit"]
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,12 +455,15 @@ class ScanMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     block = nn.remat(_Block) if self.remat else _Block
-    x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                   length=self.layers)(name="layers")(x, None)
+    x, _ = nn.scan(
+      block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers
+    )(name="layers")(x, None)
     return nn.Dense(16, name="out")(x)
 
 
-@pytest.mark.parametrize("remat", [False, True], ids=["scan", "scan_remat"])
+@pytest.mark.parametrize(
+  "remat", [False, pytest.param(True, marks=pytest.mark.integration)], ids=["scan", "scan_remat"]
+)
 def test_scan_over_layers(remat):
   """The interceptor sees each scanned layer's slice of a stacked C3A kernel.
 
@@ -433,9 +485,9 @@ def test_scan_over_layers(remat):
   def reference(params):  # the same network, unrolled, with merged weights
     h = x
     dense = params["layers"]["dense"]
-    for l in range(3):
-      kernel = np.asarray(dense["kernel"][l], np.float64) + dense_reference(w[l]).T
-      h = nn.gelu(h @ jnp.asarray(kernel, jnp.float32) + dense["bias"][l])
+    for i in range(3):
+      kernel = np.asarray(dense["kernel"][i], np.float64) + dense_reference(w[i]).T
+      h = nn.gelu(h @ jnp.asarray(kernel, jnp.float32) + dense["bias"][i])
     out = ref_merge(params["out"])
     return h @ out["kernel"] + out["bias"]
 
@@ -454,11 +506,16 @@ def test_scan_over_layers(remat):
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _train_setup():
   case = get_case("bert")  # the tiny FlaxBertForSequenceClassification, 3 labels
-  cfg = c3a.C3AConfig(block_size=8, target_modules=["query", "value"],
-                      modules_to_save=["classifier"], bias="c3a_only", init_weights="gaussian")
+  cfg = c3a.C3AConfig(
+    block_size=8,
+    target_modules=["query", "value"],
+    modules_to_save=["classifier"],
+    bias="c3a_only",
+    init_weights="gaussian",
+  )
   params = c3a.attach(case.base, cfg, jax.random.key(1), model_type="bert")
   x = _tokens(64, (4, 7))
   y = jnp.array([0, 1, 2, 1])
@@ -480,9 +537,9 @@ def test_labels_of_seq_cls_model():
   labels = flat(c3a.labels(params, cfg))
   assert set(flat(params)) == set(labels)
   expected = {}
-  for l in range(2):
+  for i in range(2):
     for mod in ("query", "value"):
-      p = f"bert.encoder.layer.{l}.attention.self.{mod}"
+      p = f"bert.encoder.layer.{i}.attention.self.{mod}"
       expected[f"{p}.c3a_kernel"] = "c3a"
       expected[f"{p}.bias"] = "bias"  # bias="c3a_only": biases of adapted layers train
   expected["classifier.kernel"] = expected["classifier.bias"] = "modules_to_save"
@@ -496,8 +553,7 @@ def test_gradients_reach_trainable_leaves_and_match_merged_model():
     assert float(jnp.abs(g[k]).max()) > 0, f"no gradient reaches trainable leaf {k}"
   # The gradient through the interceptor equals autodiff through the merged (dense) model.
   adapter, base = c3a.split(params, cfg)
-  g_merged = flat(jax.jit(jax.grad(lambda a: loss_plain(c3a.merge(c3a.combine(a, base)))))(
-      adapter))
+  g_merged = flat(jax.jit(jax.grad(lambda a: loss_plain(c3a.merge(c3a.combine(a, base)))))(adapter))
   assert set(g_merged) == set(_trainable_keys(params, cfg))
   for k, v in g_merged.items():
     assert_close(g[k], v, f"grad of {k}: interceptor vs merged model")
@@ -512,8 +568,9 @@ def test_split_combine_gradient_equals_one_tree_gradient():
   g_full = flat(grad(params))
   assert sorted(g_adapter) == sorted(trainable)  # gradient only for what trains
   for k in trainable:
-    np.testing.assert_allclose(g_adapter[k], g_full[k], rtol=1e-5,
-                               atol=1e-6 * float(jnp.abs(g_full[k]).max()), err_msg=k)
+    np.testing.assert_allclose(
+      g_adapter[k], g_full[k], rtol=1e-5, atol=1e-6 * float(jnp.abs(g_full[k]).max()), err_msg=k
+    )
 
 
 def test_optimizer_steps_change_exactly_trainable_leaves():

@@ -39,8 +39,11 @@ def run_notebook(name, tmp_path, monkeypatch, cache_dir, probe=None):
   monkeypatch.setenv("C3A_JAX_CACHE", cache_dir)
   monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend shows figures
   # conftest.py forces 8 host devices for this process; the kernel gets a user's default.
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
+  flags = [
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
   workdir = tmp_path / "work"
   workdir.mkdir()
@@ -52,30 +55,39 @@ def run_notebook(name, tmp_path, monkeypatch, cache_dir, probe=None):
     if cell.cell_type == "code":
       assert not cell.outputs and cell.execution_count is None, f"{name}: outputs not cleared"
   if probe is not None:
-    nb.cells.append(nbformat.v4.new_code_cell(
+    nb.cells.append(
+      nbformat.v4.new_code_cell(
         "import json as _json\n"
-        f"def report(value):\n  print({RESULT!r} + _json.dumps(value))\n" + probe))
-  client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=600,
-                                   resources={"metadata": {"path": str(workdir)}})
+        f"def report(value):\n  print({RESULT!r} + _json.dumps(value))\n" + probe
+      )
+    )
+  client = nbclient.NotebookClient(
+    nb, kernel_name="python3", timeout=600, resources={"metadata": {"path": str(workdir)}}
+  )
   client.execute()  # raises CellExecutionError, naming the cell, if any cell fails
   result = None
   for line in stream_text(nb).splitlines():
     if line.startswith(RESULT):
-      result = json.loads(line[len(RESULT):])
+      result = json.loads(line[len(RESULT) :])
   assert os.listdir(workdir) == [], f"{name} wrote into its working directory"
   return nb, result
 
 
 def stream_text(nb, cells=None):
   """Everything the code cells printed to stdout."""
-  return "".join(out.get("text", "") for cell in (cells or nb.cells) if cell.cell_type == "code"
-                 for out in cell.outputs
-                 if out.output_type == "stream" and out.get("name") == "stdout")
+  return "".join(
+    out.get("text", "")
+    for cell in (cells or nb.cells)
+    if cell.cell_type == "code"
+    for out in cell.outputs
+    if out.output_type == "stream" and out.get("name") == "stdout"
+  )
 
 
 def test_quickstart(tmp_path, monkeypatch, cache_dir):
-  nb, after = run_notebook("quickstart.ipynb", tmp_path, monkeypatch, cache_dir,
-                           probe="report(after)")
+  nb, after = run_notebook(
+    "quickstart.ipynb", tmp_path, monkeypatch, cache_dir, probe="report(after)"
+  )
   text = stream_text(nb)
   assert "trainable params: 2,181 || all params: 27,013" in text
   assert "loaded adapter: same config, same weights, same logits" in text
@@ -84,8 +96,13 @@ def test_quickstart(tmp_path, monkeypatch, cache_dir):
 
 
 def test_comparison(tmp_path, monkeypatch, cache_dir):
-  nb, results = run_notebook("comparison.ipynb", tmp_path, monkeypatch, cache_dir,
-                             probe="report({'results': results, 'ranks': RANKS})")
+  nb, results = run_notebook(
+    "comparison.ipynb",
+    tmp_path,
+    monkeypatch,
+    cache_dir,
+    probe="report({'results': results, 'ranks': RANKS})",
+  )
   ranks, results = {int(b): r for b, r in results["ranks"].items()}, results["results"]
   head, full = results["head only"], results["full fine-tuning"]
   assert head["params"] == 645 and full["params"] == 25_477
@@ -102,6 +119,11 @@ def test_comparison(tmp_path, monkeypatch, cache_dir):
   table = stream_text(nb)
   for name in results:
     assert any(line.startswith(name) for line in table.splitlines()), name
-  images = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
-            if "image/png" in out.get("data", {})]
+  images = [
+    out
+    for cell in nb.cells
+    if cell.cell_type == "code"
+    for out in cell.outputs
+    if "image/png" in out.get("data", {})
+  ]
   assert len(images) == 1

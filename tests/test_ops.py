@@ -10,15 +10,15 @@ import pytest
 from c3a_jax import ops
 from tests.reference import dense_reference, kernel_grad_reference
 
-
 SHAPES = [(1, 1, 1), (2, 3, 1), (1, 1, 2), (2, 2, 3), (3, 2, 5), (2, 1, 7), (1, 2, 8), (2, 2, 16)]
 
 
 @pytest.mark.parametrize("m,n,b", SHAPES)
 def test_delta_weight_matches_dense_reference(m, n, b):
   w = np.random.default_rng(0).normal(size=(m, n, b)).astype(np.float32)
-  np.testing.assert_allclose(ops.delta_weight(jnp.asarray(w)), dense_reference(w).T,
-                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    ops.delta_weight(jnp.asarray(w)), dense_reference(w).T, rtol=1e-6, atol=1e-7
+  )
 
 
 @pytest.mark.parametrize("m,n,b", SHAPES)
@@ -44,12 +44,14 @@ def test_peft_vectors(shared_fixtures, maybe_jit):
     x, w, g = get("x"), get("kernel"), get("g")
     y = maybe_jit(ops.block_circulant_matmul)(x, w)
     np.testing.assert_allclose(y, data[f"{case}/y"], rtol=1e-5, atol=1e-6, err_msg=case)
-    np.testing.assert_allclose(ops.delta_weight(w).T, data[f"{case}/delta_out_in"],
-                               rtol=1e-5, atol=1e-7, err_msg=case)
+    np.testing.assert_allclose(
+      ops.delta_weight(w).T, data[f"{case}/delta_out_in"], rtol=1e-5, atol=1e-7, err_msg=case
+    )
     # Kernel gradient of <y, g>; PEFT's kernel gradient is right (its input gradient is not).
     grad = maybe_jit(jax.grad(lambda w: jnp.sum(ops.block_circulant_matmul(x, w) * g)))(w)
-    np.testing.assert_allclose(grad, data[f"{case}/kernel_grad"], rtol=1e-4, atol=1e-5,
-                               err_msg=case)
+    np.testing.assert_allclose(
+      grad, data[f"{case}/kernel_grad"], rtol=1e-4, atol=1e-5, err_msg=case
+    )
 
 
 @pytest.mark.parametrize("m,n,b", [(1, 1, 1), (2, 3, 1), (2, 2, 3), (3, 2, 5), (1, 2, 8)])
@@ -81,7 +83,8 @@ def test_input_gradient_is_not_peft_handwritten_formula():
   w = rng.normal(size=(1, 1, 3)).astype(np.float32)
   g = rng.normal(size=(1, 3)).astype(np.float32)
   gx = jax.grad(lambda x: jnp.sum(ops.block_circulant_matmul(x, jnp.asarray(w)) * g))(
-      jnp.zeros((1, 3), jnp.float32))
+    jnp.zeros((1, 3), jnp.float32)
+  )
   wrong = np.zeros((3, 3))
   for r in range(3):
     for c in range(3):
@@ -100,7 +103,7 @@ def test_low_precision_input_computes_in_float32(dtype):
   assert y.dtype == dtype
   ref = np.asarray(xl, np.float64) @ dense_reference(w).T
   # Only the final cast rounds: error within half an ulp of the low-precision output.
-  np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2 ** -7, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2**-7, atol=1e-3)
 
 
 def test_shape_mismatch_names_both_shapes():
@@ -120,8 +123,11 @@ def test_init_schemes_follow_peft(scheme):
   if scheme == "gaussian":
     assert abs(w.mean()) < 0.02 and abs(w.std() - 1) < 0.02
     return
-  bound = (np.sqrt(3) * np.sqrt(2 / (d_in + d_out)) if scheme in (False, "xavier_uniform")
-           else 1 / np.sqrt(d_in))
+  bound = (
+    np.sqrt(3) * np.sqrt(2 / (d_in + d_out))
+    if scheme in (False, "xavier_uniform")
+    else 1 / np.sqrt(d_in)
+  )
   assert np.abs(w).max() <= bound
   # Uniform on [-a, a]: max near a and std a / sqrt(3).
   assert np.abs(w).max() > 0.99 * bound
@@ -134,8 +140,11 @@ def test_init_rejects_unknown_scheme():
 
 
 def test_bad_kernels_and_inputs_are_clear_errors():
-  with pytest.raises(ValueError, match=r"delta_weight: a C3A kernel has shape \(d_out // b, "
-                     r"d_in // b, b\), got \(4, 4\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"delta_weight: a C3A kernel has shape \(d_out // b, "
+    r"d_in // b, b\), got \(4, 4\)",
+  ):
     ops.delta_weight(jnp.ones((4, 4)))
   with pytest.raises(ValueError, match=r"init: .* got \(2, 0, 4\)"):
     ops.init(jax.random.key(0), (2, 0, 4), True)

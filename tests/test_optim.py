@@ -11,24 +11,33 @@ import c3a_jax as c3a
 
 def tree():
   ones = lambda *s: jnp.ones(s, jnp.float32)
-  params = {"enc": {"query": {"kernel": ones(8, 8), "bias": ones(8)},
-                    "key": {"kernel": ones(8, 8), "bias": ones(8)},
-                    "norm": {"scale": ones(8), "bias": ones(8)}},
-            "classifier": {"dense": {"kernel": ones(8, 8), "bias": ones(8)},
-                           "out_proj": {"kernel": ones(8, 2), "bias": ones(2)}}}
+  params = {
+    "enc": {
+      "query": {"kernel": ones(8, 8), "bias": ones(8)},
+      "key": {"kernel": ones(8, 8), "bias": ones(8)},
+      "norm": {"scale": ones(8), "bias": ones(8)},
+    },
+    "classifier": {
+      "dense": {"kernel": ones(8, 8), "bias": ones(8)},
+      "out_proj": {"kernel": ones(8, 2), "bias": ones(2)},
+    },
+  }
   cfg = c3a.C3AConfig(block_size=4, target_modules=["query"], modules_to_save=["classifier"])
   return c3a.attach(params, cfg, jax.random.key(0)), cfg
 
 
-@pytest.mark.parametrize("bias,trained_biases", [
-    ("none", set()), ("c3a_only", {"enc.query"}), ("all", {"enc.query", "enc.key", "enc.norm"})])
+@pytest.mark.parametrize(
+  "bias,trained_biases",
+  [("none", set()), ("c3a_only", {"enc.query"}), ("all", {"enc.query", "enc.key", "enc.norm"})],
+)
 def test_labels(bias, trained_biases):
   params, cfg = tree()
   cfg = cfg.replace(bias=bias)
   flat = _flat(c3a.labels(params, cfg))
   assert flat["enc.query.c3a_kernel"] == "c3a"
   assert {k for k, v in flat.items() if v == "modules_to_save"} == {
-      f"classifier.{m}.{n}" for m in ("dense", "out_proj") for n in ("kernel", "bias")}
+    f"classifier.{m}.{n}" for m in ("dense", "out_proj") for n in ("kernel", "bias")
+  }
   assert {k[: -len(".bias")] for k, v in flat.items() if v == "bias"} == trained_biases
   assert flat["enc.query.kernel"] == flat["enc.norm.scale"] == "frozen"
 
@@ -43,8 +52,9 @@ def _flat(t, prefix=""):
 def test_frozen_leaves_get_no_state_no_update_no_decay():
   params, cfg = tree()
   cfg = cfg.replace(bias="c3a_only")
-  tx = c3a.optimizer(optax.adamw(1e-1, weight_decay=0.5), params, cfg,
-                     head_tx=optax.adamw(1e-3, weight_decay=0.5))
+  tx = c3a.optimizer(
+    optax.adamw(1e-1, weight_decay=0.5), params, cfg, head_tx=optax.adamw(1e-3, weight_decay=0.5)
+  )
   state = tx.init(params)
   n_trainable = sum(v != "frozen" for v in _flat(c3a.labels(params, cfg)).values())
   # Adam keeps two moments per trained leaf and nothing for frozen ones (plus scalar counts).
@@ -90,13 +100,20 @@ def test_modules_to_save_trains_what_peft_trains():
   # PEFT wraps every module whose name ends with an entry, as a plain string: "norm" takes
   # input_layernorm too, but never makes it a C3A target (that rule wants whole segments).
   ones = jnp.ones((8,))
-  params = {"model": {"layers": {"0": {"input_layernorm": {"weight": ones},
-                                       "q_proj": {"kernel": jnp.ones((8, 8))}}},
-                      "norm": {"weight": ones}, "prenorm": {"weight": ones}}}
+  params = {
+    "model": {
+      "layers": {
+        "0": {"input_layernorm": {"weight": ones}, "q_proj": {"kernel": jnp.ones((8, 8))}}
+      },
+      "norm": {"weight": ones},
+      "prenorm": {"weight": ones},
+    }
+  }
   cfg = c3a.C3AConfig(block_size=4, target_modules=["q_proj"], modules_to_save=["norm"])
   flat = _flat(c3a.labels(params, cfg))
-  assert flat["model.norm.weight"] == flat["model.layers.0.input_layernorm.weight"] == \
-      "modules_to_save"
+  assert (
+    flat["model.norm.weight"] == flat["model.layers.0.input_layernorm.weight"] == "modules_to_save"
+  )
   assert flat["model.prenorm.weight"] == "modules_to_save"  # "prenorm".endswith("norm")
   assert flat["model.layers.0.q_proj.kernel"] == "frozen"
   seq = c3a.C3AConfig(block_size=4, target_modules=["q_proj"], task_type="SEQ_CLS")
@@ -105,6 +122,7 @@ def test_modules_to_save_trains_what_peft_trains():
 
 def test_optimizer_on_frozendict_params():
   import flax
+
   params, cfg = tree()
   frozen = flax.core.freeze(params)
   tx = c3a.optimizer(optax.adam(1e-1), frozen, cfg)

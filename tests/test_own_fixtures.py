@@ -26,7 +26,8 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def fx():
   model = transformers.FlaxBertForSequenceClassification.from_pretrained(
-      os.path.join(FIXTURE, "base"), from_pt=True)
+    os.path.join(FIXTURE, "base"), from_pt=True
+  )
   io = dict(np.load(os.path.join(FIXTURE, "io.npz")))
   adapter, cfg = c3a.load_adapter(os.path.join(FIXTURE, "adapter"), model.params)
   return model, io, adapter, cfg
@@ -110,8 +111,16 @@ def test_resave_matches_peft_file(fx, tmp_path):
     ours_cfg = json.load(f)
   with open(os.path.join(FIXTURE, "adapter", "adapter_config.json")) as f:
     peft_cfg = json.load(f)
-  for field in ("peft_type", "block_size", "block_size_pattern", "init_weights", "bias",
-                "task_type", "layers_to_transform", "layers_pattern"):
+  for field in (
+    "peft_type",
+    "block_size",
+    "block_size_pattern",
+    "init_weights",
+    "bias",
+    "task_type",
+    "layers_to_transform",
+    "layers_pattern",
+  ):
     assert ours_cfg[field] == peft_cfg[field], field
   assert set(ours_cfg["target_modules"]) == set(peft_cfg["target_modules"])
   assert set(ours_cfg["modules_to_save"]) == set(peft_cfg["modules_to_save"])

@@ -9,14 +9,23 @@ from c3a_jax.experimental import pallas
 from tests.reference import dense_reference, kernel_grad_reference
 
 # Interpret mode runs the kernel op by op, unrolled over block pairs: slow for many blocks.
-SHAPES = [pytest.param(*s, marks=[pytest.mark.integration] * (s[0] * s[1] > 6))
-          for s in [(1, 1, 1), (2, 3, 5), (1, 1, 2), (2, 2, 16), (2, 3, 33), (1, 2, 64),
-                    (3, 2, 7), (2, 20, 3)]]
+SHAPES = [
+  pytest.param(*s, marks=[pytest.mark.integration] * (s[0] * s[1] > 6))
+  for s in [
+    (1, 1, 1),
+    (2, 3, 5),
+    (1, 1, 2),
+    (2, 2, 16),
+    (2, 3, 33),
+    (1, 2, 64),
+    (3, 2, 7),
+    (2, 20, 3),
+  ]
+]
 
 
 def _check(x, w, g):
-  y, vjp = jax.vjp(lambda x, w: pallas.apply(x, w, interpret=True), jnp.asarray(x),
-                   jnp.asarray(w))
+  y, vjp = jax.vjp(lambda x, w: pallas.apply(x, w, interpret=True), jnp.asarray(x), jnp.asarray(w))
   gx, gw = vjp(jnp.asarray(g))
   np.testing.assert_allclose(y, x @ dense_reference(w).T, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gx, g @ dense_reference(w), rtol=1e-4, atol=1e-5)
@@ -27,8 +36,11 @@ def _check(x, w, g):
 def test_values_and_gradients_match_dense_reference(m, n, b):
   rng = np.random.default_rng(0)
   w = rng.normal(size=(m, n, b)).astype(np.float32)
-  _check(rng.normal(size=(6, n * b)).astype(np.float32), w,
-         rng.normal(size=(6, m * b)).astype(np.float32))
+  _check(
+    rng.normal(size=(6, n * b)).astype(np.float32),
+    w,
+    rng.normal(size=(6, m * b)).astype(np.float32),
+  )
 
 
 def test_several_token_tiles():

@@ -14,17 +14,33 @@ import c3a_jax as c3a
 
 def model_params():
   rng = np.random.default_rng(0)
-  dense = lambda i, o: {"kernel": jnp.asarray(rng.normal(size=(i, o)), jnp.float32),
-                        "bias": jnp.asarray(rng.normal(size=o), jnp.float32)}
-  return {"encoder": {"layer": {str(i): {"query": dense(16, 16), "ffn": dense(16, 32),
-                                         "norm": {"scale": jnp.ones(16), "bias": jnp.zeros(16)}}
-                                for i in range(2)}},
-          "classifier": {"dense": dense(16, 16), "norm": {"scale": jnp.ones(16),
-                                                          "bias": jnp.zeros(16)}}}
+  dense = lambda i, o: {
+    "kernel": jnp.asarray(rng.normal(size=(i, o)), jnp.float32),
+    "bias": jnp.asarray(rng.normal(size=o), jnp.float32),
+  }
+  return {
+    "encoder": {
+      "layer": {
+        str(i): {
+          "query": dense(16, 16),
+          "ffn": dense(16, 32),
+          "norm": {"scale": jnp.ones(16), "bias": jnp.zeros(16)},
+        }
+        for i in range(2)
+      }
+    },
+    "classifier": {"dense": dense(16, 16), "norm": {"scale": jnp.ones(16), "bias": jnp.zeros(16)}},
+  }
 
 
-CFG = c3a.C3AConfig(block_size=8, target_modules=["query", "ffn"], block_size_pattern={"ffn": 4},
-                    modules_to_save=["classifier"], bias="c3a_only", task_type="SEQ_CLS")
+CFG = c3a.C3AConfig(
+  block_size=8,
+  target_modules=["query", "ffn"],
+  block_size_pattern={"ffn": 4},
+  modules_to_save=["classifier"],
+  bias="c3a_only",
+  task_type="SEQ_CLS",
+)
 
 
 @pytest.fixture
@@ -44,8 +60,9 @@ def test_file_layout_is_peft(saved):
   assert tensors[p + "encoder.layer.0.query.c3a_kernel"].shape == (2, 2, 8)
   assert tensors[p + "encoder.layer.1.ffn.c3a_kernel"].shape == (8, 4, 4)
   # PyTorch layout: Dense kernel (in, out) -> weight (out, in); LayerNorm scale -> weight.
-  np.testing.assert_array_equal(tensors[p + "classifier.dense.weight"],
-                                np.asarray(params["classifier"]["dense"]["kernel"]).T)
+  np.testing.assert_array_equal(
+    tensors[p + "classifier.dense.weight"], np.asarray(params["classifier"]["dense"]["kernel"]).T
+  )
   assert tensors[p + "classifier.norm.weight"].shape == (16,)
   # bias="c3a_only": an adapted layer's bias is PEFT's base_layer.bias.
   assert p + "encoder.layer.0.query.base_layer.bias" in tensors
@@ -77,16 +94,22 @@ def test_save_refuses_conv1d_layers(tmp_path):
   params = {"h": {"0": {"c_fc": {"kernel": jnp.ones((32, 16)), "bias": jnp.zeros(32)}}}}
   cfg = c3a.C3AConfig(block_size=8, target_modules=["c_fc"])
   params = c3a.attach(params, cfg, jax.random.key(0), model_type="gpt2")
-  with pytest.raises(ValueError, match=r"\['h.0.c_fc'\] store their kernel \(out, in\).*"
-                     "torch.nn.Linear only"):
+  with pytest.raises(
+    ValueError,
+    match=r"\['h.0.c_fc'\] store their kernel \(out, in\).*"
+    "torch.nn.Linear only",
+  ):
     c3a.save_adapter(str(tmp_path), params, cfg)
   assert not os.listdir(tmp_path)
 
 
 def test_save_refuses_mismatch_and_empty(tmp_path):
   params = c3a.attach(model_params(), CFG, jax.random.key(0))
-  with pytest.raises(ValueError, match=r"encoder.layer.0.ffn.c3a_kernel has shape \(8, 4, 4\) "
-                     r"but the config gives layer 'encoder.layer.0.ffn' block size 8"):
+  with pytest.raises(
+    ValueError,
+    match=r"encoder.layer.0.ffn.c3a_kernel has shape \(8, 4, 4\) "
+    r"but the config gives layer 'encoder.layer.0.ffn' block size 8",
+  ):
     c3a.save_adapter(str(tmp_path), params, CFG.replace(block_size_pattern={}))
   with pytest.raises(ValueError, match="hold no c3a_kernel"):
     c3a.save_adapter(str(tmp_path), model_params(), CFG)
@@ -98,8 +121,10 @@ def test_save_is_atomic_and_overwrites(saved):
   params["encoder"]["layer"]["0"]["query"]["c3a_kernel"] *= 2
   c3a.save_adapter(path, params, CFG)
   adapter, _ = c3a.load_adapter(path)
-  np.testing.assert_array_equal(adapter["encoder"]["layer"]["0"]["query"]["c3a_kernel"],
-                                params["encoder"]["layer"]["0"]["query"]["c3a_kernel"])
+  np.testing.assert_array_equal(
+    adapter["encoder"]["layer"]["0"]["query"]["c3a_kernel"],
+    params["encoder"]["layer"]["0"]["query"]["c3a_kernel"],
+  )
   assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
@@ -113,21 +138,36 @@ def _rewrite(path, edit):
 P = "base_model.model."
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda t: t.update({P + "decoder.layer.0.query.c3a_kernel": np.ones((2, 2, 8), np.float32)}),
-     r"key 'base_model.model.decoder.layer.0.query.c3a_kernel' names module "
-     r"'decoder.layer.0.query', which the model does not have"),
-    (lambda t: t.update({P + "encoder.layer.0.query.c3a_kernel": np.ones((2, 2, 4), np.float32)}),
-     r"has shape \(2, 2, 4\); adapter_config.json gives block size 8"),
-    (lambda t: t.update({P + "encoder.layer.0.query.c3a_kernel": np.ones((1, 2, 8), np.float32)}),
-     r"encoder.layer.0.query.c3a_kernel has shape \(1, 2, 8\).*kernel \(16, 16\)"),
-    (lambda t: t.update({P + "classifier.dense.weight": np.ones((8, 16), np.float32)}),
-     r"classifier.dense.kernel has shape \(16, 8\), the base's has \(16, 16\)"),
-    (lambda t: t.update({"encoder.query.lora_A": np.ones((2, 2), np.float32)}),
-     "is not a PEFT adapter key"),
-    (lambda t: t.update({P + "encoder.layer.0.weight": np.ones((2, 2), np.float32)}),
-     "has no kernel, scale or embedding"),
-])
+@pytest.mark.parametrize(
+  "edit,match",
+  [
+    (
+      lambda t: t.update({P + "decoder.layer.0.query.c3a_kernel": np.ones((2, 2, 8), np.float32)}),
+      r"key 'base_model.model.decoder.layer.0.query.c3a_kernel' names module "
+      r"'decoder.layer.0.query', which the model does not have",
+    ),
+    (
+      lambda t: t.update({P + "encoder.layer.0.query.c3a_kernel": np.ones((2, 2, 4), np.float32)}),
+      r"has shape \(2, 2, 4\); adapter_config.json gives block size 8",
+    ),
+    (
+      lambda t: t.update({P + "encoder.layer.0.query.c3a_kernel": np.ones((1, 2, 8), np.float32)}),
+      r"encoder.layer.0.query.c3a_kernel has shape \(1, 2, 8\).*kernel \(16, 16\)",
+    ),
+    (
+      lambda t: t.update({P + "classifier.dense.weight": np.ones((8, 16), np.float32)}),
+      r"classifier.dense.kernel has shape \(16, 8\), the base's has \(16, 16\)",
+    ),
+    (
+      lambda t: t.update({"encoder.query.lora_A": np.ones((2, 2), np.float32)}),
+      "is not a PEFT adapter key",
+    ),
+    (
+      lambda t: t.update({P + "encoder.layer.0.weight": np.ones((2, 2), np.float32)}),
+      "has no kernel, scale or embedding",
+    ),
+  ],
+)
 def test_load_rejects_what_does_not_fit(saved, edit, match):
   path, params = saved
   _rewrite(path, edit)
@@ -143,15 +183,19 @@ def test_load_rejects_missing_and_foreign_files(tmp_path, saved):
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="adapter_config.json does not exist"):
     c3a.load_adapter(str(empty))
-  os.rename(os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin"))
+  os.rename(
+    os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin")
+  )
   with pytest.raises(FileNotFoundError, match="only adapter_model.bin is there"):
     c3a.load_adapter(path)
   with open(os.path.join(path, "adapter_model.safetensors"), "wb") as f:
     f.write(b"garbage")
   with pytest.raises(ValueError, match="not a readable safetensors file"):
     c3a.load_adapter(path)
-  safetensors.numpy.save_file({P + "classifier.dense.bias": np.ones(16, np.float32)},
-                              os.path.join(path, "adapter_model.safetensors"))
+  safetensors.numpy.save_file(
+    {P + "classifier.dense.bias": np.ones(16, np.float32)},
+    os.path.join(path, "adapter_model.safetensors"),
+  )
   with pytest.raises(ValueError, match="holds no c3a_kernel tensors; not a C3A adapter"):
     c3a.load_adapter(path)
   cfg = json.load(open(os.path.join(path, "adapter_config.json")))

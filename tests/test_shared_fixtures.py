@@ -14,11 +14,13 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def roberta():
   from tests.conftest import SHARED_FIXTURES
+
   root = os.path.join(SHARED_FIXTURES, "peft_roberta_seqcls")
   if not os.path.isdir(root):
     pytest.skip("../shared/fixtures is absent (fresh clone)")
   model = transformers.FlaxRobertaForSequenceClassification.from_pretrained(
-      os.path.join(root, "base"), from_pt=True)
+    os.path.join(root, "base"), from_pt=True
+  )
   return root, model, dict(np.load(os.path.join(root, "io.npz")))
 
 
@@ -51,7 +53,7 @@ def test_adapter_and_merged_logits(roberta, maybe_jit):
 
 
 def test_adapter_round_trips_through_our_writer(roberta, tmp_path):
-  root, model, io = roberta
+  root, model, _ = roberta
   adapter, cfg = c3a.load_adapter(os.path.join(root, "adapter"), model.params)
   c3a.save_adapter(str(tmp_path), c3a.combine(adapter, model.params), cfg)
   again, cfg2 = c3a.load_adapter(str(tmp_path), model.params)

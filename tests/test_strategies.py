@@ -18,13 +18,34 @@ from tests.reference import dense_reference, kernel_grad_reference
 
 STRATEGIES = list(ops.STRATEGIES)
 # (m, n, b): b = 1, odd and even blocks, one block, many blocks (the dot_general paths), b > 16.
-SHAPES = [(1, 1, 1), (3, 2, 1), (2, 3, 5), (3, 2, 7), (1, 1, 2), (2, 2, 16), (2, 3, 33),
-          (2, 20, 3), (20, 18, 2), (1, 2, 64)]
+SHAPES = [
+  (1, 1, 1),
+  (3, 2, 1),
+  (2, 3, 5),
+  (3, 2, 7),
+  (1, 1, 2),
+  (2, 2, 16),
+  (2, 3, 33),
+  (2, 20, 3),
+  (20, 18, 2),
+  (1, 2, 64),
+]
 # The default tier's few: b = 1, an odd b, an even b past the dense threshold, many blocks.
 FEW = {(1, 1, 1), (2, 3, 5), (2, 2, 16), (20, 18, 2)}
-CASES = [pytest.param(m, n, b, s, jit, id=f"{s}-{m}x{n}x{b}-{'jit' if jit else 'eager'}",
-                      marks=[] if jit and (m, n, b) in FEW else [pytest.mark.integration])
-         for s in STRATEGIES for m, n, b in SHAPES for jit in (True, False)]
+CASES = [
+  pytest.param(
+    m,
+    n,
+    b,
+    s,
+    jit,
+    id=f"{s}-{m}x{n}x{b}-{'jit' if jit else 'eager'}",
+    marks=[] if jit and (m, n, b) in FEW else [pytest.mark.integration],
+  )
+  for s in STRATEGIES
+  for m, n, b in SHAPES
+  for jit in (True, False)
+]
 
 
 def _case(m, n, b, seed=0):
@@ -39,7 +60,8 @@ def _case(m, n, b, seed=0):
 def test_forward_matches_dense_reference(m, n, b, strategy, jit):
   x, w, _ = _case(m, n, b)
   f = (jax.jit if jit else lambda f: f)(
-      lambda x, w: ops.block_circulant_matmul(x, w, strategy=strategy))
+    lambda x, w: ops.block_circulant_matmul(x, w, strategy=strategy)
+  )
   y = f(jnp.asarray(x), jnp.asarray(w))
   assert y.shape == (2, 3, m * b) and y.dtype == jnp.float32
   # float32 arithmetic against a float64 reference: 1e-5 relative, 1e-5 absolute.
@@ -66,15 +88,20 @@ def test_low_precision_and_token_counts(strategy):
     np.testing.assert_allclose(y, xt @ dense_reference(w).T, rtol=1e-5, atol=1e-5)
   y = ops.block_circulant_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w), strategy=strategy)
   assert y.dtype == jnp.bfloat16
-  gx = jax.grad(lambda x: jnp.sum(ops.block_circulant_matmul(x, jnp.asarray(w),
-                                                             strategy=strategy)))(
-      jnp.asarray(x, jnp.bfloat16))
+  gx = jax.grad(
+    lambda x: jnp.sum(ops.block_circulant_matmul(x, jnp.asarray(w), strategy=strategy))
+  )(jnp.asarray(x, jnp.bfloat16))
   assert gx.dtype == jnp.bfloat16
 
 
 def test_auto_is_deterministic_and_valid():
-  shapes = [((8, 128, 768), (6, 6, 128)), ((2048, 4096), (16, 16, 256)), ((4, 768), (6, 6, 128)),
-            ((4096, 768), (96, 96, 8)), ((128, 4096), (1, 1, 4096))]
+  shapes = [
+    ((8, 128, 768), (6, 6, 128)),
+    ((2048, 4096), (16, 16, 256)),
+    ((4, 768), (6, 6, 128)),
+    ((4096, 768), (96, 96, 8)),
+    ((128, 4096), (1, 1, 4096)),
+  ]
   for x_shape, w_shape in shapes:
     picks = {ops.choose_strategy(x_shape, w_shape) for _ in range(3)}
     assert len(picks) == 1 and picks <= set(ops.STRATEGIES) - {"auto"}
@@ -83,16 +110,16 @@ def test_auto_is_deterministic_and_valid():
   # auto computes exactly what its pick computes.
   x, w, _ = _case(2, 3, 16)
   pick = ops.choose_strategy(x.shape, w.shape)
-  np.testing.assert_array_equal(ops.block_circulant_matmul(x, w),
-                                ops.block_circulant_matmul(x, w, strategy=pick))
+  np.testing.assert_array_equal(
+    ops.block_circulant_matmul(x, w), ops.block_circulant_matmul(x, w, strategy=pick)
+  )
 
 
 def test_unknown_strategy_is_an_error():
   with pytest.raises(ValueError, match=r"strategy='pallas' is not one of \('auto', 'fft'"):
     ops.block_circulant_matmul(jnp.ones((2, 4)), jnp.ones((1, 1, 4)), strategy="pallas")
-  with pytest.raises(ValueError, match=r"intercept: strategy='x'"):
-    with c3a.intercept(strategy="x"):
-      pass
+  with pytest.raises(ValueError, match=r"intercept: strategy='x'"), c3a.intercept(strategy="x"):
+    pass
   with pytest.raises(ValueError, match=r"wrap: strategy='x'"):
     c3a.wrap(lambda: None, strategy="x")
 
@@ -116,8 +143,9 @@ def test_strategy_is_not_part_of_the_adapter_config():
     c3a.C3AConfig(strategy="fft")
   # c3a-jax 0.1 wrote it into adapter_config.json: such files still load, with a warning.
   with pytest.warns(UserWarning, match=r"old.json: ignoring strategy='dft'.*c3a.intercept"):
-    cfg = c3a.C3AConfig.from_dict({"peft_type": "C3A", "block_size": 4, "strategy": "dft"},
-                                  source="old.json")
+    cfg = c3a.C3AConfig.from_dict(
+      {"peft_type": "C3A", "block_size": 4, "strategy": "dft"}, source="old.json"
+    )
   assert cfg == c3a.C3AConfig(block_size=4)
 
 
@@ -134,9 +162,10 @@ def test_interceptor_strategies_agree(strategy):
   with c3a.intercept(strategy=strategy):
     y2 = model.apply({"params": params}, x)
   np.testing.assert_allclose(y2, ref, rtol=1e-5, atol=1e-5)
-  grad = lambda s: jax.grad(lambda p: jnp.sum(c3a.wrap(model.apply, strategy=s)(
-      {"params": p}, x) ** 2))(params)
-  for a, b in zip(jax.tree.leaves(grad(strategy)), jax.tree.leaves(grad("fft"))):
+  grad = lambda s: jax.jit(
+    jax.grad(lambda p: jnp.sum(c3a.wrap(model.apply, strategy=s)({"params": p}, x) ** 2))
+  )(params)
+  for a, b in zip(jax.tree.leaves(grad(strategy)), jax.tree.leaves(grad("fft")), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -161,7 +190,7 @@ def test_nested_intercept_innermost_strategy_applies(monkeypatch):
 
 
 def test_interceptor_folds_float32_dense_only(monkeypatch):
-  """"auto" folds the delta into a plain float32 Dense (values and every gradient, the base
+  """ "auto" folds the delta into a plain float32 Dense (values and every gradient, the base
   kernel's included, as the additive path); a bfloat16 Dense keeps the additive path."""
   calls = []
   real = ops.fold
@@ -175,11 +204,12 @@ def test_interceptor_folds_float32_dense_only(monkeypatch):
     calls.clear()
     got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, "auto")
     assert bool(calls) == folds
-    want = jax.value_and_grad(loss, argnums=(0, 1))(params, x, "fft")
+    want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, "fft")
     tol = 1e-5 if folds else 5e-2
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                 rtol=tol, atol=tol)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(
+        np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
+      )
 
 
 def test_interceptor_folds_boxed_params(monkeypatch):

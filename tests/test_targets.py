@@ -13,14 +13,20 @@ def dense(d_in, d_out):
 def encoder(layers=3, d=32, ffn=64):
   """A RoBERTa-shaped params tree (shapes only matter)."""
   layer = lambda: {
-      "attention": {"self": {"query": dense(d, d), "key": dense(d, d), "value": dense(d, d)},
-                    "output": {"dense": dense(d, d), "LayerNorm": {"scale": np.ones(d),
-                                                                   "bias": np.zeros(d)}}},
-      "intermediate": {"dense": dense(d, ffn)},
-      "output": {"dense": dense(ffn, d)}}
-  return {"roberta": {"embeddings": {"word_embeddings": {"embedding": np.zeros((50, d))}},
-                      "encoder": {"layer": {str(i): layer() for i in range(layers)}}},
-          "classifier": {"dense": dense(d, d), "out_proj": dense(d, 3)}}
+    "attention": {
+      "self": {"query": dense(d, d), "key": dense(d, d), "value": dense(d, d)},
+      "output": {"dense": dense(d, d), "LayerNorm": {"scale": np.ones(d), "bias": np.zeros(d)}},
+    },
+    "intermediate": {"dense": dense(d, ffn)},
+    "output": {"dense": dense(ffn, d)},
+  }
+  return {
+    "roberta": {
+      "embeddings": {"word_embeddings": {"embedding": np.zeros((50, d))}},
+      "encoder": {"layer": {str(i): layer() for i in range(layers)}},
+    },
+    "classifier": {"dense": dense(d, d), "out_proj": dense(d, 3)},
+  }
 
 
 def paths(cfg, params=None, **kw):
@@ -29,8 +35,11 @@ def paths(cfg, params=None, **kw):
 
 def test_list_matches_whole_name_suffixes():
   got = paths(c3a.C3AConfig(block_size=8, target_modules=["query", "output.dense"]))
-  assert got == [f"roberta.encoder.layer.{i}.{p}" for i in range(3)
-                 for p in ("attention.self.query", "attention.output.dense", "output.dense")]
+  assert got == [
+    f"roberta.encoder.layer.{i}.{p}"
+    for i in range(3)
+    for p in ("attention.self.query", "attention.output.dense", "output.dense")
+  ]
   # "dense" alone would also match the classifier's dense: only ".dense" suffixes count.
   assert "classifier.dense" in paths(c3a.C3AConfig(block_size=8, target_modules=["dense"]))
 
@@ -42,8 +51,9 @@ def test_suffix_must_start_at_a_dot():
 
 def test_regex_matches_the_whole_path():
   cfg = c3a.C3AConfig(block_size=8, target_modules=r".*layer\.[02]\..*(query|value)")
-  assert paths(cfg) == [f"roberta.encoder.layer.{i}.attention.self.{n}"
-                        for i in (0, 2) for n in ("query", "value")]
+  assert paths(cfg) == [
+    f"roberta.encoder.layer.{i}.attention.self.{n}" for i in (0, 2) for n in ("query", "value")
+  ]
   with pytest.raises(ValueError, match="matched no layer"):  # fullmatch, not search
     c3a.select(encoder(), c3a.C3AConfig(block_size=8, target_modules="query"))
 
@@ -54,11 +64,17 @@ def test_all_linear_skips_the_head():
 
 
 def test_exclude_modules_list_and_regex():
-  got = paths(c3a.C3AConfig(block_size=8, target_modules=["query", "value"],
-                            exclude_modules=["layer.1.attention.self.value"]))
+  got = paths(
+    c3a.C3AConfig(
+      block_size=8,
+      target_modules=["query", "value"],
+      exclude_modules=["layer.1.attention.self.value"],
+    )
+  )
   assert "roberta.encoder.layer.1.attention.self.value" not in got and len(got) == 5
-  got = paths(c3a.C3AConfig(block_size=8, target_modules=["query", "value"],
-                            exclude_modules=r".*\.1\..*"))
+  got = paths(
+    c3a.C3AConfig(block_size=8, target_modules=["query", "value"], exclude_modules=r".*\.1\..*")
+  )
   assert len(got) == 4 and not any(".1." in p for p in got)
 
 
@@ -67,13 +83,20 @@ def test_modules_to_save_are_never_targets():
   assert not any(p.startswith("classifier") for p in paths(cfg))
 
 
-@pytest.mark.parametrize("layers,pattern,expected", [
-    (1, None, [1]), ([0, 2], None, [0, 2]), ([2], "layer", [2]), ([0], ["blocks", "layer"], [0]),
+@pytest.mark.parametrize(
+  "layers,pattern,expected",
+  [
+    (1, None, [1]),
+    ([0, 2], None, [0, 2]),
+    ([2], "layer", [2]),
+    ([0], ["blocks", "layer"], [0]),
     ([0], "blocks", []),
-])
+  ],
+)
 def test_layers_to_transform(layers, pattern, expected):
-  cfg = c3a.C3AConfig(block_size=8, target_modules=["query"], layers_to_transform=layers,
-                      layers_pattern=pattern)
+  cfg = c3a.C3AConfig(
+    block_size=8, target_modules=["query"], layers_to_transform=layers, layers_pattern=pattern
+  )
   if not expected:
     with pytest.raises(ValueError, match="matched no layer"):
       paths(cfg)
@@ -83,16 +106,23 @@ def test_layers_to_transform(layers, pattern, expected):
 
 def test_layer_index_is_the_first_number():
   # An MoE-like path: the expert index must not be taken for the layer index.
-  params = {"model": {"layers": {str(i): {"experts": {str(e): {"w1": dense(8, 8)}
-                                                          for e in range(3)}} for i in range(2)}}}
+  params = {
+    "model": {
+      "layers": {
+        str(i): {"experts": {str(e): {"w1": dense(8, 8)} for e in range(3)}} for i in range(2)
+      }
+    }
+  }
   cfg = c3a.C3AConfig(block_size=4, target_modules=["w1"], layers_to_transform=[1])
   assert paths(cfg, params) == [f"model.layers.1.experts.{e}.w1" for e in range(3)]
 
 
 def test_block_size_pattern_first_key_wins():
-  cfg = c3a.C3AConfig(block_size=16, target_modules=["query", "intermediate.dense"],
-                      block_size_pattern={"intermediate.dense": 8, r"layer\.0\..*query": 4,
-                                          "query": 32})
+  cfg = c3a.C3AConfig(
+    block_size=16,
+    target_modules=["query", "intermediate.dense"],
+    block_size_pattern={"intermediate.dense": 8, r"layer\.0\..*query": 4, "query": 32},
+  )
   sizes = {t.path: t.block_size for t in c3a.select(encoder(), cfg)}
   assert sizes["roberta.encoder.layer.0.attention.self.query"] == 4
   assert sizes["roberta.encoder.layer.1.attention.self.query"] == 32
@@ -103,15 +133,21 @@ def test_block_size_pattern_first_key_wins():
 
 def test_block_size_that_does_not_divide_names_layer_and_sizes():
   cfg = c3a.C3AConfig(block_size=24, target_modules=["intermediate.dense"])
-  with pytest.raises(ValueError, match=r"block size 24 does not divide layer "
-                     r"'roberta.encoder.layer.0.intermediate.dense': kernel \(32, 64\) has "
-                     r"d_in=32, d_out=64; block sizes that divide both: \[1, 2, 4, 8, 16, 32\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"block size 24 does not divide layer "
+    r"'roberta.encoder.layer.0.intermediate.dense': kernel \(32, 64\) has "
+    r"d_in=32, d_out=64; block sizes that divide both: \[1, 2, 4, 8, 16, 32\]",
+  ):
     c3a.select(encoder(), cfg)
 
 
 def test_non_dense_target_is_an_error():
-  with pytest.raises(ValueError, match=r"'roberta.encoder.layer.0.attention.output.LayerNorm'.*"
-                     r"not a Dense layer"):
+  with pytest.raises(
+    ValueError,
+    match=r"'roberta.encoder.layer.0.attention.output.LayerNorm'.*"
+    r"not a Dense layer",
+  ):
     c3a.select(encoder(), c3a.C3AConfig(block_size=8, target_modules=["LayerNorm"]))
   with pytest.raises(ValueError, match="word_embeddings.*not a Dense layer"):
     c3a.select(encoder(), c3a.C3AConfig(block_size=8, target_modules=["word_embeddings"]))
@@ -135,8 +171,11 @@ def test_default_targets_by_model_type():
 
 
 def test_conv1d_layout_for_gpt2():
-  params = {"transformer": {"h": {"0": {"mlp": {"c_fc": {"kernel": np.zeros((64, 16)),
-                                                         "bias": np.zeros(64)}}}}}}
+  params = {
+    "transformer": {
+      "h": {"0": {"mlp": {"c_fc": {"kernel": np.zeros((64, 16)), "bias": np.zeros(64)}}}}
+    }
+  }
   cfg = c3a.C3AConfig(block_size=8, target_modules=["c_fc"])
   (t,) = c3a.select(params, cfg, model_type="gpt2")
   assert t.out_in and (t.d_in, t.d_out) == (16, 64) and t.shape == (8, 2, 8)
@@ -147,8 +186,9 @@ def test_conv1d_layout_for_gpt2():
 def test_block_size_pattern_key_may_be_the_whole_path():
   # PEFT falls back to the full module name as a dict key when no regex key matches.
   params = {"dense_0": {"kernel": np.zeros((32, 32))}, "enc": {"q": {"kernel": np.zeros((32, 32))}}}
-  cfg = c3a.C3AConfig(block_size=8, target_modules=["dense_0", "q"],
-                      block_size_pattern={"enc.q": 16, "dense_0": 4})
+  cfg = c3a.C3AConfig(
+    block_size=8, target_modules=["dense_0", "q"], block_size_pattern={"enc.q": 16, "dense_0": 4}
+  )
   assert {t.path: t.block_size for t in c3a.select(params, cfg)} == {"dense_0": 4, "enc.q": 16}
 
 

@@ -4,9 +4,9 @@ host CPU devices (conftest sets XLA_FLAGS)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import c3a_jax as c3a
 from tests import toy
@@ -19,8 +19,9 @@ STEPS = 4
 def run_single(steps=STEPS, grad_accum=1, compute_dtype=None, batch=None):
   adapter, base = c3a.split(toy.params(), toy.CFG)
   tx = toy.tx()
-  step = jax.jit(c3a.make_train_step(toy.loss_fn(), tx, grad_accum=grad_accum,
-                                     compute_dtype=compute_dtype))
+  step = jax.jit(
+    c3a.make_train_step(toy.loss_fn(), tx, grad_accum=grad_accum, compute_dtype=compute_dtype)
+  )
   state = c3a.TrainState.create(adapter, tx, rng=0)
   batch = toy.data(32) if batch is None else batch
   losses = []
@@ -60,8 +61,11 @@ def test_grad_accumulation_equals_the_full_batch():
   full, _ = run_single(grad_accum=1)
   accum, _ = run_single(grad_accum=4)
   assert_trees_close(full.params, accum.params, **TOL)
-  with pytest.raises(ValueError, match=r"grad_accum=3 does not divide batch leaf \['x'\] of "
-                     r"shape \(32, 16\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"grad_accum=3 does not divide batch leaf \['x'\] of "
+    r"shape \(32, 16\)",
+  ):
     run_single(grad_accum=3)
   with pytest.raises(ValueError, match="grad_accum must be a positive integer"):
     c3a.make_train_step(toy.loss_fn(), toy.tx(), grad_accum=0)
@@ -69,7 +73,7 @@ def test_grad_accumulation_equals_the_full_batch():
 
 def test_mixed_precision_keeps_adapter_float32():
   state, losses = run_single(compute_dtype=jnp.bfloat16)
-  ref, ref_losses = run_single()
+  _, ref_losses = run_single()
   for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
     assert x.dtype == jnp.float32, jax.tree_util.keystr(path)
   assert losses[-1] < losses[0]
@@ -86,7 +90,7 @@ def test_dropout_rng_advances_and_differs_per_step():
   state = c3a.TrainState.create(adapter, tx, rng=0)
   batch = toy.data(32)
   s1, m1 = step(state, base, batch)
-  s1b, m1b = step(state, base, batch)
+  _, m1b = step(state, base, batch)
   assert float(m1["loss"]) == float(m1b["loss"])  # same state, same key: deterministic
   assert not np.array_equal(s1.rng, state.rng)
   _, m2 = step(s1.replace(params=state.params, opt_state=state.opt_state), base, batch)
@@ -97,10 +101,12 @@ def test_pmap_equals_single_device():
   n = 8
   adapter, base = c3a.split(toy.params(), toy.CFG)
   tx = toy.tx()
-  step = jax.pmap(c3a.make_train_step(toy.loss_fn(), tx, axis_name="data"), axis_name="data",
-                  in_axes=(0, None, 0))
-  state = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))),
-                       c3a.TrainState.create(adapter, tx, rng=0))
+  step = jax.pmap(
+    c3a.make_train_step(toy.loss_fn(), tx, axis_name="data"), axis_name="data", in_axes=(0, None, 0)
+  )
+  state = jax.tree.map(
+    lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), c3a.TrainState.create(adapter, tx, rng=0)
+  )
   batch = jax.tree.map(lambda x: x.reshape(n, -1, *x.shape[1:]), toy.data(32))
   for _ in range(STEPS):
     state, metrics = step(state, base, batch)
@@ -118,8 +124,9 @@ def test_sharded_jit_equals_single_device(data, fsdp, shard_base):
   state_sh = c3a.training.param_shardings(state, mesh)
   base_sh = c3a.training.param_shardings(base, mesh, fsdp=shard_base)
   state, base = jax.device_put(state, state_sh), jax.device_put(base, base_sh)
-  step = jax.jit(c3a.make_train_step(toy.loss_fn(), tx), out_shardings=(state_sh, None),
-                 donate_argnums=0)
+  step = jax.jit(
+    c3a.make_train_step(toy.loss_fn(), tx), out_shardings=(state_sh, None), donate_argnums=0
+  )
   batch = c3a.training.shard_batch(toy.data(32), mesh)
   assert batch["x"].sharding.spec == P(("data", "fsdp"))
   for _ in range(STEPS):
@@ -136,9 +143,11 @@ def test_sharded_jit_equals_single_device(data, fsdp, shard_base):
 
 def test_sharding_rule():
   mesh = c3a.training.make_mesh(data=2, fsdp=4)
-  tree = {"a": {"kernel": np.zeros((16, 6)), "bias": np.zeros(6), "c3a_kernel": np.zeros((4, 2, 8))},
-          "b": {"kernel": np.zeros((3, 5)), "c3a_kernel": np.zeros((2, 2, 8))},
-          "emb": {"embedding": np.zeros((6, 32))}}
+  tree = {
+    "a": {"kernel": np.zeros((16, 6)), "bias": np.zeros(6), "c3a_kernel": np.zeros((4, 2, 8))},
+    "b": {"kernel": np.zeros((3, 5)), "c3a_kernel": np.zeros((2, 2, 8))},
+    "emb": {"embedding": np.zeros((6, 32))},
+  }
   specs = jax.tree.map(lambda s: s.spec, c3a.training.param_shardings(tree, mesh))
   assert specs["a"]["c3a_kernel"] == P("fsdp")  # m = 4 divides over fsdp = 4
   assert specs["b"]["c3a_kernel"] == P()  # m = 2 does not: replicated
@@ -157,8 +166,11 @@ def test_bad_meshes_and_batches_are_clear_errors():
   odd = Mesh(np.asarray(jax.devices()).reshape(2, 4), ("data", "model"))
   with pytest.raises(ValueError, match=r"mesh axes \['model'\] are not known"):
     c3a.training.param_shardings({"k": np.zeros(4)}, odd)
-  with pytest.raises(ValueError, match=r"batch leaf \['x'\] has leading size 12, which does not "
-                     r"divide over the 8 shards"):
+  with pytest.raises(
+    ValueError,
+    match=r"batch leaf \['x'\] has leading size 12, which does not "
+    r"divide over the 8 shards",
+  ):
     c3a.training.shard_batch({"x": np.zeros((12, 4))}, c3a.training.make_mesh(data=8))
 
 
@@ -186,8 +198,9 @@ def test_remat_model_trains_like_the_plain_one():
   class RematMLP(toy.MLP):
     @nn.compact
     def __call__(self, x, *, rng=None):
-      block = nn.remat(lambda mdl, h, name: nn.gelu(nn.Dense(toy.HIDDEN, name=name)(h)),
-                       static_argnums=(2,))
+      block = nn.remat(
+        lambda mdl, h, name: nn.gelu(nn.Dense(toy.HIDDEN, name=name)(h)), static_argnums=(2,)
+      )
       return nn.Dense(toy.CLASSES, name="head")(block(self, block(self, x, "fc0"), "fc1"))
 
   adapter, base = c3a.split(toy.params(), toy.CFG)

@@ -9,8 +9,9 @@ import optax
 import c3a_jax as c3a
 
 D, HIDDEN, CLASSES = 16, 32, 4
-CFG = c3a.C3AConfig(block_size=8, target_modules=["fc0", "fc1"], modules_to_save=["head"],
-                    init_weights="gaussian")
+CFG = c3a.C3AConfig(
+  block_size=8, target_modules=["fc0", "fc1"], modules_to_save=["head"], init_weights="gaussian"
+)
 
 
 class MLP(nn.Module):
@@ -40,6 +41,7 @@ def loss_fn(model=MLP()):
   def loss(params, batch, rng):
     logits = model.apply({"params": params}, batch["x"], rng=rng if model.dropout else None)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
   return loss
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import sys
 from collections.abc import Sequence
-from typing import Optional
 
 # What the [cli] extra installs and the library never imports: the app's own modules, checked
 # before anything runs, and the Hugging Face ones, needed only for hub models and datasets.
@@ -20,17 +19,20 @@ _HUB_MODULES = ("transformers", "datasets", "huggingface_hub", "PIL")
 
 
 def _missing(module: str) -> str:
-  return (f"c3a-jax: error: the command line needs {module!r}, which is not installed; install "
-          'the app\'s dependencies with: pip install "c3a-jax[cli]"')
+  return (
+    f"c3a-jax: error: the command line needs {module!r}, which is not installed; install "
+    'the app\'s dependencies with: pip install "c3a-jax[cli]"'
+  )
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   """Runs ``c3a-jax`` with ``argv`` (default: the process's); returns the exit status."""
   for module in _APP_MODULES:
     if importlib.util.find_spec(module) is None:
       print(_missing(module), file=sys.stderr)
       return 2
   from c3a_jax.cli import commands
+
   try:
     return commands.main(argv)
   except ModuleNotFoundError as e:

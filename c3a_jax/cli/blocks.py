@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Optional
 
 import c3a_jax as c3a
 
@@ -32,13 +31,21 @@ class Choice:
   closest: bool  # the divisor whose parameter count is nearest LoRA's
 
 
-def suggest(params: Mapping, target_modules: Sequence[str] | str, rank: int = 8, *,
-            model_type: Optional[str] = None, around: int = 4) -> list[Choice]:
-  """Block sizes dividing every targeted layer, ``around`` on each side of LoRA-``rank``'s budget."""
+def suggest(
+  params: Mapping,
+  target_modules: Sequence[str] | str,
+  rank: int = 8,
+  *,
+  model_type: str | None = None,
+  around: int = 4,
+) -> list[Choice]:
+  """Block sizes dividing every targeted layer, ``around`` on each side of LoRA-``rank``'s
+  budget."""
   if rank < 1:
     raise ValueError(f"rank must be a positive integer, got {rank}")
-  targets = c3a.select(params, c3a.C3AConfig(block_size=1, target_modules=target_modules),
-                   model_type=model_type)
+  targets = c3a.select(
+    params, c3a.C3AConfig(block_size=1, target_modules=target_modules), model_type=model_type
+  )
   g = 0
   for t in targets:
     g = math.gcd(g, math.gcd(t.d_in, t.d_out))
@@ -47,35 +54,46 @@ def suggest(params: Mapping, target_modules: Sequence[str] | str, rank: int = 8,
   cost = lambda b: sum(t.d_in * t.d_out // b for t in targets)
   best = min(divisors, key=lambda b: (abs(math.log(cost(b) / lora)), b))
   i = divisors.index(best)
-  return [Choice(b, cost(b), lora, b == best)
-          for b in divisors[max(0, i - around):i + around + 1]]
+  return [
+    Choice(b, cost(b), lora, b == best) for b in divisors[max(0, i - around) : i + around + 1]
+  ]
 
 
-def report(model: str, *, rank: int = 8, target_modules: Optional[str] = None,
-           from_pt: bool = False) -> str:
+def report(
+  model: str, *, rank: int = 8, target_modules: str | None = None, from_pt: bool = False
+) -> str:
   """The CLI's table for a hub model, a local model directory, or ``"digits"``."""
   if model == "digits":
     from c3a_jax.cli import digits
+
     params, model_type = digits.pretrained_params(log=lambda _: None), None
     targets = target_modules.split(",") if target_modules else ["fc0", "fc1"]
   else:
     import transformers
+
     try:
       m = transformers.FlaxAutoModel.from_pretrained(model, from_pt=from_pt)
     except (OSError, ValueError) as e:
-      raise ValueError(f"could not load model {model!r} (a hub name needs the network, which "
-                       f"this machine may not have): {str(e).splitlines()[0]}") from None
+      raise ValueError(
+        f"could not load model {model!r} (a hub name needs the network, which "
+        f"this machine may not have): {str(e).splitlines()[0]}"
+      ) from None
     params, model_type = m.params, m.config.model_type
     targets = target_modules.split(",") if target_modules else None
   if targets is None:
     from c3a_jax._targets import DEFAULT_TARGETS
+
     if model_type not in DEFAULT_TARGETS:
-      raise ValueError(f"no default targets for model type {model_type!r}; "
-                       "pass --target-modules")
+      raise ValueError(f"no default targets for model type {model_type!r}; pass --target-modules")
     targets = list(DEFAULT_TARGETS[model_type])
   rows = suggest(params, targets, rank, model_type=model_type)
-  lines = [f"targets: {targets}; LoRA rank {rank} trains {rows[0].lora_params:,} parameters",
-           f"{'block size':>10} {'C3A params':>12} {'vs LoRA':>8}"]
-  lines += [f"{r.block_size:>10} {r.c3a_params:>12,} {r.c3a_params / r.lora_params:>8.2f}"
-            + ("  <- closest" if r.closest else "") for r in rows]
+  lines = [
+    f"targets: {targets}; LoRA rank {rank} trains {rows[0].lora_params:,} parameters",
+    f"{'block size':>10} {'C3A params':>12} {'vs LoRA':>8}",
+  ]
+  lines += [
+    f"{r.block_size:>10} {r.c3a_params:>12,} {r.c3a_params / r.lora_params:>8.2f}"
+    + ("  <- closest" if r.closest else "")
+    for r in rows
+  ]
   return "\n".join(lines)

@@ -16,17 +16,25 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from c3a_jax.cli.experiment import Experiment
 
-
 # The offline default: C3A on the digits MLP's hidden layers, the paper's large C3A learning rate.
-DIGITS_DEFAULT = {"task": "digits", "output_dir": "runs/c3a-digits",
-                  "c3a": {"block_size": 16, "target_modules": ["fc0", "fc1"],
-                          "modules_to_save": ["head"]},
-                  "train": {"steps": 300, "batch_size": 32, "lr": 0.3, "head_lr": 3e-3,
-                            "eval_every": 100, "save_every": 100, "log_every": 10}}
+DIGITS_DEFAULT = {
+  "task": "digits",
+  "output_dir": "runs/c3a-digits",
+  "c3a": {"block_size": 16, "target_modules": ["fc0", "fc1"], "modules_to_save": ["head"]},
+  "train": {
+    "steps": 300,
+    "batch_size": 32,
+    "lr": 0.3,
+    "head_lr": 3e-3,
+    "eval_every": 100,
+    "save_every": 100,
+    "log_every": 10,
+  },
+}
 
 
 def _log(msg: str) -> None:
@@ -36,24 +44,33 @@ def _log(msg: str) -> None:
 def _job(exp: Experiment):
   if exp.task == "digits":
     from c3a_jax.cli import digits
+
     return digits.job(exp.train.seed, log=_log)
   from c3a_jax.cli import hub
+
   return hub.job(exp, log=_log)
 
 
 def train(args: argparse.Namespace) -> int:
   from c3a_jax.cli import runner
-  exp = (Experiment.load(args.config, args.overrides) if args.config
-         else Experiment.from_dict(DIGITS_DEFAULT, args.overrides, source="default config"))
+
+  exp = (
+    Experiment.load(args.config, args.overrides)
+    if args.config
+    else Experiment.from_dict(DIGITS_DEFAULT, args.overrides, source="default config")
+  )
   job = _job(exp)
-  summaries = [runner.run(exp, job, resume=args.resume, overwrite=args.overwrite,
-                          quiet=args.quiet, log=_log)]
+  summaries = [
+    runner.run(exp, job, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, log=_log)
+  ]
   if exp.task == "digits" and exp.train.mode == "c3a":
     # The comparison the default job exists for: same data and steps, other trainable sets.
     for mode, lr in (("head", exp.train.head_lr), ("full", exp.train.head_lr)):
       other = dataclasses.replace(
-          exp, output_dir=os.path.join(exp.output_dir, "baselines", mode),
-          train=dataclasses.replace(exp.train, mode=mode, lr=lr or exp.train.lr))
+        exp,
+        output_dir=os.path.join(exp.output_dir, "baselines", mode),
+        train=dataclasses.replace(exp.train, mode=mode, lr=lr or exp.train.lr),
+      )
       summaries.append(runner.run(other, job, overwrite=True, quiet=args.quiet, log=_log))
   _print_table(summaries)
   print(f"run directory: {exp.output_dir}")
@@ -71,6 +88,7 @@ def _print_table(summaries: list[dict]) -> None:
 
 def evaluate(args: argparse.Namespace) -> int:
   from c3a_jax.cli import runner
+
   exp, params = _load_run(args.run_dir)
   job = _job(exp)
   if job.eval_data is None:
@@ -109,15 +127,17 @@ def _load_run(run_dir: str):
 
 def merge(args: argparse.Namespace) -> int:
   import c3a_jax as c3a
+
   exp, params = _load_run(args.run_dir)
   job = _job(exp)
   merged = c3a.merge(params(job), safe=True)
   if job.save_merged is None:
     import flax.serialization
+
     from c3a_jax._io import atomic_write
+
     os.makedirs(args.out_dir, exist_ok=True)
-    atomic_write(os.path.join(args.out_dir, "params.msgpack"),
-                 flax.serialization.to_bytes(merged))
+    atomic_write(os.path.join(args.out_dir, "params.msgpack"), flax.serialization.to_bytes(merged))
   else:
     job.save_merged(merged, args.out_dir)
   print(f"merged model written to {args.out_dir}")
@@ -126,8 +146,12 @@ def merge(args: argparse.Namespace) -> int:
 
 def suggest(args: argparse.Namespace) -> int:
   from c3a_jax.cli import blocks
-  print(blocks.report(args.model, rank=args.rank, target_modules=args.target_modules,
-                      from_pt=args.from_pt))
+
+  print(
+    blocks.report(
+      args.model, rank=args.rank, target_modules=args.target_modules, from_pt=args.from_pt
+    )
+  )
   return 0
 
 
@@ -140,8 +164,12 @@ def parser() -> argparse.ArgumentParser:
   group.add_argument("--resume", action="store_true", help="continue the run in output_dir")
   group.add_argument("--overwrite", action="store_true", help="replace the run in output_dir")
   t.add_argument("--quiet", action="store_true", help="no progress bars")
-  t.add_argument("overrides", nargs="*", metavar="key=value",
-                 help="config overrides, e.g. train.lr=0.3 c3a.block_size=128")
+  t.add_argument(
+    "overrides",
+    nargs="*",
+    metavar="key=value",
+    help="config overrides, e.g. train.lr=0.3 c3a.block_size=128",
+  )
   t.set_defaults(fn=train)
   e = sub.add_parser("eval", help="evaluate a finished run")
   e.add_argument("run_dir")
@@ -150,18 +178,20 @@ def parser() -> argparse.ArgumentParser:
   m.add_argument("run_dir")
   m.add_argument("out_dir")
   m.set_defaults(fn=merge)
-  s = sub.add_parser("suggest-block-size",
-                     help="block sizes near a LoRA rank's parameter budget, for a model")
+  s = sub.add_parser(
+    "suggest-block-size", help="block sizes near a LoRA rank's parameter budget, for a model"
+  )
   s.add_argument("model", help="a hub name, a local model directory, or 'digits'")
   s.add_argument("--rank", type=int, default=8, help="the LoRA rank to match (default 8)")
-  s.add_argument("--target-modules", default=None,
-                 help="comma-separated layer names (default: the model type's)")
+  s.add_argument(
+    "--target-modules", default=None, help="comma-separated layer names (default: the model type's)"
+  )
   s.add_argument("--from-pt", action="store_true", help="load PyTorch weights")
   s.set_defaults(fn=suggest)
   return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   p = parser()
   # Overrides may follow flags (`train --resume train.steps=100`): collect the strays.
   args, extra = p.parse_known_args(argv)

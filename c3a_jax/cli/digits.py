@@ -41,6 +41,7 @@ class DigitsMLP(nn.Module):
 
 def _split() -> dict[str, dict[str, np.ndarray]]:
   from sklearn.datasets import load_digits  # ships its data: no download
+
   digits = load_digits()
   x = (digits.data / 16.0).astype(np.float32)
   y = digits.target.astype(np.int32)
@@ -48,15 +49,18 @@ def _split() -> dict[str, dict[str, np.ndarray]]:
   x, y = x[order], y[order]
   old, new = y < 5, y >= 5
   xn, yn = x[new], y[new] - 5
-  return {"pretrain": {"x": x[old], "labels": y[old]},
-          "train": {"x": xn[:FINETUNE_TRAIN], "labels": yn[:FINETUNE_TRAIN]},
-          "eval": {"x": xn[FINETUNE_TRAIN:], "labels": yn[FINETUNE_TRAIN:]}}
+  return {
+    "pretrain": {"x": x[old], "labels": y[old]},
+    "train": {"x": xn[:FINETUNE_TRAIN], "labels": yn[:FINETUNE_TRAIN]},
+    "eval": {"x": xn[FINETUNE_TRAIN:], "labels": yn[FINETUNE_TRAIN:]},
+  }
 
 
 def cache_dir() -> str:
   """``$C3A_JAX_CACHE``, else ``$XDG_CACHE_HOME/c3a-jax`` (``~/.cache/c3a-jax``)."""
-  default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                         "c3a-jax")
+  default = os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "c3a-jax"
+  )
   return os.environ.get("C3A_JAX_CACHE", default)
 
 
@@ -78,12 +82,13 @@ def pretrained_params(log=print) -> Any:
     def loss(p):
       logits = model.apply({"params": p}, batch["x"])
       return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
     grads = jax.grad(loss)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
   params, opt_state = template, tx.init(template)
-  for _, batch in zip(range(PRETRAIN_STEPS), batches(data, 64, seed=0)):
+  for _, batch in zip(range(PRETRAIN_STEPS), batches(data, 64, seed=0), strict=False):
     params, opt_state = step(params, opt_state, batch)
   atomic_write(path, flax.serialization.to_bytes(params))
   return params
@@ -99,5 +104,10 @@ def job(seed: int = 0, log=print) -> Job:
   def logits_fn(params, batch, rng, train):
     return model.apply({"params": params}, batch["x"])
 
-  return Job(logits_fn=logits_fn, params=params, train_data=split["train"],
-             eval_data=split["eval"], kind="classify")
+  return Job(
+    logits_fn=logits_fn,
+    params=params,
+    train_data=split["train"],
+    eval_data=split["eval"],
+    kind="classify",
+  )

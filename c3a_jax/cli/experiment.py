@@ -10,7 +10,7 @@ Example:
   >>> Experiment.from_dict({"train": {"lr_c3a": 1}})
   Traceback (most recent call last):
   ...
-  ValueError: config: unknown key train.lr_c3a (train has: batch_size, compute_dtype, eval_every, grad_accum, head_lr, keep_checkpoints, log_every, lr, mode, save_every, seed, steps, strategy, warmup_steps, weight_decay)
+  ValueError: config: unknown key train.lr_c3a (train has: batch_size, compute_dtype, ...)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import dataclasses
 import os
 import typing
 import warnings
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -30,28 +30,28 @@ from c3a_jax import C3AConfig, ops
 class ModelSpec:
   """The base model: a Hugging Face hub name or local directory."""
 
-  name: Optional[str] = None
+  name: str | None = None
   from_pt: bool = False  # load PyTorch weights (model.safetensors / pytorch_model.bin)
-  revision: Optional[str] = None
+  revision: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
   """A ``datasets`` name (with ``subset``), a ``save_to_disk`` directory, or a CSV/JSON file."""
 
-  name: Optional[str] = None
-  subset: Optional[str] = None
+  name: str | None = None
+  subset: str | None = None
   train_split: str = "train"
-  eval_split: Optional[str] = "validation"
+  eval_split: str | None = "validation"
   text_column: str = "text"
-  text_pair_column: Optional[str] = None
+  text_pair_column: str | None = None
   label_column: str = "label"
   image_column: str = "image"
-  prompt_template: Optional[str] = None  # causal LM: e.g. "### Instruction:\n{instruction}\n..."
+  prompt_template: str | None = None  # causal LM: e.g. "### Instruction:\n{instruction}\n..."
   max_length: int = 128
-  num_labels: Optional[int] = None
-  max_train_examples: Optional[int] = None
-  max_eval_examples: Optional[int] = None
+  num_labels: int | None = None
+  max_train_examples: int | None = None
+  max_eval_examples: int | None = None
 
   def __post_init__(self):
     for key in ("max_train_examples", "max_eval_examples", "max_length"):
@@ -67,7 +67,7 @@ class TrainSpec:
   steps: int = 1000
   batch_size: int = 32
   lr: float = 1e-1
-  head_lr: Optional[float] = None
+  head_lr: float | None = None
   weight_decay: float = 0.0
   warmup_steps: int = 0
   grad_accum: int = 1
@@ -85,14 +85,23 @@ class TrainSpec:
     return self.batch_size // self.grad_accum
 
   def __post_init__(self):
-    for key in ("steps", "batch_size", "grad_accum", "eval_every", "save_every",
-                "keep_checkpoints", "log_every"):
+    for key in (
+      "steps",
+      "batch_size",
+      "grad_accum",
+      "eval_every",
+      "save_every",
+      "keep_checkpoints",
+      "log_every",
+    ):
       if getattr(self, key) < 1:
         raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)!r}")
     object.__setattr__(self, "strategy", ops.check_strategy(self.strategy, "train.strategy"))
     if self.batch_size % self.grad_accum:
-      raise ValueError(f"train.grad_accum={self.grad_accum} must divide train.batch_size="
-                       f"{self.batch_size} (each step splits the batch into micro-batches)")
+      raise ValueError(
+        f"train.grad_accum={self.grad_accum} must divide train.batch_size="
+        f"{self.batch_size} (each step splits the batch into micro-batches)"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,17 +111,20 @@ class Experiment:
   task: Literal["digits", "seq_cls", "causal_lm", "image_cls"] = "digits"
   model: ModelSpec = ModelSpec()
   data: DataSpec = DataSpec()
-  c3a: C3AConfig = C3AConfig()  # PEFT's defaults: the model type's targets, block 256
+  # PEFT's defaults: the model type's targets, block 256 (frozen, so one instance is safe).
+  c3a: C3AConfig = C3AConfig()  # noqa: RUF009
   train: TrainSpec = TrainSpec()
   output_dir: str = "runs/c3a-digits"
 
   @classmethod
-  def from_dict(cls, d: dict, overrides: tuple[str, ...] | list[str] = (),
-                source: str = "config") -> Experiment:
+  def from_dict(
+    cls, d: dict, overrides: tuple[str, ...] | list[str] = (), source: str = "config"
+  ) -> Experiment:
     """Builds and validates; ``overrides`` are ``dotted.key=value`` (value parsed as YAML)."""
     if not isinstance(d, dict):
-      raise ValueError(f"{source}: the top level must be a mapping of sections, got "
-                       f"{type(d).__name__}")
+      raise ValueError(
+        f"{source}: the top level must be a mapping of sections, got {type(d).__name__}"
+      )
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     for item in overrides:
       key, sep, value = item.partition("=")
@@ -128,8 +140,11 @@ class Experiment:
     if isinstance(d.get("c3a"), dict) and "strategy" in d["c3a"]:
       # c3a-jax 0.1 kept the strategy in the adapter config; it is a training setting now.
       strategy = d["c3a"].pop("strategy")
-      warnings.warn(f"{source}: c3a.strategy is deprecated; it is read as train.strategy",
-                    DeprecationWarning, stacklevel=2)
+      warnings.warn(
+        f"{source}: c3a.strategy is deprecated; it is read as train.strategy",
+        DeprecationWarning,
+        stacklevel=2,
+      )
       train = d.setdefault("train", {})
       if isinstance(train, dict):
         train.setdefault("strategy", strategy)
@@ -157,8 +172,11 @@ class Experiment:
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
       if isinstance(value, C3AConfig):
-        value = {k: v for k, v in value.to_dict().items()
-                 if k not in ("peft_type", "auto_mapping", "revision", "inference_mode")}
+        value = {
+          k: v
+          for k, v in value.to_dict().items()
+          if k not in ("peft_type", "auto_mapping", "revision", "inference_mode")
+        }
       elif dataclasses.is_dataclass(value):
         value = dataclasses.asdict(value)
       out[f.name] = value
@@ -181,7 +199,9 @@ def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
   for key in d:
     if key not in names:
       where = prefix[:-1] or "the top level"
-      raise ValueError(f"{source}: unknown key {prefix}{key} ({where} has: {', '.join(sorted(names))})")
+      raise ValueError(
+        f"{source}: unknown key {prefix}{key} ({where} has: {', '.join(sorted(names))})"
+      )
   kwargs = {}
   for key, value in d.items():
     hint = hints[key]

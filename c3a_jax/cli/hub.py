@@ -9,7 +9,7 @@ directory, or a CSV/JSON(L) file (then ``eval_split`` may name a second file).
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +18,11 @@ from c3a_jax.cli.experiment import DataSpec, Experiment
 from c3a_jax.cli.job import Job
 
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
-_AUTO = {"seq_cls": "FlaxAutoModelForSequenceClassification",
-         "causal_lm": "FlaxAutoModelForCausalLM",
-         "image_cls": "FlaxAutoModelForImageClassification"}
+_AUTO = {
+  "seq_cls": "FlaxAutoModelForSequenceClassification",
+  "causal_lm": "FlaxAutoModelForCausalLM",
+  "image_cls": "FlaxAutoModelForImageClassification",
+}
 
 
 class DataError(ValueError):
@@ -30,26 +32,31 @@ class DataError(ValueError):
 def _offline_hint(name: str) -> str:
   if os.path.exists(name):
     return f"tried the local path {name}"
-  return f"tried the Hugging Face hub for {name!r} (no such local path); this machine may be offline"
+  return (
+    f"tried the Hugging Face hub for {name!r} (no such local path); this machine may be offline"
+  )
 
 
 def load_model(exp: Experiment, **kwargs: Any):
   """The task's Flax auto-model, from a hub name or a directory."""
   import transformers
+
   cls = getattr(transformers, _AUTO[exp.task])
   spec = exp.model
   try:
     return cls.from_pretrained(spec.name, from_pt=spec.from_pt, revision=spec.revision, **kwargs)
-  except (OSError, ValueError, EnvironmentError) as e:
-    raise ValueError(f"could not load model {spec.name!r} ({_offline_hint(spec.name)}): "
-                     f"{str(e).splitlines()[0]}") from None
+  except (OSError, ValueError) as e:
+    raise ValueError(
+      f"could not load model {spec.name!r} ({_offline_hint(spec.name)}): {str(e).splitlines()[0]}"
+    ) from None
 
 
-def load_split(spec: DataSpec, split: Optional[str]):
+def load_split(spec: DataSpec, split: str | None):
   """One split as a ``datasets.Dataset``, or None when ``split`` is None."""
   if split is None:
     return None
   import datasets
+
   name, ext = spec.name, os.path.splitext(spec.name)[1].lower()
   try:
     if ext in FILE_FORMATS:
@@ -57,15 +64,22 @@ def load_split(spec: DataSpec, split: Optional[str]):
       if not os.path.isfile(path):
         if path == spec.name:
           raise FileNotFoundError(f"data file {path} does not exist")
-        raise FileNotFoundError(f"data.eval_split {split!r} is not a file: with a data file as "
-                                "data.name, set data.eval_split to an eval file, or to null")
-      if not open(path).read(4096).strip():
-        raise DataError(f"data file {path} is empty"
-                         + ("" if path == spec.name else
-                            "; set data.eval_split to null to train without one"))
+        raise FileNotFoundError(
+          f"data.eval_split {split!r} is not a file: with a data file as "
+          "data.name, set data.eval_split to an eval file, or to null"
+        )
+      with open(path) as f:
+        empty = not f.read(4096).strip()
+      if empty:
+        raise DataError(
+          f"data file {path} is empty"
+          + ("" if path == spec.name else "; set data.eval_split to null to train without one")
+        )
       return datasets.load_dataset(FILE_FORMATS[ext], data_files=path, split="train")
-    if os.path.isdir(name) and (os.path.isfile(os.path.join(name, "dataset_dict.json"))
-                               or os.path.isfile(os.path.join(name, "dataset_info.json"))):
+    if os.path.isdir(name) and (
+      os.path.isfile(os.path.join(name, "dataset_dict.json"))
+      or os.path.isfile(os.path.join(name, "dataset_info.json"))
+    ):
       data = datasets.load_from_disk(name)
       if isinstance(data, datasets.DatasetDict):
         if split not in data:
@@ -76,19 +90,22 @@ def load_split(spec: DataSpec, split: Optional[str]):
   except (FileNotFoundError, DataError):
     raise  # already says what is wrong
   except Exception as e:  # datasets raises many kinds (ConnectionError, DatasetNotFoundError)
-    raise ValueError(f"could not load dataset {name!r} split {split!r} "
-                     f"({_offline_hint(name)}): {type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    raise ValueError(
+      f"could not load dataset {name!r} split {split!r} "
+      f"({_offline_hint(name)}): {type(e).__name__}: "
+      f"{str(e).splitlines()[0] if str(e) else ''}"
+    ) from None
 
 
-def _columns(ds, split: str, spec: DataSpec, *names: Optional[str]) -> None:
+def _columns(ds, split: str, spec: DataSpec, *names: str | None) -> None:
   for col in filter(None, names):
     if col not in ds.column_names:
-      raise ValueError(f"dataset {spec.name!r} split {split!r} has no column {col!r} "
-                       f"(columns: {ds.column_names})")
+      raise ValueError(
+        f"dataset {spec.name!r} split {split!r} has no column {col!r} (columns: {ds.column_names})"
+      )
 
 
-def _limit(ds, n: Optional[int]):
+def _limit(ds, n: int | None):
   return ds if ds is None or n is None else ds.select(range(min(n, len(ds))))
 
 
@@ -97,17 +114,27 @@ def _text(spec: DataSpec, ds, split: str, tokenizer, lm: bool) -> dict[str, np.n
     try:
       texts = [spec.prompt_template.format(**row) for row in ds]
     except KeyError as e:
-      raise ValueError(f"data.prompt_template names column {e.args[0]!r}, which dataset "
-                       f"{spec.name!r} split {split!r} lacks (columns: {ds.column_names})") from None
+      raise ValueError(
+        f"data.prompt_template names column {e.args[0]!r}, which dataset "
+        f"{spec.name!r} split {split!r} lacks (columns: {ds.column_names})"
+      ) from None
     pairs = None
   else:
     _columns(ds, split, spec, spec.text_column, spec.text_pair_column)
     texts = list(ds[spec.text_column])
     pairs = list(ds[spec.text_pair_column]) if spec.text_pair_column else None
-  enc = tokenizer(texts, pairs, padding="max_length", truncation=True,
-                  max_length=spec.max_length, return_tensors="np")
-  out = {"input_ids": enc["input_ids"].astype(np.int32),
-         "attention_mask": enc["attention_mask"].astype(np.int32)}
+  enc = tokenizer(
+    texts,
+    pairs,
+    padding="max_length",
+    truncation=True,
+    max_length=spec.max_length,
+    return_tensors="np",
+  )
+  out = {
+    "input_ids": enc["input_ids"].astype(np.int32),
+    "attention_mask": enc["attention_mask"].astype(np.int32),
+  }
   if lm:
     out["loss_mask"] = out["attention_mask"]
   else:
@@ -127,9 +154,11 @@ def _labels(spec: DataSpec, ds, split: str) -> np.ndarray:
   values = list(ds[spec.label_column])
   if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
     bad = next(v for v in values if not isinstance(v, (int, np.integer)) or isinstance(v, bool))
-    raise ValueError(f"data.label_column {spec.label_column!r} of dataset {spec.name!r} split "
-                     f"{split!r} holds non-integer values (e.g. {bad!r}); labels must be class "
-                     "ids 0..num_labels-1")
+    raise ValueError(
+      f"data.label_column {spec.label_column!r} of dataset {spec.name!r} split "
+      f"{split!r} holds non-integer values (e.g. {bad!r}); labels must be class "
+      "ids 0..num_labels-1"
+    )
   return np.asarray(values, np.int32)
 
 
@@ -145,14 +174,16 @@ def _num_labels(spec: DataSpec, ds) -> int:
 def job(exp: Experiment, log=print) -> Job:
   """Loads model, data and preprocessing for ``exp`` (a seq_cls, causal_lm or image_cls task)."""
   import transformers
+
   spec = exp.data
   train = _limit(load_split(spec, spec.train_split), spec.max_train_examples)
   evals = _limit(load_split(spec, spec.eval_split), spec.max_eval_examples)
   for ds, split in ((train, spec.train_split), (evals, spec.eval_split)):
     if ds is not None and len(ds) == 0:
-      raise ValueError(f"dataset {spec.name!r} split {split!r} is empty"
-                       + ("; set data.eval_split to null to train without one"
-                          if split == spec.eval_split else ""))
+      raise ValueError(
+        f"dataset {spec.name!r} split {split!r} is empty"
+        + ("; set data.eval_split to null to train without one" if split == spec.eval_split else "")
+      )
   log(f"data: {len(train)} training examples" + (f", {len(evals)} eval" if evals else ""))
   # The model's dtype sets its activations' dtype; compute_dtype then casts the frozen weights.
   kwargs = {"dtype": jnp.bfloat16} if exp.train.compute_dtype == "bfloat16" else {}
@@ -177,14 +208,21 @@ def job(exp: Experiment, log=print) -> Job:
 
   def logits_fn(params, batch, rng, train):
     kw = {} if inputs == "pixel_values" else {"attention_mask": batch["attention_mask"]}
-    return model(batch[inputs], params=params, dropout_rng=rng,
-                 train=bool(train and rng is not None), **kw).logits
+    return model(
+      batch[inputs], params=params, dropout_rng=rng, train=bool(train and rng is not None), **kw
+    ).logits
 
   def save_merged(params, out_dir):
     model.save_pretrained(out_dir, params=params)
     processor.save_pretrained(out_dir)
 
-  return Job(logits_fn=logits_fn, params=model.params, train_data=train_data,
-             eval_data=eval_data, kind="lm" if exp.task == "causal_lm" else "classify",
-             model_type=model.config.model_type, tokens_per_example=tokens,
-             save_merged=save_merged)
+  return Job(
+    logits_fn=logits_fn,
+    params=model.params,
+    train_data=train_data,
+    eval_data=eval_data,
+    kind="lm" if exp.task == "causal_lm" else "classify",
+    model_type=model.config.model_type,
+    tokens_per_example=tokens,
+    save_merged=save_merged,
+  )

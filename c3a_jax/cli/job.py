@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +30,15 @@ class Job:
   logits_fn: Callable[..., jax.Array]
   params: Any
   train_data: Batch
-  eval_data: Optional[Batch]
+  eval_data: Batch | None
   kind: str = "classify"
-  model_type: Optional[str] = None
+  model_type: str | None = None
   tokens_per_example: int = 1
-  save_merged: Optional[Callable[[Any, str], None]] = None  # writes a merged model directory
+  save_merged: Callable[[Any, str], None] | None = None  # writes a merged model directory
 
-  def loss(self, params: Any, batch: Batch, rng: Optional[jax.Array], train: bool
-           ) -> tuple[jax.Array, dict]:
+  def loss(
+    self, params: Any, batch: Batch, rng: jax.Array | None, train: bool
+  ) -> tuple[jax.Array, dict]:
     """Mean loss and metrics (accuracy) of ``batch``."""
     logits = self.logits_fn(params, batch, rng, train).astype(jnp.float32)
     if self.kind == "classify":
@@ -79,7 +80,7 @@ def batches(data: Batch, batch_size: int, seed: int, start: int = 0) -> Iterator
       epoch = position // per_epoch
       order = np.random.default_rng([seed, epoch]).permutation(n)
     index = position % per_epoch
-    idx = order[index * batch_size:(index + 1) * batch_size]
+    idx = order[index * batch_size : (index + 1) * batch_size]
     yield {k: v[idx] for k, v in data.items()}
     position += 1
 
@@ -88,4 +89,4 @@ def eval_batches(data: Batch, batch_size: int) -> Iterator[Batch]:
   """Every example once, in order; the last batch may be smaller."""
   n = len(next(iter(data.values())))
   for i in range(0, n, batch_size):
-    yield {k: v[i:i + batch_size] for k, v in data.items()}
+    yield {k: v[i : i + batch_size] for k, v in data.items()}

@@ -34,10 +34,20 @@ from c3a_jax.cli.job import Job, batches, eval_batches
 from c3a_jax.training import Checkpointer, TrainState, cast_frozen, make_train_step
 
 INTERRUPTED = 130  # the shell's exit status for Ctrl-C
-RESUMABLE = {("train", k) for k in ("steps", "log_every", "eval_every", "save_every",
-                                    "keep_checkpoints", "strategy")}
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "metrics.png", "summary.json", "checkpoints",
-               "adapter", "params.msgpack", "baselines")
+RESUMABLE = {
+  ("train", k)
+  for k in ("steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "strategy")
+}
+RUN_ENTRIES = (
+  "config.yaml",
+  "metrics.jsonl",
+  "metrics.png",
+  "summary.json",
+  "checkpoints",
+  "adapter",
+  "params.msgpack",
+  "baselines",
+)
 
 
 class RunDirError(ValueError):
@@ -55,22 +65,31 @@ def prepare_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> str:
     now = exp.to_dict()
     # A resumed run may go on for more steps and log, evaluate or save at other intervals;
     # nothing that changes the training itself may differ.
-    diff = [f"{section}.{k}" for section in now if isinstance(now[section], dict)
-            for k in set(now[section]) | set(saved.get(section) or {})
-            if (section, k) not in RESUMABLE
-            and now[section].get(k) != (saved.get(section) or {}).get(k)]
-    diff += [k for k in now if not isinstance(now[k], dict) and k != "output_dir"
-             and now[k] != saved.get(k)]
+    diff = [
+      f"{section}.{k}"
+      for section in now
+      if isinstance(now[section], dict)
+      for k in set(now[section]) | set(saved.get(section) or {})
+      if (section, k) not in RESUMABLE and now[section].get(k) != (saved.get(section) or {}).get(k)
+    ]
+    diff += [
+      k
+      for k in now
+      if not isinstance(now[k], dict) and k != "output_dir" and now[k] != saved.get(k)
+    ]
     if diff:
-      raise RunDirError(f"--resume: the config differs from the run in {out} at "
-                        f"{', '.join(sorted(diff))}")
+      raise RunDirError(
+        f"--resume: the config differs from the run in {out} at {', '.join(sorted(diff))}"
+      )
   elif os.path.isdir(out) and os.listdir(out):
     if not os.path.isfile(config_path):
-      raise RunDirError(f"{out} is not empty and holds no c3a-jax run (no config.yaml); "
-                        "choose another output_dir")
+      raise RunDirError(
+        f"{out} is not empty and holds no c3a-jax run (no config.yaml); choose another output_dir"
+      )
     if not overwrite:
-      raise RunDirError(f"{out} holds another run; pass --resume to continue it or --overwrite "
-                        "to replace it")
+      raise RunDirError(
+        f"{out} holds another run; pass --resume to continue it or --overwrite to replace it"
+      )
     for name in RUN_ENTRIES:  # only what a run writes: anything else stays
       path = os.path.join(out, name)
       if os.path.isdir(path):
@@ -98,13 +117,16 @@ def _setup(exp: Experiment, job: Job):
     params = c3a.attach(params, cfg, jax.random.key(t.seed), model_type=job.model_type)
   trainable, base = c3a.split(params, cfg)
   if not jax.tree.leaves(trainable):
-    raise ValueError(f"train.mode={t.mode!r} trains nothing: set c3a.modules_to_save "
-                     "(e.g. [classifier]) or c3a.bias")
+    raise ValueError(
+      f"train.mode={t.mode!r} trains nothing: set c3a.modules_to_save "
+      "(e.g. [classifier]) or c3a.bias"
+    )
   return trainable, base, c3a.optimizer(adamw(t.lr), trainable, cfg, head_tx=adamw(head_lr)), params
 
 
 def _plot(records: list[dict], path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -178,8 +200,10 @@ def _check_fits(exp: Experiment, job: Job) -> None:
   """Errors a run would hit at its first step, raised before the run directory is touched."""
   t = exp.train
   if job.num_train < t.batch_size:
-    raise ValueError(f"train.batch_size={t.batch_size} is larger than the {job.num_train} "
-                     "training examples (see data.max_train_examples)")
+    raise ValueError(
+      f"train.batch_size={t.batch_size} is larger than the {job.num_train} "
+      "training examples (see data.max_train_examples)"
+    )
   if job.eval_data is not None and not len(next(iter(job.eval_data.values()))):
     raise ValueError("the eval split is empty; set data.eval_split to null to train without one")
 
@@ -206,16 +230,24 @@ class _Metrics:
       f.write(json.dumps(record) + "\n")
 
 
-def run(exp: Experiment, job: Job, *, resume: bool = False, overwrite: bool = False,
-        quiet: bool = False, log=print) -> dict:
+def run(
+  exp: Experiment,
+  job: Job,
+  *,
+  resume: bool = False,
+  overwrite: bool = False,
+  quiet: bool = False,
+  log=print,
+) -> dict:
   """Trains ``job`` as ``exp`` says; returns the final summary (also in summary.json)."""
   _check_fits(exp, job)
   trainable, base, tx, full_params = _setup(exp, job)
   out = prepare_dir(exp, resume=resume, overwrite=overwrite)
   if exp.train.compute_dtype == "bfloat16" and base is not None:
     base = cast_frozen(base, jnp.bfloat16)  # once, not in every step
-  state, last_eval, metrics = _loop(exp, job, out, trainable, base, tx, resume=resume,
-                                    quiet=quiet, log=log)
+  state, last_eval, metrics = _loop(
+    exp, job, out, trainable, base, tx, resume=resume, quiet=quiet, log=log
+  )
   return _finish(exp, job, out, state, base, full_params, last_eval, metrics)
 
 
@@ -224,9 +256,18 @@ def _combined(state: TrainState, base: Any) -> Any:
   return state.params if base is None else c3a.combine(state.params, base)
 
 
-def _loop(exp: Experiment, job: Job, out: str, trainable: Any, base: Any,
-          tx: optax.GradientTransformation, *, resume: bool, quiet: bool, log
-          ) -> tuple[TrainState, dict | None, _Metrics]:
+def _loop(
+  exp: Experiment,
+  job: Job,
+  out: str,
+  trainable: Any,
+  base: Any,
+  tx: optax.GradientTransformation,
+  *,
+  resume: bool,
+  quiet: bool,
+  log,
+) -> tuple[TrainState, dict | None, _Metrics]:
   """Trains from the last checkpoint (or the start) to ``train.steps``, logging, evaluating
   and checkpointing on the way; on Ctrl-C saves and exits with status 130.
 
@@ -236,13 +277,23 @@ def _loop(exp: Experiment, job: Job, out: str, trainable: Any, base: Any,
 
   t = exp.train
   dtype = jnp.bfloat16 if t.compute_dtype == "bfloat16" else None
-  step_fn = jax.jit(make_train_step(lambda params, batch, rng: job.loss(params, batch, rng, True),
-                                    tx, grad_accum=t.grad_accum, compute_dtype=dtype,
-                                    strategy=t.strategy), donate_argnums=0)
+  step_fn = jax.jit(
+    make_train_step(
+      lambda params, batch, rng: job.loss(params, batch, rng, True),
+      tx,
+      grad_accum=t.grad_accum,
+      compute_dtype=dtype,
+      strategy=t.strategy,
+    ),
+    donate_argnums=0,
+  )
   # A copy: the step donates its state, and the job's params must outlive this run.
   state = TrainState.create(jax.tree.map(jnp.copy, trainable), tx, rng=t.seed)
-  ckpt = Checkpointer(os.path.join(out, "checkpoints"), max_to_keep=t.keep_checkpoints,
-                      config=exp.c3a if t.mode == "c3a" else None)
+  ckpt = Checkpointer(
+    os.path.join(out, "checkpoints"),
+    max_to_keep=t.keep_checkpoints,
+    config=exp.c3a if t.mode == "c3a" else None,
+  )
   position = 0
   if resume and ckpt.latest_step() is not None:
     state, position = ckpt.restore(state)
@@ -251,8 +302,14 @@ def _loop(exp: Experiment, job: Job, out: str, trainable: Any, base: Any,
   metrics = _Metrics.resume(os.path.join(out, "metrics.jsonl"), step)
   tokens = t.batch_size * job.tokens_per_example
   stream = batches(job.train_data, t.batch_size, t.seed, start=position)
-  bar = tqdm(total=t.steps, initial=step, disable=quiet, file=sys.stderr,
-             dynamic_ncols=True, desc=f"{t.mode} train")
+  bar = tqdm(
+    total=t.steps,
+    initial=step,
+    disable=quiet,
+    file=sys.stderr,
+    dynamic_ncols=True,
+    desc=f"{t.mode} train",
+  )
   last_eval = None
   busy = 0.0  # seconds spent in training steps since the last log (not eval or saving)
   with _sigint_flag() as interrupted:
@@ -286,23 +343,34 @@ def _loop(exp: Experiment, job: Job, out: str, trainable: Any, base: Any,
   return state, last_eval, metrics
 
 
-def _checkpoint(ckpt: Checkpointer, state: TrainState, position: int, step: int, saved: int
-                ) -> int:
+def _checkpoint(ckpt: Checkpointer, state: TrainState, position: int, step: int, saved: int) -> int:
   """Saves ``state`` unless ``step`` is saved already; returns the step now saved."""
   if step != saved:
     ckpt.save(state, data_position=position, force=True)
   return step
 
 
-def _finish(exp: Experiment, job: Job, out: str, state: TrainState, base: Any, full_params: Any,
-            last_eval: dict | None, metrics: _Metrics) -> dict:
+def _finish(
+  exp: Experiment,
+  job: Job,
+  out: str,
+  state: TrainState,
+  base: Any,
+  full_params: Any,
+  last_eval: dict | None,
+  metrics: _Metrics,
+) -> dict:
   """Writes what a finished run leaves (adapter or params, plot, summary.json); the summary."""
   t = exp.train
-  counts = c3a.summary(full_params if t.mode != "full" else job.params,
-                       exp.c3a if t.mode != "full" else None)
-  final = {"mode": t.mode, "steps": int(state.step),
-           "trainable_params": counts.trainable if t.mode != "full" else counts.total,
-           "total_params": counts.total}
+  counts = c3a.summary(
+    full_params if t.mode != "full" else job.params, exp.c3a if t.mode != "full" else None
+  )
+  final = {
+    "mode": t.mode,
+    "steps": int(state.step),
+    "trainable_params": counts.trainable if t.mode != "full" else counts.total,
+    "total_params": counts.total,
+  }
   if job.eval_data is not None:
     if last_eval is None:  # resumed a finished run: nothing was evaluated in the loop
       last_eval = evaluate(job, _combined(state, base), t.eval_batch_size)

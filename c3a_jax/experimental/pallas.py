@@ -28,7 +28,6 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ TOKEN_TILE = 128
 """Tokens per program: a multiple of 8 (TPU sublanes) and of 16 (GPU matmul tiles)."""
 
 
-def apply(x: jax.Array, w: jax.Array, *, interpret: Optional[bool] = None) -> jax.Array:
+def apply(x: jax.Array, w: jax.Array, *, interpret: bool | None = None) -> jax.Array:
   """``x @ delta_weight(w)`` for float32 ``x`` of shape ``(tokens, n * b)``: ``(tokens, m * b)``.
 
   Args:
@@ -57,7 +56,7 @@ def apply(x: jax.Array, w: jax.Array, *, interpret: Optional[bool] = None) -> ja
   return _apply(x, jnp.pad(kr, pad), jnp.pad(ki, pad), interpret)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dft(b: int) -> tuple[np.ndarray, np.ndarray]:
   """(b, b) cosine and minus-sine matrices, frequencies past b // 2 zeroed: x @ cos = Re rfft."""
   pad = ((0, b - (b // 2 + 1)), (0, 0))
@@ -71,9 +70,13 @@ def _dot_t(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _spectra(ref, blocks: int, cos: jax.Array, sin: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
   b = cos.shape[0]
-  return [(jnp.dot(v, cos, preferred_element_type=jnp.float32),
-           jnp.dot(v, sin, preferred_element_type=jnp.float32))
-          for v in (ref[:, j * b:(j + 1) * b] for j in range(blocks))]
+  return [
+    (
+      jnp.dot(v, cos, preferred_element_type=jnp.float32),
+      jnp.dot(v, sin, preferred_element_type=jnp.float32),
+    )
+    for v in (ref[:, j * b : (j + 1) * b] for j in range(blocks))
+  ]
 
 
 def _product_kernel(x_ref, kr_ref, ki_ref, cos_ref, sin_ref, y_ref, *, m: int, n: int):
@@ -86,7 +89,7 @@ def _product_kernel(x_ref, kr_ref, ki_ref, cos_ref, sin_ref, y_ref, *, m: int, n
     # (xr + i xi) (kr - i ki), summed over input blocks.
     yr = sum(xr * kr[j] + xi * ki[j] for j, (xr, xi) in enumerate(xs))
     yi = sum(xi * kr[j] - xr * ki[j] for j, (xr, xi) in enumerate(xs))
-    y_ref[:, i * b:(i + 1) * b] = _dot_t(yr, cos) + _dot_t(yi, sin)
+    y_ref[:, i * b : (i + 1) * b] = _dot_t(yr, cos) + _dot_t(yi, sin)
 
 
 def _correlation_kernel(x_ref, g_ref, cos_ref, sin_ref, dkr_ref, dki_ref, *, m: int, n: int):
@@ -114,15 +117,20 @@ def _product(x, kr, ki, interpret):
   xp, tile = _tiles(x)
   cos, sin = (jnp.asarray(h) for h in _dft(b))
   y = pl.pallas_call(
-      functools.partial(_product_kernel, m=m, n=n),
-      grid=(xp.shape[0] // tile,),
-      in_specs=[pl.BlockSpec((tile, n * b), lambda t: (t, 0)), _full((m * n, b)),
-                _full((m * n, b)), _full((b, b)), _full((b, b))],
-      out_specs=pl.BlockSpec((tile, m * b), lambda t: (t, 0)),
-      out_shape=jax.ShapeDtypeStruct((xp.shape[0], m * b), jnp.float32),
-      interpret=interpret,
+    functools.partial(_product_kernel, m=m, n=n),
+    grid=(xp.shape[0] // tile,),
+    in_specs=[
+      pl.BlockSpec((tile, n * b), lambda t: (t, 0)),
+      _full((m * n, b)),
+      _full((m * n, b)),
+      _full((b, b)),
+      _full((b, b)),
+    ],
+    out_specs=pl.BlockSpec((tile, m * b), lambda t: (t, 0)),
+    out_shape=jax.ShapeDtypeStruct((xp.shape[0], m * b), jnp.float32),
+    interpret=interpret,
   )(xp, kr.reshape(m * n, b), ki.reshape(m * n, b), cos, sin)
-  return y[:x.shape[0]]
+  return y[: x.shape[0]]
 
 
 def _correlation(x, g, shape, interpret):
@@ -132,13 +140,17 @@ def _correlation(x, g, shape, interpret):
   tiles = xp.shape[0] // tile
   part = pl.BlockSpec((1, m * n, b), lambda t: (t, 0, 0))
   dkr, dki = pl.pallas_call(
-      functools.partial(_correlation_kernel, m=m, n=n),
-      grid=(tiles,),
-      in_specs=[pl.BlockSpec((tile, n * b), lambda t: (t, 0)),
-                pl.BlockSpec((tile, m * b), lambda t: (t, 0)), _full((b, b)), _full((b, b))],
-      out_specs=[part, part],
-      out_shape=[jax.ShapeDtypeStruct((tiles, m * n, b), jnp.float32)] * 2,
-      interpret=interpret,
+    functools.partial(_correlation_kernel, m=m, n=n),
+    grid=(tiles,),
+    in_specs=[
+      pl.BlockSpec((tile, n * b), lambda t: (t, 0)),
+      pl.BlockSpec((tile, m * b), lambda t: (t, 0)),
+      _full((b, b)),
+      _full((b, b)),
+    ],
+    out_specs=[part, part],
+    out_shape=[jax.ShapeDtypeStruct((tiles, m * n, b), jnp.float32)] * 2,
+    interpret=interpret,
   )(xp, gp, cos, sin)
   return dkr.sum(0).reshape(shape), dki.sum(0).reshape(shape)
 

@@ -25,14 +25,14 @@ from c3a_jax.ops._matmul import block_circulant_matmul
 from c3a_jax.ops._strategy import STRATEGIES, Strategy, check_strategy, choose_strategy
 
 __all__ = [
-    "INIT_WEIGHTS",
-    "STRATEGIES",
-    "InitWeights",
-    "Strategy",
-    "block_circulant_matmul",
-    "check_strategy",
-    "choose_strategy",
-    "delta_weight",
-    "fold",
-    "init",
+  "INIT_WEIGHTS",
+  "STRATEGIES",
+  "InitWeights",
+  "Strategy",
+  "block_circulant_matmul",
+  "check_strategy",
+  "choose_strategy",
+  "delta_weight",
+  "fold",
+  "init",
 ]

@@ -15,7 +15,6 @@ rebuilt there, once the layer's gradient has arrived.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +28,13 @@ from c3a_jax.ops._spectral import after
 _DFT_MAX_B = 256
 
 
-def fold(x: jax.Array, w: jax.Array, kernel: Optional[jax.Array] = None, *,
-         precision: jax.lax.PrecisionLike = None) -> jax.Array:
+def fold(
+  x: jax.Array,
+  w: jax.Array,
+  kernel: jax.Array | None = None,
+  *,
+  precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
   """``x @ (kernel + delta_weight(w))`` in float32; ``kernel=None``: ``x @ delta_weight(w)``.
 
   The interceptor computes a plain float32 ``flax.linen.Dense`` this way under ``"auto"`` when
@@ -59,10 +63,11 @@ def fold(x: jax.Array, w: jax.Array, kernel: Optional[jax.Array] = None, *,
   m, n, b = kernel_shape(w, "fold")
   if x.shape[-1] != n * b or (kernel is not None and kernel.shape != (n * b, m * b)):
     raise ValueError(
-        f"fold: x has {x.shape[-1]} features and the kernel shape "
-        f"{None if kernel is None else tuple(kernel.shape)}, but the C3A kernel of shape "
-        f"{tuple(w.shape)} (m, n, b) needs x with n*b = {n * b} features and a kernel "
-        f"({n * b}, {m * b})")
+      f"fold: x has {x.shape[-1]} features and the kernel shape "
+      f"{None if kernel is None else tuple(kernel.shape)}, but the C3A kernel of shape "
+      f"{tuple(w.shape)} (m, n, b) needs x with n*b = {n * b} features and a kernel "
+      f"({n * b}, {m * b})"
+    )
   lead = x.shape[:-1]
   x2 = x.reshape(-1, n * b).astype(jnp.float32)
   if kernel is not None:

@@ -55,16 +55,20 @@ def _spectrum(z: jax.Array, blocks: int) -> tuple[jax.Array, jax.Array]:
   b = z.shape[1] // blocks
   rows = z.reshape(tokens * blocks, b)
   # Contracting both operands' last axis gives the frequency-major output without a transpose.
-  return tuple(jnp.einsum("fs,rs->fr", jnp.asarray(h), rows, precision=_HIGHEST)
-               .reshape(-1, tokens, blocks) for h in dft_halves(b))
+  return tuple(
+    jnp.einsum("fs,rs->fr", jnp.asarray(h), rows, precision=_HIGHEST).reshape(-1, tokens, blocks)
+    for h in dft_halves(b)
+  )
 
 
 def _unspectrum(re: jax.Array, im: jax.Array, b: int) -> jax.Array:
-  """The transpose of :func:`_spectrum`: real and imaginary (F, tokens, blocks) -> (tokens, blocks * b)."""
+  """The transpose of :func:`_spectrum`: (F, tokens, blocks) real and imaginary parts to
+  (tokens, blocks * b)."""
   f, tokens, _ = re.shape
   cos, sin = (jnp.asarray(h) for h in dft_halves(b))
-  rows = (jnp.einsum("fr,fs->rs", re.reshape(f, -1), cos, precision=_HIGHEST)
-          + jnp.einsum("fr,fs->rs", im.reshape(f, -1), sin, precision=_HIGHEST))
+  rows = jnp.einsum("fr,fs->rs", re.reshape(f, -1), cos, precision=_HIGHEST) + jnp.einsum(
+    "fr,fs->rs", im.reshape(f, -1), sin, precision=_HIGHEST
+  )
   return rows.reshape(tokens, -1)
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Union
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
 from c3a_jax.ops._kernel import kernel_shape
 
-InitWeights = Union[bool, Literal["xavier_uniform", "kaiming_uniform", "gaussian"]]
+InitWeights = bool | Literal["xavier_uniform", "kaiming_uniform", "gaussian"]
 INIT_WEIGHTS = (True, False, "xavier_uniform", "kaiming_uniform", "gaussian")
 
 

@@ -11,8 +11,7 @@ from c3a_jax.ops._kernel import delta_weight, kernel_shape
 from c3a_jax.ops._strategy import Strategy, check_strategy, choose_strategy
 
 
-def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "auto"
-                           ) -> jax.Array:
+def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "auto") -> jax.Array:
   """Applies the C3A weight change to ``x``: ``x @ delta_weight(w)`` computed with FFTs.
 
   Every strategy computes the same function (PEFT's math, float32 inside) and the same
@@ -55,8 +54,9 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "
     raise TypeError(f"block_circulant_matmul: x must be floating point, got {x.dtype}")
   if x.shape[-1] != n * b:
     raise ValueError(
-        f"block_circulant_matmul: x has {x.shape[-1]} features but the C3A kernel of shape "
-        f"{tuple(w.shape)} (m, n, b) expects n*b = {n * b}")
+      f"block_circulant_matmul: x has {x.shape[-1]} features but the C3A kernel of shape "
+      f"{tuple(w.shape)} (m, n, b) expects n*b = {n * b}"
+    )
   strategy = check_strategy(strategy, "block_circulant_matmul")
   if strategy == "auto":
     strategy = choose_strategy(x.shape, w.shape)

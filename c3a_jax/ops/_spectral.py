@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dft_halves(b: int) -> tuple[np.ndarray, np.ndarray]:
   """(F, b) cosine and minus-sine rows: ``[cos; -sin] @ x`` is the real/imaginary rfft of x."""
   angle = 2 * np.pi * np.outer(np.arange(b // 2 + 1), np.arange(b)) / b
@@ -36,9 +36,10 @@ def kernel_spectrum(w: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   With these weights folded in, the inverse DFT is the transpose of :func:`dft_halves`.
   """
-  m, n, b = w.shape
+  _, n, b = w.shape
   wf = jnp.fft.rfft(w.astype(jnp.float32), axis=-1) * jnp.asarray(
-      irfft_weights(b) / (b * n * b), jnp.float32)
+    irfft_weights(b) / (b * n * b), jnp.float32
+  )
   return wf.real, wf.imag
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal, Optional
+from typing import Literal
 
 import jax
 
@@ -35,16 +35,24 @@ def check_strategy(strategy: str, where: str) -> Strategy:
   """
   if strategy in _RENAMED:
     new = _RENAMED[strategy]
-    warnings.warn(f"{where}: strategy={strategy!r} is deprecated; it is now called {new!r}",
-                  DeprecationWarning, stacklevel=3)
+    warnings.warn(
+      f"{where}: strategy={strategy!r} is deprecated; it is now called {new!r}",
+      DeprecationWarning,
+      stacklevel=3,
+    )
     return new
   if strategy not in STRATEGIES:
     raise ValueError(f"{where}: strategy={strategy!r} is not one of {STRATEGIES}")
   return strategy
 
 
-def choose_strategy(x_shape: tuple[int, ...], w_shape: tuple[int, int, int],
-                    backend: Optional[str] = None, *, with_base: bool = False) -> Strategy:
+def choose_strategy(
+  x_shape: tuple[int, ...],
+  w_shape: tuple[int, int, int],
+  backend: str | None = None,
+  *,
+  with_base: bool = False,
+) -> Strategy:
   """The strategy ``"auto"`` uses for activations of ``x_shape`` and a kernel of ``w_shape``.
 
   Deterministic: a function of the shapes, the backend (default: JAX's default backend) and

@@ -27,14 +27,14 @@ from c3a_jax.training._sharding import batch_sharding, make_mesh, param_sharding
 from c3a_jax.training._step import TrainState, cast_frozen, make_train_step
 
 __all__ = [
-    "Checkpointer",
-    "Throughput",
-    "TrainState",
-    "batch_sharding",
-    "cast_frozen",
-    "compiled_memory",
-    "make_mesh",
-    "make_train_step",
-    "param_shardings",
-    "shard_batch",
+  "Checkpointer",
+  "Throughput",
+  "TrainState",
+  "batch_sharding",
+  "cast_frozen",
+  "compiled_memory",
+  "make_mesh",
+  "make_train_step",
+  "param_shardings",
+  "shard_batch",
 ]

@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,8 +31,10 @@ from c3a_jax.training._step import TrainState
 
 
 def _shapes(tree: Any) -> dict[str, list]:
-  return {jax.tree_util.keystr(p): [list(np.shape(x)), str(jax.numpy.result_type(x))]
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(p): [list(np.shape(x)), str(jax.numpy.result_type(x))]
+    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _abstract(tree: Any) -> Any:
@@ -41,8 +43,9 @@ def _abstract(tree: Any) -> Any:
   def one(x):
     if isinstance(x, jax.ShapeDtypeStruct):
       return x
-    return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x),
-                                sharding=getattr(x, "sharding", None))
+    return jax.ShapeDtypeStruct(
+      np.shape(x), jax.numpy.result_type(x), sharding=getattr(x, "sharding", None)
+    )
 
   return jax.tree.map(one, tree)
 
@@ -69,34 +72,51 @@ class Checkpointer:
     config: the C3AConfig of the run; restore refuses a checkpoint made with a different one.
   """
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
-               config: Optional[C3AConfig] = None):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    max_to_keep: int = 3,
+    async_save: bool = True,
+    config: C3AConfig | None = None,
+  ):
     if not isinstance(max_to_keep, int) or max_to_keep < 1:
       raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
     self.directory = os.path.abspath(directory)
     self.config = config
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "meta"))
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+    )
+    self._manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "meta")
+    )
 
   def save(self, state: TrainState, *, data_position: Any = None, force: bool = False) -> bool:
     """Starts saving ``state`` at its step; ``data_position`` is any JSON value (e.g. the
     index of the next batch). Returns whether a save was started."""
-    meta = {"step": int(state.step), "data_position": data_position, "state": _shapes(state),
-            "config": None if self.config is None else self.config.to_dict()}
-    return self._manager.save(int(state.step), force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    meta = {
+      "step": int(state.step),
+      "data_position": data_position,
+      "state": _shapes(state),
+      "config": None if self.config is None else self.config.to_dict(),
+    }
+    return self._manager.save(
+      int(state.step),
+      force=force,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    )
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None."""
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def restore(self, target: TrainState, step: Optional[int] = None) -> tuple[TrainState, Any]:
+  def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, Any]:
     """Restores ``(state, data_position)`` from ``step`` (default: the newest complete one).
 
     ``target`` gives structure, shapes, dtypes and placement: a TrainState built for this run
@@ -108,18 +128,23 @@ class Checkpointer:
     self.wait()
     step = self.latest_step() if step is None else step
     if step is None or step not in self.all_steps():
-      raise FileNotFoundError(f"no complete checkpoint {'' if step is None else step} in "
-                              f"{self.directory} (complete steps: {self.all_steps()})")
+      raise FileNotFoundError(
+        f"no complete checkpoint {'' if step is None else step} in "
+        f"{self.directory} (complete steps: {self.all_steps()})"
+      )
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     meta = meta["meta"]
     problems = _differences(meta["state"], _shapes(target), "state leaf")
     if self.config is not None and meta["config"] is not None:
       problems += _differences(meta["config"], self.config.to_dict(), "config field")
     if problems:
-      raise ValueError(f"checkpoint {self.directory}/{step} was made for another config or "
-                       "model:\n  " + "\n  ".join(problems[:20]))
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(target))))
+      raise ValueError(
+        f"checkpoint {self.directory}/{step} was made for another config or "
+        "model:\n  " + "\n  ".join(problems[:20])
+      )
+    restored = self._manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target)))
+    )
     return restored["state"], meta["data_position"]
 
   def wait(self) -> None:

@@ -19,8 +19,10 @@ def compiled_memory(jitted: Any, *args: Any) -> dict[str, int]:
   analysis = jitted.lower(*args).compile().memory_analysis()
   if analysis is None:
     raise RuntimeError("this backend gives no compiled memory analysis")
-  out = {k: int(getattr(analysis, f"{k}_size_in_bytes")) for k in
-         ("argument", "output", "temp", "generated_code", "alias")}
+  out = {
+    k: int(getattr(analysis, f"{k}_size_in_bytes"))
+    for k in ("argument", "output", "temp", "generated_code", "alias")
+  }
   out["peak"] = out["argument"] + out["output"] + out["temp"] - out.pop("alias")
   return out
 
@@ -50,8 +52,8 @@ class Throughput:
     self.record(time.perf_counter() - start, tokens)
 
   def record(self, seconds: float, tokens: int) -> None:
-    self._times = (self._times + [seconds])[-self.window:]
-    self._tokens = (self._tokens + [tokens])[-self.window:]
+    self._times = (self._times + [seconds])[-self.window :]
+    self._tokens = (self._tokens + [tokens])[-self.window :]
 
   @property
   def steps(self) -> int:
@@ -65,4 +67,3 @@ class Throughput:
   @property
   def tokens_per_s(self) -> float:
     return sum(self._tokens) / sum(self._times) if self._times else float("nan")
-

@@ -20,11 +20,12 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from c3a_jax._targets import C3A_LEAVES
 
@@ -32,8 +33,7 @@ DATA, FSDP = "data", "fsdp"
 AXES = (DATA, FSDP)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence[jax.Device]] = None
-              ) -> Mesh:
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ``(data, fsdp)`` mesh over ``devices`` (all devices, every host); ``-1`` takes the rest."""
   devices = list(jax.devices() if devices is None else devices)
   if data == -1:
@@ -41,16 +41,19 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Optional[Sequence[jax.Devi
       raise ValueError(f"make_mesh: fsdp={fsdp} does not divide the {len(devices)} devices")
     data = len(devices) // fsdp
   if data <= 0 or fsdp <= 0 or data * fsdp != len(devices):
-    raise ValueError(f"make_mesh: data={data} x fsdp={fsdp} must equal the number of devices "
-                     f"({len(devices)})")
+    raise ValueError(
+      f"make_mesh: data={data} x fsdp={fsdp} must equal the number of devices ({len(devices)})"
+    )
   return Mesh(np.asarray(devices).reshape(data, fsdp), AXES)
 
 
 def _check_mesh(mesh: Mesh) -> None:
   unknown = [a for a in mesh.axis_names if a not in AXES]
   if unknown:
-    raise ValueError(f"mesh axes {unknown} are not known to c3a_jax's sharding rules; name the "
-                     f"axes from {AXES} (c3a.training.make_mesh builds such a mesh)")
+    raise ValueError(
+      f"mesh axes {unknown} are not known to c3a_jax's sharding rules; name the "
+      f"axes from {AXES} (c3a.training.make_mesh builds such a mesh)"
+    )
 
 
 def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh, *, fsdp: bool = True) -> P:
@@ -81,8 +84,9 @@ def param_shardings(tree: Any, mesh: Mesh, *, fsdp: bool = True) -> Any:
   """``NamedSharding`` for every array leaf of ``tree`` (params, an adapter, a TrainState, or
   optimizer state: a leaf is placed by its own name, so moments follow their parameters)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, spec_for(_leaf_name(path), np.shape(x), mesh,
-                                                   fsdp=fsdp)), tree)
+    lambda path, x: NamedSharding(mesh, spec_for(_leaf_name(path), np.shape(x), mesh, fsdp=fsdp)),
+    tree,
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -107,9 +111,10 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     if not x.ndim or x.shape[0] % per_process:
       where = jax.tree_util.keystr(path) or "batch"
       raise ValueError(
-          f"batch leaf {where} has leading size {x.shape[0] if x.ndim else 'none (a scalar)'}, "
-          f"which does not divide over the {per_process} "
-          f"{'local ' if local else ''}shards of mesh axes {dict(mesh.shape)}")
+        f"batch leaf {where} has leading size {x.shape[0] if x.ndim else 'none (a scalar)'}, "
+        f"which does not divide over the {per_process} "
+        f"{'local ' if local else ''}shards of mesh axes {dict(mesh.shape)}"
+      )
     return jax.make_array_from_process_local_data(sharding, x)
 
   return jax.tree_util.tree_map_with_path(place, batch)

@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Optional, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ from c3a_jax._intercept import intercept
 from c3a_jax._targets import C3A_LEAVES
 from c3a_jax._transform import combine
 
-LossFn = Callable[[Any, Any, jax.Array], Union[jax.Array, tuple[jax.Array, dict]]]
+LossFn = Callable[[Any, Any, jax.Array], jax.Array | tuple[jax.Array, dict]]
 
 
 class TrainState(struct.PyTreeNode):
@@ -57,8 +57,9 @@ class TrainState(struct.PyTreeNode):
   rng: jax.Array  # raw PRNG key data (uint32), so checkpoints hold plain arrays
 
   @classmethod
-  def create(cls, params: Any, tx: optax.GradientTransformation,
-             rng: Union[int, jax.Array] = 0) -> TrainState:
+  def create(
+    cls, params: Any, tx: optax.GradientTransformation, rng: int | jax.Array = 0
+  ) -> TrainState:
     """A fresh state; ``rng`` is a seed or a PRNG key (used for dropout)."""
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -81,17 +82,24 @@ def cast_frozen(tree: Any, dtype: Any) -> Any:
 def _split_micro(batch: Any, n: int) -> Any:
   def split(path, x):
     if np.ndim(x) == 0 or np.shape(x)[0] % n:
-      raise ValueError(f"grad_accum={n} does not divide batch leaf "
-                       f"{jax.tree_util.keystr(path) or 'batch'} of shape {np.shape(x)}")
+      raise ValueError(
+        f"grad_accum={n} does not divide batch leaf "
+        f"{jax.tree_util.keystr(path) or 'batch'} of shape {np.shape(x)}"
+      )
     return x.reshape(n, x.shape[0] // n, *x.shape[1:])
 
   return jax.tree_util.tree_map_with_path(split, batch)
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_accum: int = 1,
-                    compute_dtype: Optional[Any] = None, axis_name: Optional[str] = None,
-                    strategy: ops.Strategy = "auto",
-                    ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict]]:
+def make_train_step(
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  *,
+  grad_accum: int = 1,
+  compute_dtype: Any | None = None,
+  axis_name: str | None = None,
+  strategy: ops.Strategy = "auto",
+) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict]]:
   """Builds ``step(state, base, batch) -> (state, metrics)``, pure and ready for ``jax.jit``.
 
   Args:
@@ -129,6 +137,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
     if grad_accum == 1:
       (loss, aux), grads = grad_fn(state.params, base, batch, step_rng)
     else:
+
       def micro(carry, xs):
         i, mb = xs
         (loss, aux), g = grad_fn(state.params, base, mb, jax.random.fold_in(step_rng, i))
@@ -136,14 +145,19 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_a
 
       zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
       (grads, loss), aux = jax.lax.scan(
-          micro, zeros, (jnp.arange(grad_accum), _split_micro(batch, grad_accum)))
+        micro, zeros, (jnp.arange(grad_accum), _split_micro(batch, grad_accum))
+      )
       grads, loss = jax.tree.map(lambda g: g / grad_accum, (grads, loss))
       aux = jax.tree.map(lambda a: a.mean(0), aux)
     if axis_name is not None:
       grads, loss, aux = jax.lax.pmean((grads, loss, aux), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                        opt_state=opt_state, rng=jax.random.key_data(rng))
+    new = state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      opt_state=opt_state,
+      rng=jax.random.key_data(rng),
+    )
     return new, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
   return step
