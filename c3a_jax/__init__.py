@@ -59,7 +59,7 @@ _MOVED_TO_TRAINING = (
 )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
   if name in _MOVED_TO_TRAINING:
     _warnings.warn(
       f"c3a_jax.{name} is deprecated; use c3a_jax.training.{name}", DeprecationWarning, stacklevel=2

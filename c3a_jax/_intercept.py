@@ -135,7 +135,8 @@ def intercept(strategy: ops.Strategy = "auto") -> Iterator[None]:
   Re-entrant: nested ``intercept()`` (e.g. a ``wrap``-ped function called inside one) adds
   each delta once; the innermost ``strategy`` applies.
   """
-  strategy = ops.check_strategy(strategy, "intercept")
+  # A warning names the caller's `with`: past check_strategy, this generator, contextlib.
+  strategy = ops.check_strategy(strategy, "intercept", stacklevel=4)
   strategy_token = _strategy.set(strategy)
   try:
     if _active.get():

@@ -15,9 +15,13 @@ import pytest
 from hypothesis import settings
 
 # Property tests draw few examples (each compiles a model); HYPOTHESIS_PROFILE=thorough for more.
-settings.register_profile("fast", max_examples=10, deadline=None)
+settings.register_profile("fast", max_examples=4, deadline=None)
 settings.register_profile("thorough", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
+
+# Test data comes from jax.random in many shapes; threefry compiles a kernel per new shape
+# (0.3-1.5 s each on CPU), XLA's RngBitGenerator far less. The library never depends on which.
+jax.config.update("jax_default_prng_impl", "rbg")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")

@@ -51,6 +51,21 @@ def test_stop_and_resume_equals_an_unbroken_run(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, resumed, unbroken)  # bit-exact, RNG included
 
 
+def test_restores_a_0_1_checkpoint_whose_config_held_a_strategy(tmp_path, monkeypatch):
+  """c3a-jax 0.1 wrote C3AConfig.strategy into the checkpoint's config; 0.2 has no such field."""
+  step, state, base = setup()
+  state = train(step, state, base, 0, 2)
+  to_dict = c3a.C3AConfig.to_dict
+  monkeypatch.setattr(c3a.C3AConfig, "to_dict", lambda self: {**to_dict(self), "strategy": "dft"})
+  with c3a.training.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
+    ckpt.save(state, data_position=2)
+  monkeypatch.undo()
+  with c3a.training.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
+    restored, position = ckpt.restore(setup()[1])
+  assert position == 2
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+
+
 def test_keeps_the_last_n_and_never_writes_the_base(tmp_path):
   big = {"big": {"kernel": jnp.ones((512, 512)), "c3a_kernel": jnp.ones((4, 4, 128))}}
   adapter, base = c3a.split(big)
@@ -141,7 +156,9 @@ def test_a_save_killed_midway_loses_nothing_already_saved(tmp_path):
   # The kill landed mid-save: step 2 is an unfinished temporary directory.
   assert any(d.startswith("2.") and "tmp" in d for d in os.listdir(tmp_path)), os.listdir(tmp_path)
   tx = __import__("optax").sgd(1.0)
-  target = c3a.TrainState.create({"w": {"c3a_kernel": jnp.zeros((64, 64, 256))}}, tx)
+  # The child saved a key of JAX's default PRNG (conftest switches this process to another).
+  key = jax.random.key(0, impl="threefry2x32")
+  target = c3a.TrainState.create({"w": {"c3a_kernel": jnp.zeros((64, 64, 256))}}, tx, rng=key)
   with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
     assert ckpt.latest_step() == 1
     restored, position = ckpt.restore(target)

@@ -16,6 +16,7 @@ import yaml
 
 import c3a_jax as c3a
 from c3a_jax import cli
+from c3a_jax.cli import runner
 from c3a_jax.cli.experiment import Experiment
 from tests import tiny
 
@@ -182,6 +183,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     ("c3a:\n  block_size: 0\n", "C3AConfig.block_size must be a positive integer"),
     ("c3a:\n  rank: 8\n", "unexpected keyword argument 'rank'"),
     ("task: seq_cls\n", "task 'seq_cls' needs model.name"),
+    ("train:\n  head_lr: -1.0\n", "train.head_lr must not be negative, got -1.0"),
+    ("data:\n  num_labels: x\n", "data.num_labels must be an integer, got 'x'"),
+    ("train:\n  strategy: rfft\n", r"train.strategy: strategy='rfft' is not one of"),
   ],
 )
 def test_bad_configs_are_clear_errors(tmp_path, capsys, content, match):
@@ -192,6 +196,31 @@ def test_bad_configs_are_clear_errors(tmp_path, capsys, content, match):
   err = capsys.readouterr().err
   assert err.startswith("c3a-jax train: error:")
   assert __import__("re").search(match, err), err
+
+
+def test_optional_numbers_are_parsed_and_checked():
+  # YAML reads 3e-3 (no dot) as a string; an optional float field takes it as a number.
+  exp = Experiment.from_dict({"train": {"head_lr": "3e-3"}, "data": {"num_labels": 4}})
+  assert exp.train.head_lr == 0.003 and exp.data.num_labels == 4
+
+
+def test_a_0_1_config_with_c3a_strategy_still_loads(tmp_path):
+  with pytest.warns(FutureWarning, match=r"c3a.strategy is deprecated.*train.strategy='fft'.*rfft"):
+    exp = Experiment.from_dict({"c3a": {"block_size": 8, "strategy": "rfft"}})
+  assert exp.train.strategy == "fft" and exp.c3a.block_size == 8
+  with pytest.warns(FutureWarning):
+    exp = Experiment.from_dict({"c3a": {"strategy": "merged"}, "train": {"strategy": "dense"}})
+  assert exp.train.strategy == "dense"  # train.strategy, where set, wins
+  # A run directory written by 0.1 (c3a.strategy in its config.yaml) can be resumed.
+  out = tmp_path / "run"
+  out.mkdir()
+  exp = Experiment.from_dict({"output_dir": str(out), "train": {"strategy": "fold"}})
+  saved = exp.to_dict()
+  saved["c3a"]["strategy"] = "merged"
+  del saved["train"]["strategy"]
+  (out / "config.yaml").write_text(yaml.safe_dump(saved))
+  with pytest.warns(FutureWarning):
+    assert runner.prepare_dir(exp, resume=True, overwrite=False) == str(out)
 
 
 def test_shipped_configs_are_valid():

@@ -121,7 +121,9 @@ def test_the_library_needs_no_app_package():
 import sys
 sys.modules.update(dict.fromkeys({APP_PACKAGES!r}))  # None: the import fails, as if not installed
 import jax, jax.numpy as jnp, flax.linen as nn, optax
-import c3a_jax as c3a, c3a_jax.training
+import c3a_jax as c3a
+assert "orbax.checkpoint" not in sys.modules  # imported by the first Checkpointer only
+import c3a_jax.training
 mlp = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(8)])
 params = mlp.init(jax.random.key(0), jnp.ones((1, 16)))["params"]
 cfg = c3a.C3AConfig(block_size=8, target_modules="all-linear")

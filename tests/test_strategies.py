@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import c3a_jax as c3a
@@ -129,9 +130,17 @@ def test_merged_is_a_deprecated_name_for_fold():
   with pytest.warns(DeprecationWarning, match=r"strategy='merged' is deprecated.*'fold'"):
     y = ops.block_circulant_matmul(jnp.asarray(x), jnp.asarray(w), strategy="merged")
   np.testing.assert_allclose(y, x @ dense_reference(w).T, rtol=1e-5, atol=1e-5)
-  with pytest.warns(DeprecationWarning, match=r"intercept: strategy='merged'"):
+  # The warnings name the caller's line (through intercept's contextmanager too), so that
+  # Python's default filters show them.
+  with pytest.warns(DeprecationWarning, match=r"intercept: strategy='merged'") as record:
     with c3a.intercept(strategy="merged"):
       pass
+  assert record[0].filename == __file__
+  with pytest.warns(DeprecationWarning, match=r"make_train_step: strategy='merged'") as record:
+    c3a.make_train_step(lambda p, b, r: 0.0, optax.sgd(1.0), strategy="merged")
+  assert record[0].filename == __file__
+  with pytest.raises(ValueError, match=r"make_train_step: strategy='rfft' is not one of"):
+    c3a.make_train_step(lambda p, b, r: 0.0, optax.sgd(1.0), strategy="rfft")
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     ops.block_circulant_matmul(jnp.asarray(x), jnp.asarray(w), strategy="fold")
@@ -149,7 +158,15 @@ def test_strategy_is_not_part_of_the_adapter_config():
   assert cfg == c3a.C3AConfig(block_size=4)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+# The default tier: "auto" (which folds here) and a spectral path; every strategy is tested
+# against the reference above, and the interceptor passes the name on.
+@pytest.mark.parametrize(
+  "strategy",
+  [
+    pytest.param(s, marks=[pytest.mark.integration] * (s not in ("auto", "freq_major")))
+    for s in STRATEGIES
+  ],
+)
 def test_interceptor_strategies_agree(strategy):
   model = nn.Sequential([nn.Dense(12), nn.relu, nn.Dense(6)])
   x = jax.random.normal(jax.random.key(0), (5, 9))

@@ -115,7 +115,10 @@ def test_pmap_equals_single_device():
   np.testing.assert_allclose(metrics["loss"][0], ref_losses[-1], rtol=1e-5)
 
 
-@pytest.mark.parametrize("data,fsdp,shard_base", [(8, 1, False), (4, 2, True), (2, 4, True)])
+@pytest.mark.parametrize(
+  "data,fsdp,shard_base",
+  [(8, 1, False), pytest.param(4, 2, True, marks=pytest.mark.integration), (2, 4, True)],
+)
 def test_sharded_jit_equals_single_device(data, fsdp, shard_base):
   mesh = c3a.training.make_mesh(data=data, fsdp=fsdp)
   adapter, base = c3a.split(toy.params(), toy.CFG)

@@ -1,4 +1,4 @@
-"""The ``c3a-jax`` command: fine-tune with C3A from YAML configs, on the library's public API.
+"""The ``c3a-jax`` command: fine-tune with C3A from YAML configs.
 
 An app beside the library, with dependencies of its own (``pip install "c3a-jax[cli]"``):
 ``commands`` (the subcommands), ``experiment`` (configs), ``runner`` (the training loop and

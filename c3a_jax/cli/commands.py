@@ -52,6 +52,7 @@ def _job(exp: Experiment):
 
 
 def train(args: argparse.Namespace) -> int:
+  """``c3a-jax train``: one run (with the digits default, also its two baselines)."""
   from c3a_jax.cli import runner
 
   exp = (
@@ -87,6 +88,7 @@ def _print_table(summaries: list[dict]) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+  """``c3a-jax eval RUN_DIR``: loss and accuracy of a finished run, as JSON."""
   from c3a_jax.cli import runner
 
   exp, params = _load_run(args.run_dir)
@@ -126,6 +128,7 @@ def _load_run(run_dir: str):
 
 
 def merge(args: argparse.Namespace) -> int:
+  """``c3a-jax merge RUN_DIR OUT_DIR``: the adapter folded in, saved as a plain model."""
   import c3a_jax as c3a
 
   exp, params = _load_run(args.run_dir)
@@ -145,6 +148,7 @@ def merge(args: argparse.Namespace) -> int:
 
 
 def suggest(args: argparse.Namespace) -> int:
+  """``c3a-jax suggest-block-size MODEL``: block sizes near a LoRA rank's budget."""
   from c3a_jax.cli import blocks
 
   print(
@@ -156,6 +160,7 @@ def suggest(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+  """The ``c3a-jax`` argument parser and its subcommands."""
   p = argparse.ArgumentParser(prog="c3a-jax", description=__doc__.split("\n\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser("train", help="fine-tune (no config: the offline digits default)")
@@ -192,6 +197,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """Parses ``argv`` and runs the subcommand; bad input is exit status 2 with one line."""
   p = parser()
   # Overrides may follow flags (`train --resume train.steps=100`): collect the strays.
   args, extra = p.parse_known_args(argv)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from c3a_jax._io import atomic_write
-from c3a_jax.cli.job import Job, batches
+from c3a_jax.cli.job import Job, Log, batches
 
 HIDDEN = 128
 PRETRAIN_STEPS, PRETRAIN_LR = 600, 3e-3
@@ -64,7 +64,7 @@ def cache_dir() -> str:
   return os.environ.get("C3A_JAX_CACHE", default)
 
 
-def pretrained_params(log=print) -> Any:
+def pretrained_params(log: Log = print) -> Any:
   """The MLP trained on digits 0-4, from the cache or trained now (a few seconds) and cached."""
   recipe = f"digits-mlp-{HIDDEN}-{PRETRAIN_STEPS}-{PRETRAIN_LR}-v1"
   path = os.path.join(cache_dir(), hashlib.sha1(recipe.encode()).hexdigest()[:12] + ".msgpack")
@@ -94,7 +94,7 @@ def pretrained_params(log=print) -> Any:
   return params
 
 
-def job(seed: int = 0, log=print) -> Job:
+def job(seed: int = 0, log: Log = print) -> Job:
   """Fine-tuning on digits 5-9: the pretrained body and a fresh 5-way head."""
   split = _split()
   model = DigitsMLP()

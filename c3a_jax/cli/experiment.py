@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 import warnings
 from typing import Any, Literal, Union
@@ -137,18 +138,7 @@ class Experiment:
         if not isinstance(node, dict):
           raise ValueError(f"override {item!r}: {p} is not a section")
       node[leaf] = yaml.safe_load(value)
-    if isinstance(d.get("c3a"), dict) and "strategy" in d["c3a"]:
-      # c3a-jax 0.1 kept the strategy in the adapter config; it is a training setting now.
-      strategy = d["c3a"].pop("strategy")
-      warnings.warn(
-        f"{source}: c3a.strategy is deprecated; it is read as train.strategy",
-        DeprecationWarning,
-        stacklevel=2,
-      )
-      train = d.setdefault("train", {})
-      if isinstance(train, dict):
-        train.setdefault("strategy", strategy)
-    exp = _build(cls, d, source, "")
+    exp = _build(cls, upgrade(d, source), source, "")
     if exp.task != "digits" and not exp.model.name:
       raise ValueError(f"{source}: task {exp.task!r} needs model.name (a hub name or a path)")
     if exp.task != "digits" and not exp.data.name:
@@ -168,6 +158,7 @@ class Experiment:
     return cls.from_dict(d, overrides, source=path)
 
   def to_dict(self) -> dict:
+    """The config as plain data, as ``config.yaml`` holds it (C3A's PEFT bookkeeping left out)."""
     out = {}
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
@@ -181,6 +172,36 @@ class Experiment:
         value = dataclasses.asdict(value)
       out[f.name] = value
     return out
+
+
+# c3a-jax 0.1's strategies that 0.2 renamed or removed, and what computes the same now.
+_OLD_STRATEGIES = {"merged": "fold", "rfft": "fft", "dft": "freq_major", "pallas": "auto"}
+
+
+def upgrade(d: dict, source: str) -> dict:
+  """A config read from YAML, with what c3a-jax 0.1 wrote moved to where 0.2 reads it.
+
+  0.1 kept the strategy in the adapter config (``c3a.strategy``); it is a training setting
+  now: ``train.strategy`` (unless that is set), old names mapped to what computes the same.
+  A FutureWarning says so. ``d`` itself is not changed.
+  """
+  section = d.get("c3a") if isinstance(d, dict) else None
+  if not isinstance(section, dict) or "strategy" not in section:
+    return d
+  old = section["strategy"]
+  new = _OLD_STRATEGIES.get(old, old)
+  warnings.warn(
+    f"{source}: c3a.strategy is deprecated; it is read as train.strategy={new!r}"
+    + ("" if new == old else f" (c3a-jax 0.2 has no strategy {old!r})"),
+    FutureWarning,
+    stacklevel=3,
+  )
+  train = d.get("train")
+  train = dict(train) if isinstance(train, dict) else {} if train is None else train
+  if isinstance(train, dict):
+    train.setdefault("strategy", new)
+  c3a = {k: v for k, v in section.items() if k != "strategy"}
+  return {**d, "c3a": c3a, "train": train}
 
 
 def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
@@ -218,7 +239,7 @@ def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
 def _check(value: Any, hint: Any, key: str, source: str) -> Any:
   """Validates ``value`` against a simple type hint, with an error naming the key."""
   origin, args = typing.get_origin(hint), typing.get_args(hint)
-  if origin is Union:
+  if origin in (Union, types.UnionType):  # Optional[X] and X | None
     if value is None and type(None) in args:
       return None
     hint = next(a for a in args if a is not type(None))

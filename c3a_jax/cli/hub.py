@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from c3a_jax.cli.experiment import DataSpec, Experiment
-from c3a_jax.cli.job import Job
+from c3a_jax.cli.job import Job, Log
 
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
 _AUTO = {
@@ -37,7 +37,7 @@ def _offline_hint(name: str) -> str:
   )
 
 
-def load_model(exp: Experiment, **kwargs: Any):
+def load_model(exp: Experiment, **kwargs: Any) -> Any:
   """The task's Flax auto-model, from a hub name or a directory."""
   import transformers
 
@@ -51,7 +51,7 @@ def load_model(exp: Experiment, **kwargs: Any):
     ) from None
 
 
-def load_split(spec: DataSpec, split: str | None):
+def load_split(spec: DataSpec, split: str | None) -> Any:
   """One split as a ``datasets.Dataset``, or None when ``split`` is None."""
   if split is None:
     return None
@@ -171,7 +171,7 @@ def _num_labels(spec: DataSpec, ds) -> int:
   return int(_labels(spec, ds, spec.train_split).max()) + 1
 
 
-def job(exp: Experiment, log=print) -> Job:
+def job(exp: Experiment, log: Log = print) -> Job:
   """Loads model, data and preprocessing for ``exp`` (a seq_cls, causal_lm or image_cls task)."""
   import transformers
 

@@ -19,6 +19,7 @@ import optax
 from c3a_jax import intercept
 
 Batch = dict[str, np.ndarray]
+Log = Callable[[str], None]  # where progress messages go (stderr in the CLI)
 
 
 @dataclasses.dataclass

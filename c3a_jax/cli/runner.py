@@ -29,8 +29,8 @@ import yaml
 
 import c3a_jax as c3a
 from c3a_jax._io import atomic_write
-from c3a_jax.cli.experiment import Experiment
-from c3a_jax.cli.job import Job, batches, eval_batches
+from c3a_jax.cli.experiment import Experiment, upgrade
+from c3a_jax.cli.job import Job, Log, batches, eval_batches
 from c3a_jax.training import Checkpointer, TrainState, cast_frozen, make_train_step
 
 INTERRUPTED = 130  # the shell's exit status for Ctrl-C
@@ -55,13 +55,15 @@ class RunDirError(ValueError):
 
 
 def prepare_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> str:
+  """Checks ``exp.output_dir`` for a fresh run, a resumed one or an overwrite, and readies it
+  (a RunDirError says why not); returns the directory."""
   out = exp.output_dir
   config_path = os.path.join(out, "config.yaml")
   if resume:
     if not os.path.isfile(config_path):
       raise RunDirError(f"--resume: {out} holds no run (no config.yaml)")
     with open(config_path) as f:
-      saved = yaml.safe_load(f)
+      saved = upgrade(yaml.safe_load(f), config_path)
     now = exp.to_dict()
     # A resumed run may go on for more steps and log, evaluate or save at other intervals;
     # nothing that changes the training itself may differ.
@@ -106,7 +108,7 @@ def _schedule(lr: float, warmup: int) -> optax.Schedule:
 
 
 def _setup(exp: Experiment, job: Job):
-  """(trainable, base, tx) for the run's mode."""
+  """(trainable, base, tx, params) for the run's mode; ``params`` is the tree it adapts."""
   cfg, t = exp.c3a, exp.train
   adamw = lambda lr: optax.adamw(_schedule(lr, t.warmup_steps), weight_decay=t.weight_decay)
   head_lr = t.head_lr if t.head_lr is not None else t.lr
@@ -237,7 +239,7 @@ def run(
   resume: bool = False,
   overwrite: bool = False,
   quiet: bool = False,
-  log=print,
+  log: Log = print,
 ) -> dict:
   """Trains ``job`` as ``exp`` says; returns the final summary (also in summary.json)."""
   _check_fits(exp, job)
@@ -266,7 +268,7 @@ def _loop(
   *,
   resume: bool,
   quiet: bool,
-  log,
+  log: Log,
 ) -> tuple[TrainState, dict | None, _Metrics]:
   """Trains from the last checkpoint (or the start) to ``train.steps``, logging, evaluating
   and checkpointing on the way; on Ctrl-C saves and exits with status 130.

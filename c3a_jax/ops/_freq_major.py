@@ -1,9 +1,9 @@
 """C3A's product with frequency-major spectra: every step a matmul, batched over frequencies.
 
 The ``"freq_major"`` strategy of :func:`c3a_jax.ops.block_circulant_matmul`, and the kernel
-gradient of the fold (:func:`c3a_jax.ops.fold`). Each block of
-``x`` goes through a real DFT written as two matmuls (cosine and sine halves), whose output
-comes out frequency-major, ``(F, tokens * blocks)``, with ``F = b // 2 + 1``. In that layout
+gradient of the fold (:func:`c3a_jax.ops.fold`). Each block of ``x`` goes through a real DFT
+written as two matmuls (cosine and sine halves), whose output comes out frequency-major,
+``(F, tokens * blocks)``, with ``F = b // 2 + 1``. In that layout
 the three products C3A needs are batched matmuls with the frequency as the batch axis:
 
 * forward, per frequency ``f``: ``Y[f] = X[f] @ conj(W[f]).T`` (tokens x n times n x m);

@@ -24,9 +24,12 @@ _FREQ_MAJOR_MAX_B = 256
 _FREQ_MAJOR_MIN_BLOCKS_CPU = 16
 
 
-def check_strategy(strategy: str, where: str) -> Strategy:
+def check_strategy(strategy: str, where: str, *, stacklevel: int = 3) -> Strategy:
   """``strategy`` if it is one of :data:`STRATEGIES` (or a deprecated name for one), else a
   ValueError naming ``where`` and the valid names.
+
+  A deprecated name warns; ``stacklevel`` says which frame the warning names (the default:
+  the caller of the function that called this one).
 
   Example:
     >>> from c3a_jax import ops
@@ -38,7 +41,7 @@ def check_strategy(strategy: str, where: str) -> Strategy:
     warnings.warn(
       f"{where}: strategy={strategy!r} is deprecated; it is now called {new!r}",
       DeprecationWarning,
-      stacklevel=3,
+      stacklevel=stacklevel,
     )
     return new
   if strategy not in STRATEGIES:
@@ -83,7 +86,8 @@ def choose_strategy(
   backend = backend or jax.default_backend()
   if backend != "cpu":
     # Not measured here (no accelerator in this project's CI): DFT matmuls feed the matrix
-    # units up to moderate blocks (TPUs have no fast FFT), cuFFT / the TPU FFT beyond.
+    # units up to moderate blocks, where an FFT of length b is latency-bound (on TPUs
+    # especially); beyond, a (b, b) DFT per block costs too many flops and the FFT wins.
     return "freq_major" if b <= _FREQ_MAJOR_MAX_B else "fft"
   # CPU (benchmarks/RESULTS.md): with many blocks the batched frequency-major matmuls win,
   # until b is so large that the DFT-as-matmul costs more than an FFT.

@@ -24,7 +24,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from c3a_jax._config import C3AConfig
 from c3a_jax.training._step import TrainState
@@ -48,6 +47,17 @@ def _abstract(tree: Any) -> Any:
     )
 
   return jax.tree.map(one, tree)
+
+
+def _orbax() -> Any:
+  # Imported when a Checkpointer is made, so that `import c3a_jax` does not pay for orbax.
+  import orbax.checkpoint
+
+  return orbax.checkpoint
+
+
+# Saved by c3a-jax 0.1, which kept the strategy in C3AConfig; a compute setting, not the run's.
+_DROPPED_CONFIG_FIELDS = ("strategy",)
 
 
 def _differences(saved: dict, current: dict, what: str) -> list[str]:
@@ -84,6 +94,7 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
     self.directory = os.path.abspath(directory)
     self.config = config
+    ocp = _orbax()
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       create=True,
@@ -103,6 +114,7 @@ class Checkpointer:
       "state": _shapes(state),
       "config": None if self.config is None else self.config.to_dict(),
     }
+    ocp = _orbax()
     return self._manager.save(
       int(state.step),
       force=force,
@@ -114,6 +126,7 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
+    """The steps of every complete checkpoint kept."""
     return list(self._manager.all_steps())
 
   def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, Any]:
@@ -132,11 +145,13 @@ class Checkpointer:
         f"no complete checkpoint {'' if step is None else step} in "
         f"{self.directory} (complete steps: {self.all_steps()})"
       )
+    ocp = _orbax()
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     meta = meta["meta"]
     problems = _differences(meta["state"], _shapes(target), "state leaf")
     if self.config is not None and meta["config"] is not None:
-      problems += _differences(meta["config"], self.config.to_dict(), "config field")
+      saved = {k: v for k, v in meta["config"].items() if k not in _DROPPED_CONFIG_FIELDS}
+      problems += _differences(saved, self.config.to_dict(), "config field")
     if problems:
       raise ValueError(
         f"checkpoint {self.directory}/{step} was made for another config or "
@@ -152,6 +167,7 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Finishes pending saves and releases orbax's resources."""
     self._manager.close()
 
   def __enter__(self) -> Checkpointer:

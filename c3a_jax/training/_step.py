@@ -115,6 +115,7 @@ def make_train_step(
   """
   if not isinstance(grad_accum, int) or grad_accum < 1:
     raise ValueError(f"grad_accum must be a positive integer, got {grad_accum!r}")
+  strategy = ops.check_strategy(strategy, "make_train_step")  # here, not at the first trace
 
   def forward(trainable, base, batch, rng):
     if base is None:
