@@ -19,12 +19,18 @@ settings.register_profile("fast", max_examples=4, deadline=None)
 settings.register_profile("thorough", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
-# Test data comes from jax.random in many shapes; threefry compiles a kernel per new shape
-# (0.3-1.5 s each on CPU), XLA's RngBitGenerator far less. The library never depends on which.
-jax.config.update("jax_default_prng_impl", "rbg")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_FIXTURES = os.path.join(ROOT, "..", "shared", "fixtures")
+
+
+def pytest_configure(config):
+  # The default tier draws its test data with XLA's RngBitGenerator: JAX's default threefry
+  # compiles a kernel per new shape (0.3-1.5 s each on CPU), and the tests draw many shapes.
+  # The integration tier keeps JAX's default, as users and the subprocesses it starts have it
+  # (it compares against them, and its training runs are seeded).
+  marks = config.getoption("markexpr") or ""
+  if "integration" not in marks.replace("not integration", ""):
+    jax.config.update("jax_default_prng_impl", "rbg")
 
 
 @pytest.fixture(
