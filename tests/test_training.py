@@ -82,6 +82,24 @@ def test_mixed_precision_keeps_adapter_float32():
   assert losses != ref_losses
 
 
+def test_cast_frozen_casts_floating_leaves_but_c3a_kernels():
+  tree = {
+    "fc": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4), "c3a_kernel": jnp.ones((1, 1, 4))},
+    "embed": {"ids": jnp.arange(3)},
+  }
+  cast = c3a.training.cast_frozen(tree, jnp.bfloat16)
+  assert cast["fc"]["kernel"].dtype == cast["fc"]["bias"].dtype == jnp.bfloat16
+  assert cast["fc"]["c3a_kernel"].dtype == jnp.float32  # C3A kernels always train in float32
+  assert cast["embed"]["ids"].dtype == tree["embed"]["ids"].dtype  # integers untouched
+
+
+def test_batch_sharding_splits_the_batch_over_every_mesh_axis():
+  mesh = c3a.training.make_mesh(data=2, fsdp=4)
+  sharding = c3a.training.batch_sharding(mesh)
+  x = jax.device_put(np.zeros((16, 3), np.float32), sharding)
+  assert {s.data.shape for s in x.addressable_shards} == {(2, 3)}  # 16 rows over 8 devices
+
+
 def test_dropout_rng_advances_and_differs_per_step():
   model = toy.MLP(dropout=0.5)
   adapter, base = c3a.split(toy.params(), toy.CFG)
