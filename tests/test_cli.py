@@ -4,10 +4,6 @@ data made locally (save_pretrained into a temp dir, then loaded by path)."""
 import glob
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -135,40 +131,6 @@ def test_resume_equals_an_unbroken_run(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
   steps = [json.loads(line)["step"] for line in open(tmp_path / "part" / "metrics.jsonl")]
   assert steps == sorted(steps) and steps[-1] == 60
-
-
-@pytest.mark.integration
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-  out = tmp_path / "run"
-  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-  proc = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "c3a_jax",
-      "train",
-      "--quiet",
-      f"output_dir={out}",
-      "train.steps=1000000",
-      "train.save_every=1000000",
-      "train.eval_every=1000000",
-    ],
-    cwd=ROOT,
-    env=env,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
-  deadline = time.time() + 120
-  while time.time() < deadline and not (out / "metrics.jsonl").exists():
-    time.sleep(0.2)
-  time.sleep(0.5)
-  proc.send_signal(signal.SIGINT)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 130, err[-2000:]
-  assert "checkpoint saved; continue with --resume" in err
-  steps = [int(s) for s in os.listdir(out / "checkpoints") if s.isdigit()]
-  assert len(steps) == 1 and steps[0] > 0
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
     c3a-jax train [--config FILE] [--resume | --overwrite] [key=value ...]
     c3a-jax eval RUN_DIR
-    c3a-jax merge RUN_DIR OUT_DIR
+    c3a-jax merge RUN_DIR OUT_DIR [--overwrite]
     c3a-jax suggest-block-size MODEL [--rank 8] [--target-modules query,value]
 
 With no config, ``train`` runs the offline default: the digits task (c3a_jax.cli.digits),
@@ -127,11 +127,36 @@ def _load_run(run_dir: str):
   return exp, params
 
 
+def _same_or_inside(path: str, other: str) -> bool:
+  path, other = os.path.realpath(path), os.path.realpath(other)
+  return path == other or path.startswith(other + os.sep)
+
+
+def _check_merge_target(out_dir: str, run_dir: str, exp: Experiment, *, overwrite: bool) -> None:
+  """Refuses an OUT_DIR whose files the merged model would overwrite: the base model's own
+  directory and the run directory always, any other non-empty directory without --overwrite."""
+  base = exp.model.name
+  if base and os.path.isdir(base) and _same_or_inside(out_dir, base):
+    raise ValueError(
+      f"merge: {out_dir} is the base model's directory ({base}); writing the merged model "
+      "there would replace the base, and the adapter would then be applied twice. "
+      "Choose another OUT_DIR"
+    )
+  if _same_or_inside(out_dir, run_dir):
+    raise ValueError(f"merge: {out_dir} is inside the run directory {run_dir}; choose another")
+  if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise ValueError(
+      f"merge: {out_dir} is not empty; pass --overwrite to write the merged model into it "
+      "(files of the same names are replaced, nothing else is deleted)"
+    )
+
+
 def merge(args: argparse.Namespace) -> int:
   """``c3a-jax merge RUN_DIR OUT_DIR``: the adapter folded in, saved as a plain model."""
   import c3a_jax as c3a
 
   exp, params = _load_run(args.run_dir)
+  _check_merge_target(args.out_dir, args.run_dir, exp, overwrite=args.overwrite)
   job = _job(exp)
   merged = c3a.merge(params(job), safe=True)
   if job.save_merged is None:
@@ -182,6 +207,9 @@ def parser() -> argparse.ArgumentParser:
   m = sub.add_parser("merge", help="fold the adapter into the model and save it")
   m.add_argument("run_dir")
   m.add_argument("out_dir")
+  m.add_argument(
+    "--overwrite", action="store_true", help="write into a non-empty OUT_DIR (deletes nothing)"
+  )
   m.set_defaults(fn=merge)
   s = sub.add_parser(
     "suggest-block-size", help="block sizes near a LoRA rank's parameter budget, for a model"

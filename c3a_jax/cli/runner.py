@@ -3,7 +3,8 @@
 The run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON
 object per log or eval), ``metrics.png`` (loss and accuracy), ``checkpoints/`` (orbax, for
 ``--resume``), ``summary.json`` and, for C3A runs, ``adapter/`` in PEFT's format (head-only and
-full runs write ``params.msgpack`` instead). Ctrl-C saves a checkpoint and exits cleanly.
+full runs write ``params.msgpack`` instead). Ctrl-C or SIGTERM saves a checkpoint and exits
+(status 130 or 143); ``--resume`` continues exactly. The directory's rules: :mod:`rundir`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import dataclasses
 import io
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -29,34 +29,22 @@ import yaml
 
 import c3a_jax as c3a
 from c3a_jax._io import atomic_write
+from c3a_jax.cli import rundir
 from c3a_jax.cli.experiment import Experiment, upgrade
 from c3a_jax.cli.job import Job, Log, batches, eval_batches
+from c3a_jax.cli.rundir import RunDirError
 from c3a_jax.training import Checkpointer, TrainState, cast_frozen, make_train_step
 
-INTERRUPTED = 130  # the shell's exit status for Ctrl-C
+# The shell's exit status for a process stopped by a signal: 128 + its number.
+EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143}
 RESUMABLE = {
   ("train", k)
   for k in ("steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "strategy")
 }
-RUN_ENTRIES = (
-  "config.yaml",
-  "metrics.jsonl",
-  "metrics.png",
-  "summary.json",
-  "checkpoints",
-  "adapter",
-  "params.msgpack",
-  "baselines",
-)
 
 
-class RunDirError(ValueError):
-  """The output directory holds another run, or not the run being resumed."""
-
-
-def prepare_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> str:
-  """Checks ``exp.output_dir`` for a fresh run, a resumed one or an overwrite, and readies it
-  (a RunDirError says why not); returns the directory."""
+def _check_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> None:
+  """Whether ``exp.output_dir`` may take this run; a RunDirError says why not. Reads only."""
   out = exp.output_dir
   config_path = os.path.join(out, "config.yaml")
   if resume:
@@ -83,23 +71,36 @@ def prepare_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> str:
       raise RunDirError(
         f"--resume: the config differs from the run in {out} at {', '.join(sorted(diff))}"
       )
-  elif os.path.isdir(out) and os.listdir(out):
-    if not os.path.isfile(config_path):
+  elif rundir.user_entries(out):
+    if not rundir.is_run(out):
+      hint = (
+        " (a run of c3a-jax 0.1, from before the marker, becomes one when resumed once)"
+        if os.path.isfile(config_path)
+        else ""
+      )
       raise RunDirError(
-        f"{out} is not empty and holds no c3a-jax run (no config.yaml); choose another output_dir"
+        f"{out} is not empty and holds no c3a-jax run (no {rundir.MARKER}){hint}; "
+        "choose another output_dir"
       )
     if not overwrite:
       raise RunDirError(
         f"{out} holds another run; pass --resume to continue it or --overwrite to replace it"
       )
-    for name in RUN_ENTRIES:  # only what a run writes: anything else stays
-      path = os.path.join(out, name)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.remove(path)
+
+
+def prepare_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> str:
+  """Readies ``exp.output_dir`` for the run, whose lock the caller holds: checks it, clears
+  it for ``--overwrite`` (only what the marker lists), marks it, writes ``config.yaml``.
+  Returns the directory."""
+  out = exp.output_dir
+  _check_dir(exp, resume=resume, overwrite=overwrite)
+  if not resume and rundir.user_entries(out):
+    rundir.clear(out)
   os.makedirs(out, exist_ok=True)
-  atomic_write(config_path, yaml.safe_dump(exp.to_dict(), sort_keys=False).encode())
+  rundir.mark(out)  # before anything else is written
+  atomic_write(
+    os.path.join(out, "config.yaml"), yaml.safe_dump(exp.to_dict(), sort_keys=False).encode()
+  )
   return out
 
 
@@ -178,10 +179,12 @@ def evaluate(job: Job, params: Any, batch_size: int) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _sigint_flag() -> Iterator[Callable[[], bool]]:
-  """Ctrl-C sets a flag the loop checks between steps (a step is never cut in half, so its
-  donated state is never lost); a second Ctrl-C interrupts at once."""
-  hit = []
+def _stop_signal() -> Iterator[Callable[[], int | None]]:
+  """Ctrl-C (SIGINT) or a scheduler's SIGTERM (SLURM, Kubernetes, TPU VM preemption) sets a
+  flag the loop checks between steps: a step is never cut in half, so its donated state is
+  never lost. Yields a function giving the signal received, or None. A second signal
+  interrupts at once."""
+  hit: list[int] = []
 
   def handler(signum, frame):
     if hit:
@@ -189,13 +192,14 @@ def _sigint_flag() -> Iterator[Callable[[], bool]]:
     hit.append(signum)
 
   if threading.current_thread() is not threading.main_thread():
-    yield lambda: False
+    yield lambda: None
     return
-  previous = signal.signal(signal.SIGINT, handler)
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
-    yield lambda: bool(hit)
+    yield lambda: hit[0] if hit else None
   finally:
-    signal.signal(signal.SIGINT, previous)
+    for s, h in previous.items():
+      signal.signal(s, h)
 
 
 def _check_fits(exp: Experiment, job: Job) -> None:
@@ -244,13 +248,15 @@ def run(
   """Trains ``job`` as ``exp`` says; returns the final summary (also in summary.json)."""
   _check_fits(exp, job)
   trainable, base, tx, full_params = _setup(exp, job)
-  out = prepare_dir(exp, resume=resume, overwrite=overwrite)
-  if exp.train.compute_dtype == "bfloat16" and base is not None:
-    base = cast_frozen(base, jnp.bfloat16)  # once, not in every step
-  state, last_eval, metrics = _loop(
-    exp, job, out, trainable, base, tx, resume=resume, quiet=quiet, log=log
-  )
-  return _finish(exp, job, out, state, base, full_params, last_eval, metrics)
+  _check_dir(exp, resume=resume, overwrite=overwrite)  # refuse before touching the directory
+  with rundir.locked(exp.output_dir):
+    out = prepare_dir(exp, resume=resume, overwrite=overwrite)
+    if exp.train.compute_dtype == "bfloat16" and base is not None:
+      base = cast_frozen(base, jnp.bfloat16)  # once, not in every step
+    state, last_eval, metrics = _loop(
+      exp, job, out, trainable, base, tx, resume=resume, quiet=quiet, log=log
+    )
+    return _finish(exp, job, out, state, base, full_params, last_eval, metrics)
 
 
 def _combined(state: TrainState, base: Any) -> Any:
@@ -271,7 +277,7 @@ def _loop(
   log: Log,
 ) -> tuple[TrainState, dict | None, _Metrics]:
   """Trains from the last checkpoint (or the start) to ``train.steps``, logging, evaluating
-  and checkpointing on the way; on Ctrl-C saves and exits with status 130.
+  and checkpointing on the way; on Ctrl-C or SIGTERM saves and exits with 130 or 143.
 
   Returns the state, the last evaluation (None if none ran) and the metrics file.
   """
@@ -314,8 +320,8 @@ def _loop(
   )
   last_eval = None
   busy = 0.0  # seconds spent in training steps since the last log (not eval or saving)
-  with _sigint_flag() as interrupted:
-    while step < t.steps and not interrupted():
+  with _stop_signal() as stopped:
+    while step < t.steps and not stopped():
       start = time.perf_counter()
       state, values = step_fn(state, base, next(stream))
       position += 1
@@ -339,9 +345,10 @@ def _loop(
     _checkpoint(ckpt, state, position, step, saved)
     ckpt.wait()
     ckpt.close()
-    if interrupted():
-      log(f"interrupted at step {step}: checkpoint saved; continue with --resume")
-      raise SystemExit(INTERRUPTED)
+    if stopped():
+      name = signal.Signals(stopped()).name
+      log(f"stopped by {name} at step {step}: checkpoint saved; continue with --resume")
+      raise SystemExit(EXIT_STATUS[stopped()])
   return state, last_eval, metrics
 
 

@@ -1,0 +1,167 @@
+"""Faults a user or a cluster causes: nothing a user owns is deleted, runs do not collide, and a
+stopped run saves and resumes. (The run directory's rules are in c3a_jax/cli/rundir.py.)"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from c3a_jax import cli
+from c3a_jax.cli import rundir, runner
+from c3a_jax.cli.experiment import Experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+  monkeypatch.setenv("C3A_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "c3a-cache"))
+
+
+def _exp(out, **train):
+  return Experiment.from_dict({"output_dir": str(out), "train": train})
+
+
+def _fake_run(out):
+  """A run directory as the runner leaves it, without training one."""
+  exp = _exp(out)
+  with rundir.locked(str(out)):
+    runner.prepare_dir(exp, resume=False, overwrite=False)
+  (out / "checkpoints" / "10").mkdir(parents=True)
+  (out / "checkpoints" / "10" / "state").write_text("weights")
+  (out / "summary.json").write_text("{}")
+  return exp
+
+
+def test_overwrite_refuses_a_directory_without_the_marker(tmp_path):
+  # A config.yaml of the user's own does not make a run.
+  proj = tmp_path / "proj"
+  proj.mkdir()
+  (proj / "config.yaml").write_text("lr: 0.1\n")
+  (proj / "model_epoch_90.pt").write_text("w")
+  with pytest.raises(rundir.RunDirError, match=r"holds no c3a-jax run \(no \.c3a-jax-run\.json\)"):
+    runner.prepare_dir(_exp(proj), resume=False, overwrite=True)
+  assert sorted(os.listdir(proj)) == ["config.yaml", "model_epoch_90.pt"]
+  assert (proj / "config.yaml").read_text() == "lr: 0.1\n"
+
+
+def test_overwrite_deletes_only_what_the_marker_lists(tmp_path):
+  out = tmp_path / "run"
+  exp = _fake_run(out)
+  (out / "notes.txt").write_text("mine")
+  with rundir.locked(str(out)):
+    runner.prepare_dir(exp, resume=False, overwrite=True)
+  assert not (out / "checkpoints").exists() and not (out / "summary.json").exists()
+  assert (out / "notes.txt").read_text() == "mine"
+  assert rundir.is_run(str(out)) and (out / "config.yaml").is_file()
+
+
+def test_overwrite_never_deletes_through_a_link(tmp_path):
+  out = tmp_path / "run"
+  exp = _fake_run(out)
+  precious = tmp_path / "precious"
+  precious.mkdir()
+  (precious / "data.bin").write_text("keep")
+  (out / "checkpoints" / "10" / "link").symlink_to(precious)
+  with pytest.raises(rundir.RunDirError, match=r"checkpoints/10/link is a symbolic link.*Nothing"):
+    runner.prepare_dir(exp, resume=False, overwrite=True)
+  # Checked before anything was deleted: every entry and the link's target are still there.
+  assert (out / "summary.json").exists() and (out / "checkpoints" / "10" / "state").exists()
+  assert (precious / "data.bin").read_text() == "keep"
+
+
+def test_a_marker_that_names_a_path_outside_is_refused(tmp_path):
+  out = tmp_path / "run"
+  exp = _fake_run(out)
+  (tmp_path / "outside.txt").write_text("keep")
+  marker = out / rundir.MARKER
+  marker.write_text(json.dumps({"entries": ["summary.json", "../outside.txt"]}))
+  with pytest.raises(rundir.RunDirError, match=r"lists '\.\./outside\.txt', not a name inside"):
+    runner.prepare_dir(exp, resume=False, overwrite=True)
+  assert (tmp_path / "outside.txt").exists() and (out / "summary.json").exists()
+
+
+def test_a_second_process_is_refused_with_the_holders_pid(tmp_path):
+  out = tmp_path / "run"
+  with rundir.locked(str(out)):
+    with pytest.raises(
+      rundir.RunDirError, match=rf"in use by another c3a-jax process \(pid {os.getpid()}\)"
+    ):
+      with rundir.locked(str(out)):
+        pass
+  with rundir.locked(str(out)):  # released when the holder is done
+    pass
+
+
+def test_merge_refuses_the_base_model_the_run_and_a_full_directory(tmp_path, capsys):
+  base = tmp_path / "base"
+  base.mkdir()
+  (base / "config.json").write_text("{}")
+  run = tmp_path / "run"
+  run.mkdir()
+  config = {"task": "seq_cls", "model": {"name": str(base)}, "data": {"name": "train.csv"}}
+  (run / "config.yaml").write_text(yaml.safe_dump(config))
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "README.md").write_text("mine")
+  cases = [
+    (base, "is the base model's directory"),
+    (run / "merged", "is inside the run directory"),
+    (other, "is not empty; pass --overwrite"),
+  ]
+  for out_dir, message in cases:
+    assert cli.main(["merge", str(run), str(out_dir)]) == 2
+    assert message in capsys.readouterr().err
+  assert cli.main(["merge", str(run), str(base), "--overwrite"]) == 2  # never the base
+  assert "is the base model's directory" in capsys.readouterr().err
+  assert sorted(os.listdir(base)) == ["config.json"] and (other / "README.md").exists()
+
+
+@pytest.mark.integration
+def test_a_running_directory_refuses_a_second_run(tmp_path, capsys):
+  out = tmp_path / "run"
+  with rundir.locked(str(out)):
+    assert cli.main(["train", "--quiet", f"output_dir={out}", "train.steps=5"]) == 2
+  assert f"in use by another c3a-jax process (pid {os.getpid()})" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+  "sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
+def test_a_stopped_run_saves_a_checkpoint_and_resume_finishes(tmp_path, sig, status):
+  """Ctrl-C, or a scheduler's SIGTERM: the step finishes, a checkpoint is saved, and the run
+  exits with the shell's status for the signal; --resume takes it to the end."""
+  out = tmp_path / "run"
+  args = [
+    f"output_dir={out}",
+    "train.save_every=1000000",
+    "train.eval_every=1000000",
+    "train.mode=head",
+  ]
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "c3a_jax", "train", "--quiet", "train.steps=1000000", *args],
+    cwd=ROOT,
+    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.time() + 120
+  while time.time() < deadline and not (out / "metrics.jsonl").exists():
+    time.sleep(0.2)
+  time.sleep(0.5)
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == status, err[-2000:]
+  assert f"stopped by {sig.name} at step" in err
+  assert "checkpoint saved; continue with --resume" in err
+  steps = [int(s) for s in os.listdir(out / "checkpoints") if s.isdigit()]
+  assert len(steps) == 1 and steps[0] > 0
+  assert cli.main(["train", "--quiet", "--resume", f"train.steps={steps[0] + 5}", *args]) == 0
+  assert json.load(open(out / "summary.json"))["steps"] == steps[0] + 5
