@@ -3,17 +3,20 @@ stopped run saves and resumes. (The run directory's rules are in c3a_jax/cli/run
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import yaml
 
 from c3a_jax import cli
 from c3a_jax.cli import rundir, runner
 from c3a_jax.cli.experiment import Experiment
+from c3a_jax.cli.job import Job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,3 +168,74 @@ def test_a_stopped_run_saves_a_checkpoint_and_resume_finishes(tmp_path, sig, sta
   assert len(steps) == 1 and steps[0] > 0
   assert cli.main(["train", "--quiet", "--resume", f"train.steps={steps[0] + 5}", *args]) == 0
   assert json.load(open(out / "summary.json"))["steps"] == steps[0] + 5
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_config_values_are_refused(value):
+  with pytest.raises(ValueError, match=r"train.lr must be a finite number"):
+    Experiment.from_dict({}, overrides=[f"train.lr={value}"])
+  with pytest.raises(ValueError, match=r"train.weight_decay must be a finite number"):
+    Experiment.from_dict({}, overrides=[f"train.weight_decay={value}"])
+
+
+def _toy_job(train_labels, eval_labels):
+  x = np.zeros((len(train_labels), 4), np.float32)
+  return Job(
+    logits_fn=lambda p, b, rng, train: b["x"] @ p["w"],
+    params={"w": np.zeros((4, 3), np.float32)},  # three classes
+    train_data={"x": x, "labels": np.asarray(train_labels)},
+    eval_data={"x": x[: len(eval_labels)], "labels": np.asarray(eval_labels)},
+  )
+
+
+def test_labels_outside_the_models_outputs_are_refused_before_training():
+  # Inside jit an out-of-range label is no error: JAX clamps or wraps it, silently.
+  exp = _exp("unused", batch_size=2)
+  runner._check_fits(exp, _toy_job([0, 1, 2, 1], [0, 2]))  # fine
+  with pytest.raises(ValueError, match=r"train example 2 has label 3, but the model has 3 outputs"):
+    runner._check_fits(exp, _toy_job([0, 1, 3, 1], [0, 2]))
+  with pytest.raises(ValueError, match=r"eval example 1 has label -1, .*valid: 0 to 2"):
+    runner._check_fits(exp, _toy_job([0, 1, 2, 1], [0, -1]))
+
+
+@pytest.mark.integration
+def test_a_run_that_goes_non_finite_stops_and_writes_nothing_bad(tmp_path, capsys):
+  out = tmp_path / "run"
+  args = [f"output_dir={out}", "train.lr=1e30", "train.steps=40", "train.save_every=1"]
+  assert cli.main(["train", "--quiet", *args]) == 2
+  bad = int(re.search(r"became non-finite at step (\d+)", capsys.readouterr().err).group(1))
+  assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+  # Saved every step until then, and never at or after the bad step.
+  kept = sorted(int(s) for s in os.listdir(out / "checkpoints") if s.isdigit())
+  assert kept == list(range(1, bad))[-3:]  # keep_checkpoints: the last 3
+
+
+@pytest.mark.integration
+def test_a_max_length_beyond_the_models_positions_is_refused(tmp_path, capsys):
+  transformers = pytest.importorskip("transformers")
+  from tests import tiny
+
+  model_dir = tmp_path / "bert"
+  config = transformers.BertConfig(**dict(tiny.BERT, vocab_size=32, num_labels=2))
+  transformers.FlaxBertForSequenceClassification(config, seed=0).save_pretrained(str(model_dir))
+  # No tokenizer is saved: the check comes before the tokenizer is loaded.
+  rows = [{"sentence": "good", "label": 1}] * 8
+  data = tmp_path / "train.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  cfg = {
+    "task": "seq_cls",
+    "model": {"name": str(model_dir)},
+    "data": {
+      "name": str(data),
+      "eval_split": None,
+      "text_column": "sentence",
+      "max_length": 100,
+    },  # the tiny BERT has 32 positions
+    "c3a": {"block_size": 16, "target_modules": ["query"], "task_type": "SEQ_CLS"},
+    "output_dir": str(tmp_path / "run"),
+  }
+  (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+  assert cli.main(["train", "--quiet", "--config", str(tmp_path / "c.yaml")]) == 2
+  err = capsys.readouterr().err
+  assert "data.max_length=100 is longer than the model's 32 positions" in err
+  assert not (tmp_path / "run").exists()

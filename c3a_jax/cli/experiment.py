@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -257,6 +258,8 @@ def _check(value: Any, hint: Any, key: str, source: str) -> Any:
     raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
   if not isinstance(value, hint):
     raise ValueError(f"{source}: {key} must be a {hint.__name__}, got {value!r}")
+  if hint is float and not math.isfinite(value):  # NaN would pass every comparison below
+    raise ValueError(f"{source}: {key} must be a finite number, got {value!r}")
   if hint in (int, float) and value < 0:
     raise ValueError(f"{source}: {key} must not be negative, got {value!r}")
   return value

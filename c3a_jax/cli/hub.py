@@ -171,6 +171,21 @@ def _num_labels(spec: DataSpec, ds) -> int:
   return int(_labels(spec, ds, spec.train_split).max()) + 1
 
 
+def _check_positions(max_length: int, config: Any) -> None:
+  """Refuses sequences longer than the model's position table: inside jit, a position past its
+  end is no error (JAX clamps the index), so every later token would share one embedding."""
+  positions = getattr(config, "max_position_embeddings", None)
+  if positions is None:
+    return
+  # RoBERTa-style models count positions from padding_idx + 1.
+  usable = positions - (config.pad_token_id + 1 if "roberta" in config.model_type else 0)
+  if max_length > usable:
+    raise ValueError(
+      f"data.max_length={max_length} is longer than the model's {usable} positions "
+      f"(max_position_embeddings={positions}); set data.max_length to at most {usable}"
+    )
+
+
 def job(exp: Experiment, log: Log = print) -> Job:
   """Loads model, data and preprocessing for ``exp`` (a seq_cls, causal_lm or image_cls task)."""
   import transformers
@@ -191,6 +206,8 @@ def job(exp: Experiment, log: Log = print) -> Job:
     _columns(train, spec.train_split, spec, spec.label_column)
     kwargs["num_labels"] = _num_labels(spec, train)
   model = load_model(exp, **kwargs)
+  if exp.task != "image_cls":
+    _check_positions(spec.max_length, model.config)
   if exp.task == "image_cls":
     processor = transformers.AutoImageProcessor.from_pretrained(exp.model.name)
     prep = lambda ds, split: _images(spec, ds, split, processor)

@@ -57,6 +57,13 @@ class Job:
     return len(next(iter(self.train_data.values())))
 
   @functools.cached_property
+  def num_outputs(self) -> int:
+    """The size of the model's last logits axis (its classes, or its vocabulary), from shapes."""
+    one = {k: v[:1] for k, v in self.train_data.items()}
+    logits = jax.eval_shape(lambda p, b: self.logits_fn(p, b, None, False), self.params, one)
+    return logits.shape[-1]
+
+  @functools.cached_property
   def eval_step(self) -> Callable[[Any, Batch], tuple[jax.Array, dict]]:
     """``(params, batch) -> (loss, metrics)``, jitted once per job, under the interceptor."""
 

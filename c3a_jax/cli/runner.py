@@ -24,6 +24,7 @@ from typing import Any
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import yaml
 
@@ -212,6 +213,18 @@ def _check_fits(exp: Experiment, job: Job) -> None:
     )
   if job.eval_data is not None and not len(next(iter(job.eval_data.values()))):
     raise ValueError("the eval split is empty; set data.eval_split to null to train without one")
+  # Out-of-range labels or token ids are not errors inside jit: JAX clamps or wraps the index.
+  key, what = ("labels", "label") if job.kind == "classify" else ("input_ids", "token id")
+  n = job.num_outputs
+  for split, data in (("train", job.train_data), ("eval", job.eval_data)):
+    values = None if data is None else np.asarray(data[key])
+    bad = None if values is None else (values < 0) | (values >= n)
+    if bad is not None and bad.any():
+      i = int(np.argmax(bad.ravel()))
+      raise ValueError(
+        f"{split} example {i // max(1, values[0].size)} has {what} {values.ravel()[i]}, but the "
+        f"model has {n} outputs (valid: 0 to {n - 1}); check data.num_labels and the data"
+      )
 
 
 @dataclasses.dataclass
@@ -320,36 +333,70 @@ def _loop(
   )
   last_eval = None
   busy = 0.0  # seconds spent in training steps since the last log (not eval or saving)
-  with _stop_signal() as stopped:
-    while step < t.steps and not stopped():
-      start = time.perf_counter()
-      state, values = step_fn(state, base, next(stream))
-      position += 1
-      step += 1
-      bar.update(1)
-      if step % t.log_every == 0 or step == t.steps:
-        values = {k: float(v) for k, v in values.items()}  # waits for the step
-        busy += time.perf_counter() - start
-        tok_s = tokens * (step - logged) / max(busy, 1e-9)
-        logged, busy = step, 0.0
-        bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
-        metrics.write({"step": step, "split": "train", "tokens_per_s": tok_s, **values})
-      else:
-        busy += time.perf_counter() - start
-      if job.eval_data is not None and (step % t.eval_every == 0 or step == t.steps):
-        last_eval = evaluate(job, _combined(state, base), t.eval_batch_size)
-        metrics.write({"step": step, "split": "eval", **last_eval})
-      if step % t.save_every == 0:
-        saved = _checkpoint(ckpt, state, position, step, saved)
-    bar.close()
-    _checkpoint(ckpt, state, position, step, saved)
+  first_bad = jnp.asarray(-1)  # the first step with a non-finite loss or gradient, on device
+  try:
+    with _stop_signal() as stopped:
+      while step < t.steps and not stopped():
+        start = time.perf_counter()
+        state, values = step_fn(state, base, next(stream))
+        position += 1
+        step += 1
+        first_bad = _first_nonfinite(first_bad, values, step)
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.steps:
+          values = {k: float(v) for k, v in values.items()}  # waits for the step
+          _refuse_nonfinite(first_bad, step, saved)
+          busy += time.perf_counter() - start
+          tok_s = tokens * (step - logged) / max(busy, 1e-9)
+          logged, busy = step, 0.0
+          bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
+          metrics.write({"step": step, "split": "train", "tokens_per_s": tok_s, **values})
+        else:
+          busy += time.perf_counter() - start
+        if job.eval_data is not None and (step % t.eval_every == 0 or step == t.steps):
+          last_eval = evaluate(job, _combined(state, base), t.eval_batch_size)
+          metrics.write({"step": step, "split": "eval", **last_eval})
+        if step % t.save_every == 0:
+          _refuse_nonfinite(first_bad, step, saved)
+          saved = _checkpoint(ckpt, state, position, step, saved)
+      bar.close()
+      _refuse_nonfinite(first_bad, step, saved)
+      _checkpoint(ckpt, state, position, step, saved)
+      signum = stopped()
+  finally:
     ckpt.wait()
     ckpt.close()
-    if stopped():
-      name = signal.Signals(stopped()).name
-      log(f"stopped by {name} at step {step}: checkpoint saved; continue with --resume")
-      raise SystemExit(EXIT_STATUS[stopped()])
+  if signum is not None:
+    name = signal.Signals(signum).name
+    log(f"stopped by {name} at step {step}: checkpoint saved; continue with --resume")
+    raise SystemExit(EXIT_STATUS[signum])
   return state, last_eval, metrics
+
+
+class NonFiniteError(ValueError):
+  """The loss or a gradient became NaN or infinite: the run stops, nothing bad is saved."""
+
+
+@jax.jit
+def _first_nonfinite(first: jax.Array, values: dict, step: int) -> jax.Array:
+  """``first``, or ``step`` if it is the first whose loss or gradient norm is not finite.
+
+  Computed on device beside each step, so finding the step costs no host sync; it is read
+  where the loop syncs anyway (logging) and before every save.
+  """
+  ok = jnp.isfinite(values["loss"]) & jnp.isfinite(values["grad_norm"])
+  return jnp.where((first < 0) & ~ok, step, first)
+
+
+def _refuse_nonfinite(first_bad: jax.Array, step: int, saved: int) -> None:
+  bad = int(first_bad)
+  if bad >= 0:
+    kept = f"the checkpoint of step {saved} is the last good state" if saved else "none was saved"
+    raise NonFiniteError(
+      f"the loss or the gradient norm became non-finite at step {bad} (stopped at step {step}); "
+      f"no checkpoint or adapter was written after it: {kept}. Lower train.lr or "
+      "train.head_lr, or check the data"
+    )
 
 
 def _checkpoint(ckpt: Checkpointer, state: TrainState, position: int, step: int, saved: int) -> int:
