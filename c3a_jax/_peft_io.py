@@ -33,7 +33,7 @@ import safetensors.numpy
 from c3a_jax import _tree
 from c3a_jax._config import C3AConfig
 from c3a_jax._io import atomic_write, current_umask
-from c3a_jax._targets import C3A_LEAVES, block_size_for
+from c3a_jax._targets import C3A_LEAVES, block_size_for, named_target, trains_fully
 from c3a_jax._transform import combine, split
 from c3a_jax._tree import Params
 
@@ -144,6 +144,36 @@ def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
     raise
 
 
+def _check_tensor(where: str, path: str, name: str, value: np.ndarray, cfg: C3AConfig) -> None:
+  """Refuses a tensor PEFT would read differently: PEFT drops tensors its config does not
+  ask for without a word, so loading them here would make the two compute different models."""
+  if name not in (C3A_KERNEL, "weight", "bias"):
+    raise ValueError(
+      f"{where}: {name!r} is no tensor of a C3A adapter (c3a_kernel, or the weight or bias "
+      "of a module it trains); is this another kind of PEFT adapter?"
+    )
+  if not np.issubdtype(value.dtype, np.floating):
+    raise ValueError(f"{where} has dtype {value.dtype}; adapter weights are floating point")
+  if not np.isfinite(value).all():
+    raise ValueError(f"{where} holds {int((~np.isfinite(value)).sum())} non-finite values")
+  targeted = named_target(path, cfg)
+  if name == C3A_KERNEL and targeted is False:
+    raise ValueError(
+      f"{where}: layer {path!r} is not in the file's own target_modules "
+      f"({cfg.target_modules!r}); PEFT would skip this tensor"
+    )
+  heads = bool(cfg.modules_to_save) and trains_fully(path, cfg)
+  if name == "weight" and not heads:
+    raise ValueError(
+      f"{where}: module {path!r} is not in modules_to_save ({cfg.modules_to_save!r}), "
+      "so PEFT would skip this weight"
+    )
+  if name == "bias" and not (
+    heads or cfg.bias == "all" or (cfg.bias == "c3a_only" and targeted is not False)
+  ):
+    raise ValueError(f"{where}: with bias={cfg.bias!r}, PEFT would skip this bias of {path!r}")
+
+
 def load_adapter(directory: str, params: Mapping | None = None) -> tuple[Params, C3AConfig]:
   """Reads a PEFT C3A adapter (saved by PEFT or :func:`save_adapter`) as ``(adapter, cfg)``.
 
@@ -152,9 +182,15 @@ def load_adapter(directory: str, params: Mapping | None = None) -> tuple[Params,
   extra keys are understood: ``<layer>.base_layer.bias`` (the bias of an adapted layer) and,
   with ``bias="all"``, the copies under ``modules_to_save.`` and ``original_module.``.
 
+  Tensors PEFT would read differently are refused, naming the key and the reason: integer or
+  non-finite values, a C3A kernel of a layer the file's own ``target_modules`` leave out, a
+  weight outside ``modules_to_save``, a bias ``bias`` does not train, or a tensor no C3A
+  adapter has (``lora_A``). PEFT would drop the latter silently, computing another model.
+
   Raises:
     FileNotFoundError: a file is missing.
-    ValueError: the directory is not a C3A adapter, or its keys or shapes do not fit ``params``.
+    ValueError: the directory is not a C3A adapter, a tensor is refused (above), or its keys or
+      shapes do not fit ``params``.
   """
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"load_adapter: {directory} is not a directory")
@@ -189,6 +225,7 @@ def load_adapter(directory: str, params: Mapping | None = None) -> tuple[Params,
         raise ValueError(
           f"{where} names module {path!r}, which the model does not have (no {e.args[0]!r})"
         ) from None
+    _check_tensor(where, path, name, value, cfg)
     if name == C3A_KERNEL:
       b = block_size_for(path, cfg)
       if value.ndim != 3 or value.shape[2] != b:

@@ -129,6 +129,15 @@ def _matches(path: str, node: Mapping, cfg: C3AConfig, targets: Any) -> bool:
   return index == layers if isinstance(layers, int) else index in layers
 
 
+def named_target(path: str, cfg: C3AConfig) -> bool | None:
+  """Whether ``cfg`` targets the layer at ``path`` by its name alone, as PEFT decides which
+  saved tensors to load; None where that takes the model (``all-linear``, or the model type's
+  default targets)."""
+  if cfg.target_modules is None or cfg.target_modules == "all-linear":
+    return None
+  return _matches(path, {}, cfg, cfg.target_modules)
+
+
 def _pattern_key(path: str, cfg: C3AConfig) -> str | None:
   # PEFT: the first key with re.match(rf".*\.{key}$", path), else the whole path as a key.
   key = next((k for k in cfg.block_size_pattern if re.match(rf".*\.{k}$", path)), path)

@@ -163,7 +163,7 @@ P = "base_model.model."
       "is not a PEFT adapter key",
     ),
     (
-      lambda t: t.update({P + "encoder.layer.0.weight": np.ones((2, 2), np.float32)}),
+      lambda t: t.update({P + "classifier.weight": np.ones((2, 2), np.float32)}),
       "has no kernel, scale or embedding",
     ),
   ],
@@ -173,6 +173,46 @@ def test_load_rejects_what_does_not_fit(saved, edit, match):
   _rewrite(path, edit)
   with pytest.raises(ValueError, match=match):
     c3a.load_adapter(path, params)
+
+
+KERNEL = P + "encoder.layer.0.query.c3a_kernel"
+
+
+@pytest.mark.parametrize(
+  "edit,match",
+  [
+    (
+      lambda t: t.update({P + "encoder.layer.0.query.lora_A": np.ones((2, 16), np.float32)}),
+      r"'lora_A' is no tensor of a C3A adapter",
+    ),
+    (lambda t: t.update({KERNEL: t[KERNEL].astype(np.int32)}), r"has dtype int32"),
+    (
+      lambda t: t.update({KERNEL: np.where(np.arange(8) == 3, np.nan, t[KERNEL])}),
+      r"query.c3a_kernel' holds 4 non-finite values",
+    ),
+    (
+      lambda t: t.update({P + "encoder.layer.0.norm.c3a_kernel": np.ones((2, 2, 8), np.float32)}),
+      r"layer 'encoder.layer.0.norm' is not in the file's own target_modules",
+    ),
+    (
+      lambda t: t.update({P + "encoder.layer.0.norm.weight": np.ones(16, np.float32)}),
+      r"module 'encoder.layer.0.norm' is not in modules_to_save",
+    ),
+    (
+      lambda t: t.update({P + "encoder.layer.0.norm.bias": np.ones(16, np.float32)}),
+      r"with bias='c3a_only', PEFT would skip this bias of 'encoder.layer.0.norm'",
+    ),
+  ],
+  ids=["lora", "integer", "nan", "untargeted-kernel", "untrained-weight", "untrained-bias"],
+)
+def test_load_refuses_what_peft_would_read_differently(saved, edit, match):
+  """PEFT drops tensors its config does not ask for, silently: loading them here would make
+  the two frameworks compute different models. Each is refused, naming the key and why."""
+  path, params = saved
+  _rewrite(path, edit)
+  for model in (params, None):  # with and without the model's params to check against
+    with pytest.raises(ValueError, match=match):
+      c3a.load_adapter(path, model)
 
 
 def test_load_rejects_missing_and_foreign_files(tmp_path, saved):
