@@ -83,12 +83,14 @@ def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
 
   Raises:
     ValueError: if ``params`` holds no C3A kernel, a kernel disagrees with ``cfg``'s block size,
-      or a layer stores its kernel ``(out, in)`` (GPT-2's Conv1D): PEFT's C3A supports
-      ``torch.nn.Linear`` only and would misread it.
+      a layer stores its kernel ``(out, in)`` (GPT-2's Conv1D): PEFT's C3A supports
+      ``torch.nn.Linear`` only and would misread it, or a layer both holds a C3A kernel and
+      trains fully as ``modules_to_save`` (DistilBERT's ``pre_classifier`` under
+      ``all-linear`` and ``SEQ_CLS``), which PEFT cannot load.
   """
   adapter, _ = split(params, cfg)
   tensors: dict[str, np.ndarray] = {}
-  adapted, out_in = [], []
+  adapted, out_in, both = [], [], []
   for path, name, value in _tree.leaves(adapter):
     value = np.asarray(value)
     if name == C3A_KERNEL_OUT_IN:
@@ -96,6 +98,8 @@ def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
       continue
     if name == C3A_KERNEL:
       adapted.append(path)
+      if cfg.modules_to_save and trains_fully(path, cfg):
+        both.append(path)
       b = block_size_for(path, cfg)
       if value.ndim != 3 or value.shape[2] != b:
         raise ValueError(
@@ -117,6 +121,13 @@ def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
     )
   if not adapted:
     raise ValueError("save_adapter: params hold no c3a_kernel; call c3a.attach first")
+  if both:
+    raise ValueError(
+      f"save_adapter: layers {both} hold a C3A kernel and also train fully as modules_to_save "
+      f"{list(cfg.modules_to_save)} (PEFT takes every module whose name ends with an entry: "
+      "'classifier' takes 'pre_classifier' too). PEFT cannot load such an adapter; attach "
+      f"again with exclude_modules={both!r} (or name them out of target_modules)"
+    )
   if cfg.target_modules is None or cfg.target_modules == "all-linear" or cfg.exclude_modules:
     # PEFT would resolve these its own way (and 0.21 has no exclude_modules): name the layers.
     cfg = cfg.replace(target_modules=tuple(adapted), exclude_modules=None)

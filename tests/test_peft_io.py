@@ -260,3 +260,28 @@ def test_save_refuses_a_root_level_layer(tmp_path):
   cfg = c3a.C3AConfig(block_size=4, target_modules="all-linear")
   with pytest.raises(ValueError, match="sits at the params root"):
     c3a.save_adapter(str(tmp_path / "a"), c3a.attach(params, cfg, jax.random.key(0)), cfg)
+
+
+def test_save_refuses_a_layer_both_adapted_and_trained_fully(tmp_path):
+  """DistilBERT under all-linear + SEQ_CLS: "classifier" (PEFT's endswith rule) also takes
+  pre_classifier, which all-linear adapts. PEFT cannot load that; save_adapter says what to do."""
+  dense = lambda i, o: {"kernel": jnp.ones((i, o)), "bias": jnp.zeros(o)}
+  params = {
+    "distilbert": {"ffn": dense(16, 16)},
+    "pre_classifier": dense(16, 16),
+    "classifier": dense(16, 2),
+  }
+  cfg = c3a.C3AConfig(block_size=8, target_modules="all-linear", task_type="SEQ_CLS")
+  adapted = c3a.attach(params, cfg, jax.random.key(0))
+  assert "c3a_kernel" in adapted["pre_classifier"]
+  with pytest.raises(
+    ValueError,
+    match=r"\['pre_classifier'\] hold a C3A kernel and also train "
+    r"fully.*exclude_modules=\['pre_classifier'\]",
+  ):
+    c3a.save_adapter(str(tmp_path / "a"), adapted, cfg)
+  assert not (tmp_path / "a").exists()
+  fixed = cfg.replace(exclude_modules=["pre_classifier"])
+  c3a.save_adapter(str(tmp_path / "b"), c3a.attach(params, fixed, jax.random.key(0)), fixed)
+  adapter, _ = c3a.load_adapter(str(tmp_path / "b"), params)
+  assert "c3a_kernel" not in adapter["pre_classifier"] and "kernel" in adapter["pre_classifier"]
