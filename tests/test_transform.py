@@ -1,5 +1,7 @@
 """attach, split, combine, merge, unmerge: pure functions of the params tree."""
 
+import warnings
+
 import flax
 import flax.linen as nn
 import jax
@@ -87,7 +89,8 @@ def test_merge_matches_dense_reference_and_interceptor(maybe_jit):
 def test_merge_keeps_dtype_and_computes_in_float32():
   kernel = jnp.full((8, 8), 1.0, jnp.bfloat16)
   w = jnp.full((2, 2, 4), 1e-3, jnp.float32)
-  merged = c3a.merge({"fc": {"kernel": kernel, "c3a_kernel": w}})
+  with pytest.warns(UserWarning, match=r"'fc', 100%"):  # 1 + 1e-3 / 8 is 1 in bfloat16
+    merged = c3a.merge({"fc": {"kernel": kernel, "c3a_kernel": w}})
   assert merged["fc"]["kernel"].dtype == jnp.bfloat16
   ref = (np.float32(1.0) + np.asarray(ops.delta_weight(w))).astype(jnp.bfloat16)
   np.testing.assert_array_equal(merged["fc"]["kernel"], ref)
@@ -181,7 +184,9 @@ def test_property_merge_then_unmerge_restores(case, dtype):
   cfg = c3a.C3AConfig(block_size=b, target_modules=["fc"])
   params = c3a.attach(params, cfg, jax.random.key(seed + 1))
   adapter, _ = c3a.split(params)
-  restored = c3a.unmerge(c3a.merge(params), adapter)
+  with warnings.catch_warnings():  # bf16 rounds part of the delta away: tolerated below
+    warnings.filterwarnings("ignore", "merge: .* lose more than", UserWarning)
+    restored = c3a.unmerge(c3a.merge(params), adapter)
   assert jax.tree.structure(restored) == jax.tree.structure(params)
   assert restored["fc"]["kernel"].dtype == dtype
   tol = 1e-6 if dtype == jnp.float32 else 1e-2  # bf16: one rounding each way
@@ -249,3 +254,29 @@ def test_safe_merge_under_jit_says_why():
   params = {"fc": {"kernel": jnp.ones((8, 8)), "c3a_kernel": jnp.ones((2, 2, 4))}}
   with pytest.raises(ValueError, match="needs concrete arrays: call it outside jax.jit"):
     jax.jit(lambda p: c3a.merge(p, safe=True))(params)
+
+
+def test_a_lossy_low_precision_merge_warns_and_dtype_keeps_the_delta():
+  rng = np.random.default_rng(0)
+  kernel = jnp.asarray(rng.normal(size=(256, 256)), jnp.bfloat16)
+  cfg = c3a.C3AConfig(block_size=64, target_modules=["fc"])  # xavier: an initial-size delta
+  params = c3a.attach({"fc": {"kernel": kernel}}, cfg, jax.random.key(0))
+  delta = np.asarray(ops.delta_weight(params["fc"]["c3a_kernel"]))
+  with pytest.warns(
+    UserWarning,
+    match=r"1 layer\(s\) stored in bfloat16 lose more than 1% of "
+    r"their C3A delta.*'fc'.*dtype=jnp.float32",
+  ):
+    lossy = c3a.merge(params)
+  kept = np.asarray(lossy["fc"]["kernel"], np.float32) - np.asarray(kernel, np.float32)
+  assert np.linalg.norm(kept - delta) > 0.01 * np.linalg.norm(delta)  # the warning was true
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    exact = c3a.merge(params, dtype=jnp.float32)
+    c3a.merge(
+      {"fc": {"kernel": kernel.astype(jnp.float32), "c3a_kernel": params["fc"]["c3a_kernel"]}}
+    )
+  assert exact["fc"]["kernel"].dtype == jnp.float32
+  np.testing.assert_allclose(
+    exact["fc"]["kernel"], np.asarray(kernel, np.float32) + delta, rtol=1e-6, atol=1e-6
+  )
