@@ -1,9 +1,10 @@
 """The ``c3a-jax`` command: fine-tune with C3A from YAML configs.
 
 An app beside the library, with dependencies of its own (``pip install "c3a-jax[cli]"``):
-``commands`` (the subcommands), ``experiment`` (configs), ``runner`` (the training loop and
-the run directory), ``job`` (a model and its data), ``hub`` (Hugging Face models and datasets),
-``digits`` (the offline default task) and ``blocks`` (block size suggestions).
+``commands`` (the subcommands), ``experiment`` (configs), ``runner`` (the training loop),
+``rundir`` (what a run directory guarantees: its marker, its lock, what may be deleted),
+``job`` (a model and its data), ``hub`` (Hugging Face models and datasets), ``digits`` (the
+offline default task) and ``blocks`` (block size suggestions).
 """
 
 from __future__ import annotations
