@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import re
 import warnings
@@ -59,9 +60,10 @@ def _strs(value: Any, field: str, *, allow_str: bool) -> str | tuple[str, ...] |
 
 
 def _positive_int(value: Any, field: str) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+  # numbers.Integral takes numpy's integers too (np.int64(16) from a computed size).
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
     raise ValueError(f"C3AConfig.{field} must be a positive integer, got {value!r}")
-  return value
+  return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,16 +110,21 @@ class C3AConfig:
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
-    _positive_int(self.block_size, "block_size")
+    set_("block_size", _positive_int(self.block_size, "block_size"))
     if not isinstance(self.block_size_pattern, dict):
       raise ValueError(
         "C3AConfig.block_size_pattern must be a dict {name or regex: block_size}, "
         f"got {self.block_size_pattern!r}"
       )
-    for key, size in self.block_size_pattern.items():
-      _positive_int(size, f"block_size_pattern[{key!r}]")
+    for key in self.block_size_pattern:
       _check_regex(key, "block_size_pattern key")
-    set_("block_size_pattern", dict(self.block_size_pattern))
+    set_(
+      "block_size_pattern",
+      {
+        key: _positive_int(size, f"block_size_pattern[{key!r}]")
+        for key, size in self.block_size_pattern.items()
+      },
+    )
     set_("target_modules", _strs(self.target_modules, "target_modules", allow_str=True))
     set_("exclude_modules", _strs(self.exclude_modules, "exclude_modules", allow_str=True))
     set_("layers_pattern", _strs(self.layers_pattern, "layers_pattern", allow_str=True))

@@ -57,8 +57,14 @@ def attach(
       ``cfg.target_modules`` is None, and the layers stored ``(out, in)`` (GPT-2's Conv1D).
 
   Raises:
+    TypeError: ``params`` is not a mapping.
     ValueError: see :func:`c3a_jax.select`; errors name the layer, its shape and the block size.
   """
+  if not isinstance(params, Mapping):
+    raise TypeError(
+      "attach: params must be a Flax params tree, a mapping such as "
+      f"model.init(rng, x)['params'], got {type(params).__name__}"
+    )
   out = _tree.to_dict(params)
   for t in select(out, cfg, model_type=model_type):
     if any(leaf in _tree.get(out, t.path) for leaf in C3A_LEAVES):
@@ -191,8 +197,9 @@ def merge(params: Mapping, *, safe: bool = False, dtype: Any = None) -> Params:
         )
       if safe and not bool(jnp.isfinite(merged).all()):
         raise ValueError(
-          f"merge(safe=True): layer {path!r} would get non-finite weights; its C3A "
-          f"kernel holds {int((~jnp.isfinite(w)).sum())} non-finite values"
+          f"merge(safe=True): layer {path!r} would get non-finite weights; its C3A kernel "
+          f"holds {int((~jnp.isfinite(w)).sum())} non-finite values, its base kernel "
+          f"{int((~jnp.isfinite(kernel)).sum())}"
         )
       if concrete and jnp.finfo(merged.dtype).bits < 32:
         kept = merged.astype(jnp.float32) - kernel.astype(jnp.float32)

@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 import c3a_jax as c3a
@@ -146,3 +147,11 @@ def test_more_bad_values(kwargs, match):
 
 def test_all_linear_in_any_case():
   assert C3AConfig(target_modules="ALL-LINEAR").target_modules == "all-linear"
+
+
+def test_numpy_integers_are_accepted_as_sizes():
+  # A block size computed with numpy (e.g. from a layer's shape) is an np.int64.
+  cfg = C3AConfig(block_size=np.int64(16), block_size_pattern={"q": np.int32(8)})
+  assert cfg.block_size == 16 and type(cfg.block_size) is int
+  assert cfg.block_size_pattern == {"q": 8} and type(cfg.block_size_pattern["q"]) is int
+  assert json.loads(json.dumps(cfg.to_dict()))["block_size"] == 16  # still serialisable

@@ -239,3 +239,14 @@ def test_a_max_length_beyond_the_models_positions_is_refused(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "data.max_length=100 is longer than the model's 32 positions" in err
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
+def test_eval_and_merge_of_an_unfinished_run_say_so(tmp_path, capsys):
+  run = tmp_path / "run"
+  _fake_run(run)  # a c3a run (the digits default) stopped before it wrote its adapter
+  for command in (["eval", str(run)], ["merge", str(run), str(tmp_path / "merged")]):
+    assert cli.main(command) == 2
+    assert "the run did not finish; continue it with c3a-jax train --resume" in (
+      capsys.readouterr().err
+    )

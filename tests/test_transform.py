@@ -102,11 +102,23 @@ def test_safe_merge_names_the_layer():
   params["enc"]["fc"]["c3a_kernel"] = params["enc"]["fc"]["c3a_kernel"].at[0, 0, 0].set(jnp.nan)
   with pytest.raises(
     ValueError,
-    match=r"layer 'enc.fc' would get non-finite weights.*1 "
-    "non-finite",
+    match=r"layer 'enc.fc' would get non-finite weights; its C3A kernel holds 1 non-finite "
+    r"values, its base kernel 0",
   ):
     c3a.merge(params, safe=True)
   assert np.isnan(c3a.merge(params)["enc"]["fc"]["kernel"]).any()  # unsafe merge goes through
+  # A NaN in the base kernel is named as such.
+  params["enc"]["fc"]["c3a_kernel"] = jnp.ones((2, 2, 4))
+  params["enc"]["fc"]["kernel"] = params["enc"]["fc"]["kernel"].at[1, 2].set(jnp.inf)
+  with pytest.raises(ValueError, match=r"C3A kernel holds 0 non-finite values, its base kernel 1"):
+    c3a.merge(params, safe=True)
+
+
+@pytest.mark.parametrize("params", [None, [1, 2], "fc"])
+def test_attach_wants_a_mapping(params):
+  cfg = c3a.C3AConfig(block_size=4, target_modules=["fc"])
+  with pytest.raises(TypeError, match=r"attach: params must be a Flax params tree.*got "):
+    c3a.attach(params, cfg, jax.random.key(0))
 
 
 def test_split_and_combine_round_trip_with_config():

@@ -112,11 +112,18 @@ def _load_run(run_dir: str):
 
   def params(job):
     if exp.train.mode == "c3a":
+      if not os.path.isdir(os.path.join(run_dir, "adapter")):
+        raise FileNotFoundError(
+          f"{run_dir} holds no adapter/: the run did not finish; continue it with "
+          "c3a-jax train --resume"
+        )
       adapter, _ = c3a.load_adapter(os.path.join(run_dir, "adapter"), job.params)
       return c3a.combine(adapter, job.params)
     path = os.path.join(run_dir, "params.msgpack")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} does not exist: the run did not finish")
+      raise FileNotFoundError(
+        f"{path} does not exist: the run did not finish; continue it with c3a-jax train --resume"
+      )
     with open(path, "rb") as f:
       data = f.read()
     if exp.train.mode == "full":
