@@ -88,35 +88,8 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
   return "\n".join(lines)
 
 
-# ---- LoRA baseline: an interceptor adding (x @ lora_a) @ lora_b * alpha / r to Dense layers.
-
-
-def lora_interceptor(scale: float):
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if (
-      context.method_name != "__call__"
-      or not isinstance(module, nn.Dense)
-      or module.scope is None
-      or not module.has_variable("params", "lora_a")
-    ):
-      return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)
-    x = (args[0] if args else kwargs["inputs"]).astype(y.dtype)
-    a = module.get_variable("params", "lora_a")
-    b = module.get_variable("params", "lora_b")
-    return y + ((x @ a) @ b) * scale
-
-  return interceptor
-
-
-# ---- The experimental Pallas kernel in a model: an interceptor adding
-# c3a_jax.experimental.pallas.apply(x, w) to Dense layers holding a C3A kernel. It is not a
-# strategy of c3a.intercept (it is unmeasured on the GPUs and TPUs it is written for).
-
-
-def pallas_interceptor():
-  from c3a_jax.experimental import pallas
+def _adding_interceptor(leaf: str, delta: Callable[..., jax.Array]):
+  """An interceptor adding ``delta(x, module, y.dtype)`` to each nn.Dense holding ``leaf``."""
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -124,16 +97,38 @@ def pallas_interceptor():
       context.method_name != "__call__"
       or not isinstance(module, nn.Dense)
       or module.scope is None
-      or not module.has_variable("params", "c3a_kernel")
+      or not module.has_variable("params", leaf)
     ):
       return next_fun(*args, **kwargs)
     y = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
-    w = module.get_variable("params", "c3a_kernel")
-    delta = pallas.apply(x.reshape(-1, x.shape[-1]).astype(jnp.float32), w)
-    return y + delta.reshape(*x.shape[:-1], -1).astype(y.dtype)
+    return y + delta(x, module, y.dtype).astype(y.dtype)
 
   return interceptor
+
+
+def lora_interceptor(scale: float):
+  """The LoRA baseline: ``(x @ lora_a) @ lora_b * scale`` added to Dense layers."""
+
+  def delta(x, module, dtype):
+    a, b = module.get_variable("params", "lora_a"), module.get_variable("params", "lora_b")
+    return ((x.astype(dtype) @ a) @ b) * scale
+
+  return _adding_interceptor("lora_a", delta)
+
+
+def pallas_interceptor():
+  """The experimental Pallas kernel in a model: ``pallas.apply(x, w)`` added to Dense layers
+  holding a C3A kernel. It is not a strategy of c3a.intercept (it is unmeasured on the GPUs
+  and TPUs it is written for)."""
+  from c3a_jax.experimental import pallas
+
+  def delta(x, module, dtype):
+    w = module.get_variable("params", "c3a_kernel")
+    y = pallas.apply(x.reshape(-1, x.shape[-1]).astype(jnp.float32), w)
+    return y.reshape(*x.shape[:-1], -1)
+
+  return _adding_interceptor("c3a_kernel", delta)
 
 
 def attach_lora(params: Any, targets: tuple[str, ...], rank: int, key: jax.Array) -> Any:

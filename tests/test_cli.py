@@ -385,6 +385,15 @@ def test_bad_data_and_models_are_clear_errors(tmp_path, bert_dir, capsys):
 
 
 @pytest.mark.integration
+def test_a_max_length_beyond_the_models_positions_is_refused(tmp_path, bert_dir, capsys):
+  # Inside jit a position past the table is no error (JAX clamps the index): refuse it first.
+  config = seq_cls_config(tmp_path, bert_dir, max_length=100)  # the tiny BERT has 32 positions
+  assert train("--config", str(config)) == 2
+  assert "data.max_length=100 is longer than the model's 32 positions" in (capsys.readouterr().err)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.integration
 def test_causal_lm_with_a_prompt_template(tmp_path):
   d = tmp_path / "llama"
   d.mkdir()

@@ -211,37 +211,6 @@ def test_a_run_that_goes_non_finite_stops_and_writes_nothing_bad(tmp_path, capsy
 
 
 @pytest.mark.integration
-def test_a_max_length_beyond_the_models_positions_is_refused(tmp_path, capsys):
-  transformers = pytest.importorskip("transformers")
-  from tests import tiny
-
-  model_dir = tmp_path / "bert"
-  config = transformers.BertConfig(**dict(tiny.BERT, vocab_size=32, num_labels=2))
-  transformers.FlaxBertForSequenceClassification(config, seed=0).save_pretrained(str(model_dir))
-  # No tokenizer is saved: the check comes before the tokenizer is loaded.
-  rows = [{"sentence": "good", "label": 1}] * 8
-  data = tmp_path / "train.jsonl"
-  data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  cfg = {
-    "task": "seq_cls",
-    "model": {"name": str(model_dir)},
-    "data": {
-      "name": str(data),
-      "eval_split": None,
-      "text_column": "sentence",
-      "max_length": 100,
-    },  # the tiny BERT has 32 positions
-    "c3a": {"block_size": 16, "target_modules": ["query"], "task_type": "SEQ_CLS"},
-    "output_dir": str(tmp_path / "run"),
-  }
-  (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-  assert cli.main(["train", "--quiet", "--config", str(tmp_path / "c.yaml")]) == 2
-  err = capsys.readouterr().err
-  assert "data.max_length=100 is longer than the model's 32 positions" in err
-  assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.integration
 def test_eval_and_merge_of_an_unfinished_run_say_so(tmp_path, capsys):
   run = tmp_path / "run"
   _fake_run(run)  # a c3a run (the digits default) stopped before it wrote its adapter

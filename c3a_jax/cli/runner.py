@@ -341,7 +341,7 @@ def _loop(
         state, values = step_fn(state, base, next(stream))
         position += 1
         step += 1
-        first_bad = _first_nonfinite(first_bad, values, step)
+        first_bad = _first_nonfinite(first_bad, values, state.step)
         bar.update(1)
         if step % t.log_every == 0 or step == t.steps:
           values = {k: float(v) for k, v in values.items()}  # waits for the step
@@ -378,7 +378,7 @@ class NonFiniteError(ValueError):
 
 
 @jax.jit
-def _first_nonfinite(first: jax.Array, values: dict, step: int) -> jax.Array:
+def _first_nonfinite(first: jax.Array, values: dict, step: jax.Array) -> jax.Array:
   """``first``, or ``step`` if it is the first whose loss or gradient norm is not finite.
 
   Computed on device beside each step, so finding the step costs no host sync; it is read
