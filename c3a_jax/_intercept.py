@@ -1,11 +1,14 @@
 """Runs a Flax model with its C3A kernels: an interceptor adds the FFT delta to adapted layers.
 
 Nothing about the model changes. Flax ignores the extra ``c3a_kernel`` leaves, so a plain call
-is the base model; under :func:`intercept` every ``nn.Dense`` (and transformers' ``FlaxConv1D``)
-whose scope holds a C3A kernel returns ``y + block_circulant_matmul(x, w)``. A plain float32
-``nn.Dense`` under ``strategy="auto"`` (or ``"fold"``) computes the same sum as
-``x @ (kernel + delta) + bias`` (:func:`c3a_jax.ops.fold`), so that the adapter rides on the
-layer's own matmuls.
+is the base model; under :func:`intercept` every ``nn.Dense``, ``nn.DenseGeneral`` and
+``nn.Einsum`` (and transformers' ``FlaxConv1D``) whose scope holds a C3A kernel returns
+``y + delta(x)``: the input's contracted axes flattened to rows, ``block_circulant_matmul``,
+and the rows laid out as the layer's output (:mod:`c3a_jax._contraction`). A plain float32
+layer under ``strategy="auto"`` (or ``"fold"``) computes the same sum with
+``kernel + delta`` for its kernel (:func:`c3a_jax.ops.fold`), so that the adapter rides on the
+layer's own matmuls. Inside ``nn.scan`` / ``nn.vmap`` each layer sees its slice of a stacked
+C3A kernel.
 
 Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn, c3a_jax as c3a
@@ -37,36 +40,24 @@ from typing import Any, TypeVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from c3a_jax import ops
+from c3a_jax import _contraction, ops
 from c3a_jax._targets import C3A_LEAVES
+from c3a_jax._trace import stores_out_in
+from c3a_jax._tree import unbox
 
 C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _stores_out_in(module: nn.Module) -> bool:
-  # transformers' FlaxConv1D (GPT-2) keeps its kernel (out, in); matched by name so that
-  # transformers stays an optional dependency.
-  return type(module).__name__ == "FlaxConv1D"
-
-
 def _interceptor(next_fun, args, kwargs, context):
   module = context.module
-  if context.method_name != "__call__":
+  if context.method_name != "__call__" or module.scope is None:
     return next_fun(*args, **kwargs)
-  out_in = _stores_out_in(module)
-  dense = out_in or isinstance(module, nn.Dense)
-  held = (
-    [n for n in C3A_LEAVES if module.has_variable("params", n)] if module.scope is not None else []
-  )
+  held = [n for n in C3A_LEAVES if module.has_variable("params", n)]
   if not held:
     return next_fun(*args, **kwargs)
   path = ".".join(module.scope.path)
-  if not dense:
-    raise ValueError(
-      f"layer {path!r} holds a C3A kernel but is a {type(module).__name__}; the "
-      "interceptor adapts flax.linen.Dense and transformers' FlaxConv1D only"
-    )
+  out_in = stores_out_in(module)
   name = C3A_KERNEL_OUT_IN if out_in else C3A_KERNEL
   if held != [name]:
     raise ValueError(
@@ -78,43 +69,63 @@ def _interceptor(next_fun, args, kwargs, context):
         else "(in, out), not (out, in)"
       )
     )
+  w = unbox(module.get_variable("params", name))
   x = args[0] if args else kwargs["inputs"]
-  w = module.get_variable("params", name)
+  if out_in:
+    y = next_fun(*args, **kwargs)
+    return y + ops.block_circulant_matmul(x.astype(y.dtype), w, strategy=_strategy.get())
+  try:
+    c = _contraction.of_module(module, args, kwargs)
+  except ValueError as e:
+    raise ValueError(f"layer {path!r} holds a C3A kernel, but: {e}") from None
+  if w.ndim != 3 or w.shape != (c.d_out // w.shape[-1], c.d_in // w.shape[-1], w.shape[-1]):
+    raise ValueError(
+      f"layer {path!r} holds a C3A kernel of shape {w.shape}, but its call contracts a "
+      f"kernel {c.shape} (d_in={c.d_in}, d_out={c.d_out}), which needs (d_out // b, d_in // b, b)"
+      + (
+        "; a stacked C3A kernel is sliced by the nn.scan / nn.vmap that stacks its layer"
+        if w.ndim > 3
+        else ""
+      )
+    )
+  rows = c.to_rows(x)
   strategy = _strategy.get()
-  foldable = not out_in and _foldable(module, x)
+  foldable = _foldable(module, x)
   if strategy == "auto" and foldable:
-    strategy = ops.choose_strategy(x.shape, w.shape, with_base=True)
+    strategy = ops.choose_strategy(rows.shape, w.shape, with_base=True)
   if strategy == "fold" and foldable:
-    return _folded(module, x, w)
+    return _folded(module, c, x, w)
   y = next_fun(*args, **kwargs)
-  # Cast x as Dense casts its inputs, so the delta sees what the base matmul saw.
-  return y + ops.block_circulant_matmul(x.astype(y.dtype), w, strategy=strategy)
+  # Cast x as the layer casts its inputs, so the delta sees what the base matmul saw.
+  return y + c.from_rows(ops.block_circulant_matmul(rows.astype(y.dtype), w, strategy=strategy))
+
+
+_PLAIN_CALLS = (nn.Dense.__call__, nn.DenseGeneral.__call__, nn.Einsum.__call__)
 
 
 def _foldable(module: nn.Module, x: Any) -> bool:
-  """A plain float32 Dense: its kernel can absorb the delta (``"fold"``) without rounding."""
+  """A plain float32 layer: its kernel can absorb the delta (``"fold"``) without rounding."""
   if (
-    type(module).__call__ is not nn.Dense.__call__
-    or module.dot_general is not None
-    or module.dot_general_cls is not None
-    or not module.has_variable("params", "kernel")
+    type(module).__call__ not in _PLAIN_CALLS
+    or getattr(module, "dot_general", None) is not None
+    or getattr(module, "dot_general_cls", None) is not None
+    or getattr(module, "preferred_element_type", None) is not None
   ):
     return False
-  kernel = nn.unbox(module.get_variable("params", "kernel"))  # as Dense's self.param unboxes
-  if getattr(kernel, "ndim", None) != 2:
-    return False
+  kernel = unbox(module.get_variable("params", "kernel"))
   dtype = module.dtype or jnp.result_type(x, kernel)
   return jnp.dtype(dtype) == jnp.float32
 
 
-def _folded(module: nn.Dense, x: Any, w: Any) -> Any:
-  """``nn.Dense.__call__`` with ``kernel + delta`` for the kernel (:func:`c3a_jax.ops.fold`)."""
-  kernel = nn.unbox(module.get_variable("params", "kernel"))
-  bias = nn.unbox(module.get_variable("params", "bias")) if module.use_bias else None
+def _folded(module: nn.Module, c: _contraction.Contraction, x: Any, w: Any) -> Any:
+  """The layer's own call with ``kernel + delta`` for the kernel (:func:`c3a_jax.ops.fold`)."""
+  kernel = unbox(module.get_variable("params", "kernel"))
+  bias = unbox(module.get_variable("params", "bias")) if module.use_bias else None
   x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
-  y = ops.fold(x, w, kernel, precision=module.precision)
+  rows = ops.fold(c.to_rows(x), w, kernel.reshape(c.d_in, c.d_out), precision=module.precision)
+  y = c.from_rows(rows)
   if bias is not None:
-    y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    y += jnp.reshape(bias, c.bias_shape())
   return y
 
 

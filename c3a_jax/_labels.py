@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
+from flax.core import meta
 
 from c3a_jax import _tree
 from c3a_jax._config import C3AConfig
@@ -43,10 +44,14 @@ def label(params: Mapping, path: str, name: str, cfg: C3AConfig | None = None) -
 
 
 def labels(params: Mapping, cfg: C3AConfig | None = None) -> Any:
-  """A tree shaped like ``params`` (same container types) holding each leaf's :func:`label`."""
+  """A tree shaped like ``params`` (same container types) holding each leaf's :func:`label`;
+  a Flax box (``nn.Partitioned``) counts as one leaf, so the result is a prefix of ``params``,
+  as optax's ``partition`` and ``masked`` take it."""
 
   def one(path, _):
     keys = [getattr(k, "key", k) for k in path]
     return label(params, ".".join(keys[:-1]), keys[-1], cfg)
 
-  return jax.tree_util.tree_map_with_path(one, params)
+  return jax.tree_util.tree_map_with_path(
+    one, params, is_leaf=lambda x: isinstance(x, meta.AxisMetadata)
+  )

@@ -17,11 +17,13 @@ import dataclasses
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from c3a_jax import _tree
 from c3a_jax._config import C3AConfig
+from c3a_jax._layout import Layout
+from c3a_jax._trace import Traced, trace
 
 # PEFT's TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING for the models transformers has in Flax.
 # ViT is not in PEFT's table; c3a-jax adds it (its attention is named like BERT's).
@@ -43,29 +45,44 @@ C3A_LEAVES = ("c3a_kernel", "c3a_kernel_out_in")
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """One selected layer: its path, block size, sizes, and kernel layout."""
+  """One selected layer: its path, block size, and how its kernel lies (:class:`Layout`)."""
 
   path: str
   block_size: int
-  d_in: int
-  d_out: int
-  out_in: bool = False  # kernel stored (d_out, d_in), as FlaxConv1D does
+  layout: Layout
 
   @property
-  def shape(self) -> tuple[int, int, int]:
-    """The C3A kernel's shape ``(d_out // b, d_in // b, b)``."""
-    b = self.block_size
-    return (self.d_out // b, self.d_in // b, b)
+  def d_in(self) -> int:
+    return self.layout.d_in
+
+  @property
+  def d_out(self) -> int:
+    return self.layout.d_out
+
+  @property
+  def out_in(self) -> bool:
+    """The kernel is stored ``(d_out, d_in)``, as FlaxConv1D does."""
+    return self.layout.out_in
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    """The C3A kernel's shape ``(*stack, d_out // b, d_in // b, b)``."""
+    return self.layout.c3a_shape(self.block_size)
+
+
+def is_linear(node: Any) -> bool:
+  """A layer holding a ``kernel`` of 2 or more axes beside array leaves only."""
+  return (
+    isinstance(node, Mapping)
+    and "kernel" in node
+    and len(_tree.shape(node["kernel"])) >= 2
+    and not any(isinstance(v, Mapping) for v in node.values())
+  )
 
 
 def is_dense(node: Any) -> bool:
   """A Dense-like module: a 2-D ``kernel`` beside array leaves only."""
-  return (
-    isinstance(node, Mapping)
-    and "kernel" in node
-    and len(_tree.shape(node["kernel"])) == 2
-    and not any(isinstance(v, Mapping) for v in node.values())
-  )
+  return is_linear(node) and len(_tree.shape(node["kernel"])) == 2
 
 
 def in_modules_to_save(path: str, cfg: C3AConfig) -> bool:
@@ -103,7 +120,7 @@ def _layer_index(path: str, pattern: tuple[str, ...] | str | None) -> int | None
   return int(match.group(1)) if match else None
 
 
-def _matches(path: str, node: Mapping, cfg: C3AConfig, targets: Any) -> bool:
+def _matches(path: str, linear: bool, cfg: C3AConfig, targets: Any) -> bool:
   """PEFT 0.21's check_target_module_exists, on a params-tree path."""
   if isinstance(cfg.exclude_modules, str):
     if re.fullmatch(cfg.exclude_modules, path):
@@ -113,7 +130,7 @@ def _matches(path: str, node: Mapping, cfg: C3AConfig, targets: Any) -> bool:
   if in_modules_to_save(path, cfg):
     return False
   if targets == "all-linear":
-    return is_dense(node) and not any(seg in HEAD_NAMES for seg in path.split("."))
+    return linear and not any(seg in HEAD_NAMES for seg in path.split("."))
   if isinstance(targets, str):
     return re.fullmatch(targets, path) is not None
   if path in targets:
@@ -135,7 +152,7 @@ def named_target(path: str, cfg: C3AConfig) -> bool | None:
   default targets)."""
   if cfg.target_modules is None or cfg.target_modules == "all-linear":
     return None
-  return _matches(path, {}, cfg, cfg.target_modules)
+  return _matches(path, False, cfg, cfg.target_modules)
 
 
 def _pattern_key(path: str, cfg: C3AConfig) -> str | None:
@@ -156,19 +173,58 @@ def _divisors(a: int, b: int) -> list[int]:
   return [d for d in range(1, g + 1) if g % d == 0]
 
 
-def select(params: Mapping, cfg: C3AConfig, *, model_type: str | None = None) -> list[Target]:
+def _layout(path: str, node: Mapping, traced: Mapping[str, Traced] | None, out_in: bool) -> Layout:
+  """How ``node``'s kernel lies: from the trace where there is one, else a 2-D kernel is a
+  Dense ``(d_in, d_out)`` (``(d_out, d_in)`` with ``out_in``)."""
+  shape = _tree.shape(node["kernel"])
+  seen = (traced or {}).get(path)
+  if seen is not None:
+    if seen.problem:
+      raise ValueError(f"C3A target {path!r} ({seen.kind}, kernel {seen.shape}): {seen.problem}")
+    n_stack = len(shape) - len(seen.shape)
+    if n_stack < 0 or shape[n_stack:] != seen.shape:
+      raise ValueError(
+        f"C3A target {path!r}: its kernel is {shape} in the params but {seen.shape} in each "
+        "call, so it is stacked on an axis other than the leading ones; c3a adapts layers "
+        "stacked on leading axes (nn.scan / nn.vmap with variable_axes={'params': 0})"
+      )
+    return Layout(shape[:n_stack], seen.shape, seen.n_in, seen.out_in)
+  if len(shape) == 2:
+    return Layout((), shape, 1, out_in)
+  why = (
+    "forward did not call it"
+    if traced is not None
+    else "from the params alone c3a cannot tell a stacked Dense (L, d_in, d_out) from a "
+    "DenseGeneral (d_in, heads, head_dim); pass forward=lambda p: model.apply({'params': p}, x) "
+    "so c3a traces the model once (abstractly, no FLOPs) and reads each layer's axes"
+  )
+  raise ValueError(f"C3A target {path!r} has a {len(shape)}-D kernel {shape}: {why}")
+
+
+def select(
+  params: Mapping,
+  cfg: C3AConfig,
+  *,
+  model_type: str | None = None,
+  forward: Callable[[Any], Any] | None = None,
+) -> list[Target]:
   """The layers ``cfg`` adapts in ``params``, in tree order.
 
   Args:
-    params: a Flax params tree (the ``"params"`` collection).
+    params: a Flax params tree (the ``"params"`` collection), boxed or not.
     cfg: the C3A config.
     model_type: e.g. ``model.config.model_type`` for a Hugging Face model; gives PEFT's default
       targets when ``cfg.target_modules`` is None, and tells which layers store their kernel
       ``(out, in)`` (GPT-2's Conv1D).
+    forward: runs the model on a params tree, e.g. ``lambda p: model.apply({"params": p}, x)``.
+      Needed where kernels have more than 2 axes (``nn.DenseGeneral``, ``nn.Einsum``,
+      ``nn.MultiHeadDotProductAttention``, layers stacked by ``nn.scan`` or ``nn.vmap``): c3a
+      traces it once with :func:`jax.eval_shape` to learn which kernel axes are stacked, "in"
+      and "out". Without it, every target must be a 2-D Dense.
 
   Raises:
-    ValueError: naming the layer, its shape and the block size, when a target is not a Dense
-      layer or a block size does not divide its sizes; when nothing matches; when a
+    ValueError: naming the layer, its shape and the block size, when a target is not a layer C3A
+      adapts or a block size does not divide its sizes; when nothing matches; when a
       ``block_size_pattern`` key matches no target.
   """
   targets = cfg.target_modules
@@ -180,41 +236,56 @@ def select(params: Mapping, cfg: C3AConfig, *, model_type: str | None = None) ->
         f"targets (known: {known}); pass target_modules, e.g. ['query', 'value']"
       )
     targets = DEFAULT_TARGETS[model_type]
+  traced = None if forward is None else trace(forward, params)
   out_in_names = OUT_IN_LAYERS.get(model_type, ())
   selected = []
-  root = [("", params)] if is_dense(params) else []  # a bare Dense's params
+  unknown = []  # multi-axis kernels all-linear cannot classify without a trace
+  root = [("", params)] if is_linear(params) else []  # a bare layer's params
   for path, node in [*root, *_tree.modules(params)]:
-    if not _matches(path, node, cfg, targets):
+    seen = (traced or {}).get(path)
+    linear = is_dense(node) if seen is None else seen.problem is None
+    if not _matches(path, linear, cfg, targets):
+      if targets == "all-linear" and traced is None and is_linear(node) and not linear:
+        unknown.append(path)
       continue
-    if not is_dense(node):
+    if not is_linear(node):
       leaves = {
         k: (_tree.shape(v) if not isinstance(v, Mapping) else "{...}") for k, v in node.items()
       }
       raise ValueError(
-        f"C3A target {path!r} (matched by target_modules={targets!r}) is not a Dense layer: it "
-        f"holds {leaves}. C3A adapts Dense layers (a 2-D 'kernel'); narrow target_modules."
+        f"C3A target {path!r} (matched by target_modules={targets!r}) is not a linear layer: it "
+        f"holds {leaves}. C3A adapts layers with a 'kernel' (nn.Dense, nn.DenseGeneral, "
+        "nn.Einsum); narrow target_modules."
       )
     out_in = _ends_with(path, out_in_names)
-    if model_type is None and _ends_with(path, OUT_IN_LAYERS["gpt2"]):
+    if model_type is None and _ends_with(path, OUT_IN_LAYERS["gpt2"]) and seen is None:
       warnings.warn(
         f"layer {path!r} is named like GPT-2's Conv1D, whose kernel is stored "
         "(out, in); if this is GPT-2, pass model_type='gpt2' or merge will be wrong",
         stacklevel=3,
       )
-    rows, cols = _tree.shape(node["kernel"])
-    d_in, d_out = (cols, rows) if out_in else (rows, cols)
+    layout = _layout(path, node, traced, out_in)
     b = block_size_for(path, cfg)
-    if d_in % b or d_out % b:
+    if layout.d_in % b or layout.d_out % b:
       raise ValueError(
-        f"block size {b} does not divide layer {path!r}: kernel {(rows, cols)} has d_in={d_in}, "
-        f"d_out={d_out}; block sizes that divide both: {_divisors(d_in, d_out)}"
+        f"block size {b} does not divide layer {path!r}: kernel {_tree.shape(node['kernel'])} "
+        f"has d_in={layout.d_in}, d_out={layout.d_out}; block sizes that divide both: "
+        f"{_divisors(layout.d_in, layout.d_out)}"
       )
-    selected.append(Target(path, b, d_in, d_out, out_in))
+    selected.append(Target(path, b, layout))
+  if unknown:
+    warnings.warn(
+      f"target_modules='all-linear' leaves out {unknown[:8]}{' ...' if len(unknown) > 8 else ''}: "
+      "their kernels have more than 2 axes, which from the params alone may be convolutions or "
+      "multi-axis / stacked linear layers; pass forward=lambda p: model.apply({'params': p}, x) "
+      "to attach so c3a tells them apart and adapts the linear ones",
+      stacklevel=3,
+    )
   if not selected:
-    dense = [p for p, n in _tree.modules(params) if is_dense(n)]
+    linear = [p for p, n in _tree.modules(params) if is_linear(n)]
     raise ValueError(
-      f"target_modules={targets!r} matched no layer. Dense layers here include: {dense[:8]}"
-      + (" ..." if len(dense) > 8 else "")
+      f"target_modules={targets!r} matched no layer. Layers here include: {linear[:8]}"
+      + (" ..." if len(linear) > 8 else "")
     )
   used = {_pattern_key(t.path, cfg) for t in selected}
   for key in cfg.block_size_pattern:

@@ -23,9 +23,10 @@ Example:
 
 from __future__ import annotations
 
+import math
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -34,6 +35,8 @@ import jax.numpy as jnp
 from c3a_jax import _tree, ops
 from c3a_jax._config import C3AConfig
 from c3a_jax._labels import label
+from c3a_jax._layout import Layout, box_c3a, of_shapes, rebox
+from c3a_jax._layout import delta as layout_delta
 from c3a_jax._targets import C3A_LEAVES, select
 from c3a_jax._tree import Params
 
@@ -42,12 +45,20 @@ _WEIGHTS = ("kernel", "scale", "embedding", "weight")  # one per Flax layer, nev
 
 
 def attach(
-  params: Mapping, cfg: C3AConfig, rng: jax.Array, *, model_type: str | None = None
+  params: Mapping,
+  cfg: C3AConfig,
+  rng: jax.Array,
+  *,
+  model_type: str | None = None,
+  forward: Callable[[Any], Any] | None = None,
 ) -> Params:
-  """Returns ``params`` with a C3A kernel leaf in every Dense layer ``cfg`` selects.
+  """Returns ``params`` with a C3A kernel leaf in every layer ``cfg`` selects.
 
   Pure: ``params`` is not modified. Each layer's kernel is drawn from ``rng`` folded with a
   hash of its path, so a layer's initial value does not depend on which other layers are adapted.
+  A stacked layer (``nn.scan``) gets a stacked C3A kernel ``(L, m, n, b)``, layer ``i`` drawn
+  from that key folded with ``i``. A boxed kernel (``nn.with_logical_partitioning``) gets a
+  boxed C3A kernel: its stack axes named as the kernel's, ``(m, n, b)`` ``None``.
 
   Args:
     params: a Flax params tree.
@@ -55,6 +66,9 @@ def attach(
     rng: a JAX PRNG key.
     model_type: ``model.config.model_type`` for Hugging Face models: PEFT's default targets when
       ``cfg.target_modules`` is None, and the layers stored ``(out, in)`` (GPT-2's Conv1D).
+    forward: runs the model on a params tree, e.g. ``lambda p: model.apply({"params": p}, x)``;
+      needed for kernels of more than 2 axes (DenseGeneral, Einsum, scanned stacks), see
+      :func:`c3a_jax.select`.
 
   Raises:
     TypeError: ``params`` is not a mapping.
@@ -66,20 +80,27 @@ def attach(
       f"model.init(rng, x)['params'], got {type(params).__name__}"
     )
   out = _tree.to_dict(params)
-  for t in select(out, cfg, model_type=model_type):
-    if any(leaf in _tree.get(out, t.path) for leaf in C3A_LEAVES):
+  for t in select(out, cfg, model_type=model_type, forward=forward):
+    module = _tree.get(out, t.path)
+    if any(leaf in module for leaf in C3A_LEAVES):
       raise ValueError(
         f"layer {t.path!r} already holds a C3A kernel; c3a.split(params) first to "
         "attach a fresh adapter to the base"
       )
     key = jax.random.fold_in(rng, zlib.crc32(t.path.encode()))
-    _tree.set_leaf(
-      out,
-      t.path,
-      C3A_KERNEL_OUT_IN if t.out_in else C3A_KERNEL,
-      ops.init(key, t.shape, cfg.init_weights),
-    )
+    w = _init(key, t.shape, cfg.init_weights)
+    name = C3A_KERNEL_OUT_IN if t.out_in else C3A_KERNEL
+    module[name] = box_c3a(module["kernel"], w, t.layout)
   return out
+
+
+def _init(key: jax.Array, shape: tuple[int, ...], init_weights: Any) -> jax.Array:
+  """``ops.init`` per layer of a stack, layer ``i`` from ``key`` folded with ``i``."""
+  if len(shape) == 3:
+    return ops.init(key, shape, init_weights)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(math.prod(shape[:-3])))
+  one = jax.vmap(lambda k: ops.init(k, shape[-3:], init_weights))(keys)
+  return one.reshape(shape)
 
 
 def split(params: Mapping, cfg: C3AConfig | None = None) -> tuple[Params, Params]:
@@ -137,26 +158,20 @@ def combine(adapter: Mapping, base: Mapping) -> Params:
   return out
 
 
-def _check_fits(path: str, module: Mapping, name: str, w: Any, what: str) -> None:
+def _check_fits(path: str, module: Mapping, name: str, w: Any, what: str) -> Layout:
+  """How C3A kernel ``w`` lies over ``module``'s kernel; a ValueError if it does not fit."""
   kernel = module.get("kernel")
-  shape = _tree.shape(w)
-  if kernel is None or len(_tree.shape(kernel)) != 2 or len(shape) != 3:
+  if kernel is None or len(_tree.shape(kernel)) < 2:
     raise ValueError(
-      f"{what}: {path}.{name} of shape {shape} needs a Dense layer with a 2-D "
-      f"kernel, but {path!r} holds {sorted(module)}"
+      f"{what}: {path}.{name} of shape {_tree.shape(w)} needs a layer with a kernel of 2 or "
+      f"more axes, but {path!r} holds {sorted(module)}"
     )
-  m, n, b = shape
-  expected = (m * b, n * b) if name == C3A_KERNEL_OUT_IN else (n * b, m * b)
-  if _tree.shape(kernel) != expected:
-    raise ValueError(
-      f"{what}: {path}.{name} has shape {shape} (m, n, b), for a layer with d_in={n * b} and "
-      f"d_out={m * b} at block size {b}; but layer {path!r} has kernel {_tree.shape(kernel)}"
-    )
-
-
-def _delta(name: str, w: jax.Array) -> jax.Array:
-  delta = ops.delta_weight(w)
-  return delta.T if name == C3A_KERNEL_OUT_IN else delta
+  return of_shapes(
+    _tree.shape(kernel),
+    _tree.shape(w),
+    where=f"{what}: {path}.{name}",
+    out_in=name == C3A_KERNEL_OUT_IN,
+  )
 
 
 # The share of a delta's norm a low-precision merge may round away without a warning.
@@ -184,10 +199,11 @@ def merge(params: Mapping, *, safe: bool = False, dtype: Any = None) -> Params:
     for name in C3A_LEAVES:
       if name not in module:
         continue
-      w = module.pop(name)
-      _check_fits(path, module, name, w, "merge")
-      kernel = module["kernel"]
-      delta = _delta(name, w)
+      w = _tree.unbox(module.pop(name))
+      layout = _check_fits(path, module, name, w, "merge")
+      boxed = module["kernel"]
+      kernel = _tree.unbox(boxed)
+      delta = layout_delta(w, layout)
       merged = (kernel.astype(jnp.float32) + delta).astype(dtype or kernel.dtype)
       concrete = not isinstance(merged, jax.core.Tracer)
       if safe and not concrete:
@@ -206,7 +222,7 @@ def merge(params: Mapping, *, safe: bool = False, dtype: Any = None) -> Params:
         lost = float(jnp.linalg.norm(kept - delta) / jnp.maximum(jnp.linalg.norm(delta), 1e-30))
         if lost > _LOSSY_MERGE:
           lossy.append((lost, path, merged.dtype.name))
-      module["kernel"] = merged
+      module["kernel"] = rebox(boxed, merged)
   if lossy:
     worst, where, stored = max(lossy)
     warnings.warn(
@@ -230,7 +246,9 @@ def unmerge(merged: Mapping, adapter: Mapping) -> Params:
       raise ValueError(f"unmerge: the merged params have no layer {path!r}") from None
     if any(n in module for n in C3A_LEAVES):
       raise ValueError(f"unmerge: layer {path!r} still holds a C3A kernel, so it is not merged")
-    _check_fits(path, module, name, w, "unmerge")
-    kernel = module["kernel"]
-    module["kernel"] = (kernel.astype(jnp.float32) - _delta(name, w)).astype(kernel.dtype)
+    w = _tree.unbox(w)
+    layout = _check_fits(path, module, name, w, "unmerge")
+    kernel = _tree.unbox(module["kernel"])
+    restored = kernel.astype(jnp.float32) - layout_delta(w, layout)
+    module["kernel"] = rebox(module["kernel"], restored.astype(kernel.dtype))
   return combine(adapter, out)

@@ -1,4 +1,7 @@
-"""Nested-dict helpers for Flax params trees, addressed by dotted module paths."""
+"""Nested-dict helpers for Flax params trees, addressed by dotted module paths.
+
+Flax boxes (``nn.Partitioned`` and kin) are leaves here, read through where a shape is asked.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+from flax.core import meta
 
 Params = dict[str, Any]
 
@@ -62,5 +66,11 @@ def set_leaf(tree: dict, path: str, name: str, value: Any) -> None:
   node[name] = value
 
 
+def unbox(x: Any) -> Any:
+  """The array inside a Flax box (``nn.Partitioned``, ``nn.LogicallyPartitioned``), or ``x``."""
+  return x.unbox() if isinstance(x, meta.AxisMetadata) else x
+
+
 def shape(x: Any) -> tuple[int, ...]:
-  return tuple(np.shape(x))
+  """The shape of a leaf, boxed or not."""
+  return tuple(np.shape(unbox(x)))

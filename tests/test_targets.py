@@ -146,12 +146,12 @@ def test_non_dense_target_is_an_error():
   with pytest.raises(
     ValueError,
     match=r"'roberta.encoder.layer.0.attention.output.LayerNorm'.*"
-    r"not a Dense layer",
+    r"not a linear layer",
   ):
     c3a.select(encoder(), c3a.C3AConfig(block_size=8, target_modules=["LayerNorm"]))
-  with pytest.raises(ValueError, match="word_embeddings.*not a Dense layer"):
+  with pytest.raises(ValueError, match="word_embeddings.*not a linear layer"):
     c3a.select(encoder(), c3a.C3AConfig(block_size=8, target_modules=["word_embeddings"]))
-  with pytest.raises(ValueError, match=r"'roberta.encoder.layer.0.attention.self'.*not a Dense"):
+  with pytest.raises(ValueError, match=r"'roberta.encoder.layer.0.attention.self'.*not a linear"):
     c3a.select(encoder(), c3a.C3AConfig(block_size=8, target_modules=["self"]))
 
 

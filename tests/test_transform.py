@@ -145,13 +145,13 @@ def test_combine_rejects_trees_that_do_not_fit():
     c3a.combine({"dec": {"fc": {"c3a_kernel": jnp.ones((1, 2, 8))}}}, base)
   with pytest.raises(
     ValueError,
-    match=r"enc.fc.c3a_kernel has shape \(2, 1, 8\) \(m, n, b\), "
+    match=r"enc.fc.c3a_kernel has shape \(2, 1, 8\) \(\*stack, m, n, b\), "
     r"for a layer with d_in=8 and d_out=16 .* kernel \(16, 8\)",
   ):
     c3a.combine({"enc": {"fc": {"c3a_kernel": jnp.ones((2, 1, 8))}}}, base)
   with pytest.raises(ValueError, match=r"enc.fc.kernel has shape \(8, 8\), the base's has"):
     c3a.combine({"enc": {"fc": {"kernel": jnp.ones((8, 8))}}}, base)
-  with pytest.raises(ValueError, match="needs a Dense layer"):
+  with pytest.raises(ValueError, match="needs a layer with a kernel"):
     c3a.combine({"enc": {"c3a_kernel": jnp.ones((1, 2, 8))}}, base)
   fitted = c3a.combine({"enc": {"fc": {"c3a_kernel": jnp.ones((1, 2, 8))}}}, base)
   assert fitted["enc"]["fc"]["c3a_kernel"].shape == (1, 2, 8)
@@ -227,11 +227,11 @@ def test_nested_interceptors_add_the_delta_once():
 
 
 def test_a_c3a_kernel_on_a_layer_the_interceptor_cannot_adapt_is_an_error():
-  model = nn.DenseGeneral(8)
-  params = dict(model.init(jax.random.key(0), jnp.ones((1, 8)))["params"])
+  model = nn.DenseGeneral(8, batch_dims=(0,))
+  params = dict(model.init(jax.random.key(0), jnp.ones((2, 8)))["params"])
   params["c3a_kernel"] = jnp.ones((2, 2, 4))
-  with pytest.raises(ValueError, match=r"holds a C3A kernel but is a DenseGeneral"):
-    c3a.wrap(model.apply)({"params": params}, jnp.ones((1, 8)))
+  with pytest.raises(ValueError, match=r"holds a C3A kernel, but: DenseGeneral with batch_dims"):
+    c3a.wrap(model.apply)({"params": params}, jnp.ones((2, 8)))
 
 
 def test_root_level_dense_and_bad_keys():

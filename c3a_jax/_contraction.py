@@ -1,0 +1,146 @@
+"""What a linear layer's call contracts, written as an einsum, and C3A's rows in and out of it.
+
+Every layer C3A adapts computes ``einsum("<x>,<kernel>-><out>", x, kernel)``: ``nn.Dense`` is
+``"...a,ab->...b"``, ``nn.DenseGeneral(features=(4, 5), axis=-1)`` ``"...a,abc->...bc"``, and
+``nn.Einsum`` says its own. The layout rule: the kernel axes the input
+contracts with are "in" and must lead the kernel; the rest are "out". Flattened in the kernel's
+order, they give the ``(d_in, d_out)`` matrix whose C3A kernel is ``(d_out // b, d_in // b, b)``;
+PEFT's ``torch.nn.Linear`` weight is that matrix transposed.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> c = Contraction.parse("BTD,DNH->BTNH", (2, 3, 8), (8, 2, 4))
+  >>> c.n_in, c.to_rows(jnp.ones((2, 3, 8))).shape, c.from_rows(jnp.ones((2, 3, 8))).shape
+  (1, (2, 3, 8), (2, 3, 2, 4))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import opt_einsum
+
+
+@dataclasses.dataclass(frozen=True)
+class Contraction:
+  """``einsum(f"{x},{kernel}->{out}")`` with ellipses spelled out; ``shape`` is the kernel's."""
+
+  x: str
+  kernel: str
+  out: str
+  shape: tuple[int, ...]
+
+  @classmethod
+  def parse(cls, spec: str, x_shape: Sequence[int], kernel_shape: Sequence[int]) -> Contraction:
+    """From an einsum string; a ValueError saying why if C3A cannot adapt it."""
+    operands, out, _ = opt_einsum.parser.parse_einsum_input(
+      (spec.replace(" ", ""), _Shaped(tuple(x_shape)), _Shaped(tuple(kernel_shape)))
+    )
+    x, kernel = operands.split(",")
+    c = cls(x, kernel, out, tuple(kernel_shape))
+    c.check(spec)
+    return c
+
+  @property
+  def ins(self) -> str:
+    return "".join(a for a in self.kernel if a in self.x)
+
+  @property
+  def outs(self) -> str:
+    return "".join(a for a in self.kernel if a not in self.x)
+
+  @property
+  def free(self) -> str:
+    return "".join(a for a in self.x if a not in self.kernel)
+
+  @property
+  def n_in(self) -> int:
+    """How many leading kernel axes are "in"."""
+    return len(self.ins)
+
+  @property
+  def d_in(self) -> int:
+    return math.prod(self.shape[: self.n_in])
+
+  @property
+  def d_out(self) -> int:
+    return math.prod(self.shape[self.n_in :])
+
+  def check(self, spec: str) -> None:
+    shared = [a for a in self.kernel if a in self.x and a in self.out]
+    summed = [a for a in self.kernel if a not in self.x and a not in self.out]
+    if shared or summed or len(set(self.kernel)) != len(self.kernel):
+      raise ValueError(
+        f"einsum {spec!r} is not a linear map of the input: its kernel axes "
+        f"{shared + summed} are batch or summed axes; C3A adapts kernels whose every axis is "
+        "contracted with the input or kept in the output"
+      )
+    if not self.ins or not self.outs or self.kernel != self.ins + self.outs:
+      raise ValueError(
+        f"einsum {spec!r}: the kernel axes the input contracts with ({self.ins!r}) must come "
+        f"first in the kernel {self.kernel!r}, then the output axes ({self.outs!r}): C3A flattens "
+        "them in that order (README, 'Layers beyond Dense')"
+      )
+    if sorted(self.out) != sorted(self.free + self.outs):
+      raise ValueError(f"einsum {spec!r} has output axes that are neither input nor kernel axes")
+
+  def to_rows(self, x: jax.Array) -> jax.Array:
+    """``x`` as ``(*free axes, d_in)``, its contracted axes last in the kernel's order."""
+    moved = jnp.einsum(f"{self.x}->{self.free}{self.ins}", x)
+    return moved.reshape(*moved.shape[: len(self.free)], self.d_in)
+
+  def from_rows(self, z: jax.Array) -> jax.Array:
+    """``(*free axes, d_out)`` rows laid out as the layer's output."""
+    z = z.reshape(*z.shape[:-1], *self.shape[self.n_in :])
+    return jnp.einsum(f"{self.free}{self.outs}->{self.out}", z)
+
+  def bias_shape(self) -> tuple[int, ...]:
+    """Where a bias over the kernel's output axes broadcasts in the output."""
+    dims = dict(zip(self.kernel, self.shape, strict=True))
+    return tuple(dims.get(a, 1) for a in self.out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shaped:
+  """What opt_einsum's parser reads of an operand: its shape (no array is allocated)."""
+
+  shape: tuple[int, ...]
+
+
+def _letters(n: int) -> str:
+  return string.ascii_letters[:n]
+
+
+def of_module(module: nn.Module, args: tuple, kwargs: dict) -> Contraction:
+  """The contraction of ``module``'s ``__call__(*args, **kwargs)``; a ValueError if C3A cannot
+  adapt it (the message says why, without the layer's path, which the caller adds)."""
+  x = args[0] if args else kwargs.get("inputs")
+  kernel = nn.unbox(module.get_variable("params", "kernel"))
+  shape = tuple(np.shape(kernel))
+  if isinstance(module, nn.Einsum):
+    spec = args[1] if len(args) > 1 else kwargs.get("einsum_str") or module.einsum_str
+    return Contraction.parse(spec, np.shape(x), shape)
+  if isinstance(module, nn.DenseGeneral):
+    if module.batch_dims:
+      raise ValueError(
+        f"DenseGeneral with batch_dims={module.batch_dims} has one kernel per batch index; "
+        "C3A adapts DenseGeneral without batch_dims"
+      )
+    axes = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+    axes = [a % np.ndim(x) for a in axes]
+  elif isinstance(module, nn.Dense):
+    axes = [np.ndim(x) - 1]
+  else:
+    raise ValueError(f"{type(module).__name__} is not a layer C3A adapts")
+  letters = _letters(np.ndim(x) + len(shape) - len(axes))
+  xs, feats = letters[: np.ndim(x)], letters[np.ndim(x) :]
+  ins = "".join(xs[a] for a in axes)
+  out = "".join(a for a in xs if a not in ins) + feats
+  return Contraction.parse(f"{xs},{ins}{feats}->{out}", np.shape(x), shape)

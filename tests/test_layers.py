@@ -1,0 +1,298 @@
+"""C3A on multi-axis kernels (DenseGeneral, Einsum, attention), scanned stacks and boxed params.
+
+The reference for a multi-axis layer is the layer itself with ``kernel + delta`` for its kernel,
+``delta`` being the float64 definition (tests/reference.py) laid out by the layout rule: the
+kernel's leading "in" axes flattened to rows, the rest to columns. The reference for a scanned
+stack is the same model unrolled, each layer given its slice of every stacked leaf.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import c3a_jax as c3a
+from c3a_jax import ops
+from tests.reference import dense_reference
+
+STRATEGIES = ("fft", "freq_major", "dense", "fold", "auto")
+
+
+def _reference_kernel(kernel, w):
+  """``kernel + delta`` by the layout rule, the delta from the float64 definition."""
+  delta = dense_reference(np.asarray(w)).T  # (d_in, d_out)
+  return np.asarray(kernel, np.float64) + delta.reshape(np.shape(kernel))
+
+
+# (layer, input shape): every kind of contraction the layout rule covers.
+LAYERS = {
+  "dense_general_heads": (nn.DenseGeneral((2, 8)), (3, 5, 16)),
+  "dense_general_out": (nn.DenseGeneral(16, axis=(-2, -1)), (3, 5, 2, 8)),
+  "dense_general_split_axes": (nn.DenseGeneral((4, 4), axis=(1, -1)), (3, 4, 5, 2)),
+  "einsum_q": (nn.Einsum((16, 2, 8), "BTD,DNH->BTNH"), (3, 5, 16)),
+  "einsum_o_ellipsis": (nn.Einsum((2, 8, 16), "...NH,NHD->...D", use_bias=False), (3, 5, 2, 8)),
+}
+
+
+# The default tier runs every layer under "auto" and every strategy on one layer.
+CASES = [
+  pytest.param(
+    name,
+    strategy,
+    marks=() if strategy == "auto" or name == "einsum_q" else pytest.mark.integration,
+  )
+  for name in sorted(LAYERS)
+  for strategy in STRATEGIES
+]
+
+
+@pytest.mark.parametrize(("name", "strategy"), CASES)
+def test_multi_axis_layers_equal_the_reference(name, strategy):
+  layer, shape = LAYERS[name]
+  x = jax.random.normal(jax.random.key(0), shape)
+  params = layer.init(jax.random.key(1), x)["params"]
+  forward = lambda p: layer.apply({"params": p}, x)
+  cfg = c3a.C3AConfig(block_size=4, target_modules=".*", init_weights="gaussian")
+  adapted = c3a.attach(params, cfg, jax.random.key(2), forward=forward)
+  w = adapted["c3a_kernel"]
+  kernel = adapted["kernel"]
+  d_out, d_in = dense_reference(np.asarray(w)).shape
+  assert d_in * d_out == kernel.size
+  want = layer.apply({"params": {**params, "kernel": _reference_kernel(kernel, w)}}, x)
+  got = jax.jit(c3a.wrap(layer.apply, strategy=strategy))({"params": adapted}, x)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+  merged = c3a.merge(adapted)
+  np.testing.assert_allclose(layer.apply({"params": merged}, x), want, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(
+    c3a.unmerge(merged, c3a.split(adapted)[0])["kernel"], kernel, atol=1e-5
+  )
+
+  # The kernel gradient against the layer's own contraction of a dense delta.
+  g = jax.random.normal(jax.random.key(3), want.shape)
+
+  def loss(w, run):
+    return jnp.vdot(run({**adapted, "c3a_kernel": w}), g)
+
+  def dense_run(p):
+    delta = ops.delta_weight(p["c3a_kernel"]).reshape(kernel.shape)
+    base = {k: v for k, v in p.items() if k != "c3a_kernel"}
+    return layer.apply({"params": {**base, "kernel": kernel + delta}}, x)
+
+  wrapped = c3a.wrap(layer.apply, strategy=strategy)
+  got_grad = jax.jit(jax.grad(loss, argnums=0), static_argnums=1)(
+    w, lambda p: wrapped({"params": p}, x)
+  )
+  np.testing.assert_allclose(got_grad, jax.grad(loss)(w, dense_run), atol=1e-4, rtol=1e-4)
+
+
+def test_attention_adapts_query_key_value_and_out():
+  attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, out_features=8)
+  x = jax.random.normal(jax.random.key(0), (2, 6, 8))
+  params = attn.init(jax.random.key(1), x)["params"]
+  cfg = c3a.C3AConfig(block_size=4, target_modules="all-linear", init_weights="gaussian")
+  adapted = c3a.attach(
+    params, cfg, jax.random.key(2), forward=lambda p: attn.apply({"params": p}, x)
+  )
+  assert {k: v["c3a_kernel"].shape for k, v in adapted.items()} == {
+    "query": (4, 2, 4),
+    "key": (4, 2, 4),
+    "value": (4, 2, 4),
+    "out": (2, 4, 4),
+  }
+  reference = {
+    k: {**v, "kernel": _reference_kernel(v["kernel"], v["c3a_kernel"])} for k, v in adapted.items()
+  }
+  reference = {k: {n: a for n, a in v.items() if n != "c3a_kernel"} for k, v in reference.items()}
+  want = attn.apply({"params": reference}, x)
+  np.testing.assert_allclose(c3a.wrap(attn.apply)({"params": adapted}, x), want, atol=2e-5)
+  assert not np.allclose(attn.apply({"params": params}, x), want, atol=1e-3)
+
+
+def test_layers_c3a_cannot_adapt_are_refused_at_attach():
+  x = jnp.ones((2, 3, 16))
+  cfg = c3a.C3AConfig(block_size=4, target_modules=".*")
+  cases = {
+    "batch_dims": (nn.DenseGeneral(8, batch_dims=(0,)), jnp.ones((2, 16)), "batch_dims"),
+    "trailing_in": (
+      nn.Einsum((8, 2, 8), "BTNH,DNH->BTD"),
+      jnp.ones((2, 3, 2, 8)),
+      r"must come first in the kernel 'DNH'",
+    ),
+    "per_head": (
+      nn.Einsum((2, 8, 8), "BNH,NHK->BNK"),
+      jnp.ones((3, 2, 8)),
+      r"batch or summed axes",
+    ),
+    "conv": (nn.Conv(8, (3,)), x, r"Conv is not a layer C3A adapts"),
+  }
+  for layer, inputs, match in cases.values():
+    params = layer.init(jax.random.key(0), inputs)["params"]
+    with pytest.raises(ValueError, match=match):
+      c3a.attach(
+        params, cfg, jax.random.key(1), forward=lambda p: layer.apply({"params": p}, inputs)
+      )
+  general = nn.DenseGeneral((2, 8))
+  params = general.init(jax.random.key(0), x)["params"]
+  with pytest.raises(ValueError, match=r"3-D kernel \(16, 2, 8\).*pass forward="):
+    c3a.attach(params, cfg, jax.random.key(1))
+  with pytest.raises(
+    ValueError, match=r"block size 3 does not divide .* d_in=16, d_out=16.* \[1, 2, 4, 8, 16\]"
+  ):
+    c3a.attach(
+      params,
+      cfg.replace(block_size=3),
+      jax.random.key(1),
+      forward=lambda p: general.apply({"params": p}, x),
+    )
+  with pytest.warns(UserWarning, match=r"all-linear' leaves out \[''\]"):
+    with pytest.raises(ValueError, match="matched no layer"):
+      c3a.attach(params, cfg.replace(target_modules="all-linear"), jax.random.key(1))
+
+
+class Block(nn.Module):
+  """A pre-norm transformer block with DenseGeneral attention and logically partitioned kernels."""
+
+  heads: int = 2
+  head_dim: int = 8
+
+  @nn.compact
+  def __call__(self, x, _):
+    def dense(features, axis, names, name):
+      init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), names)
+      return nn.DenseGeneral(features, axis=axis, kernel_init=init, name=name)
+
+    h = nn.LayerNorm()(x)
+    q = dense((self.heads, self.head_dim), -1, ("embed", "heads", "kv"), "query")(h)
+    v = dense((self.heads, self.head_dim), -1, ("embed", "heads", "kv"), "value")(h)
+    att = nn.dot_product_attention(q, q, v)
+    x = x + dense(x.shape[-1], (-2, -1), ("heads", "kv", "embed"), "out")(att)
+    y = nn.Dense(
+      32,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+      name="up",
+    )(x)
+    return x + nn.Dense(x.shape[-1], name="down")(nn.gelu(y)), None
+
+
+class Scanned(nn.Module):
+  layers: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(
+      Block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      length=self.layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x, _ = stack(name="layers")(x, None)
+    return nn.Dense(4, name="lm_head")(x)
+
+
+class Unrolled(nn.Module):
+  layers: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.layers):
+      x, _ = Block(name=f"layers_{i}")(x, None)
+    return nn.Dense(4, name="lm_head")(x)
+
+
+def _unroll(params, layers):
+  """The unrolled twin's params: layer i gets slice i of every stacked leaf (boxes dropped)."""
+  plain = nn.unbox(params)
+  stacked = plain.pop("layers")
+  for i in range(layers):
+    plain[f"layers_{i}"] = jax.tree.map(lambda a: a[i], stacked)
+  return plain
+
+
+@pytest.fixture(scope="module")
+def scanned():
+  model, x = Scanned(), jax.random.normal(jax.random.key(0), (2, 5, 16))
+  params = model.init(jax.random.key(1), x)["params"]
+  cfg = c3a.C3AConfig(block_size=4, target_modules="all-linear", init_weights="gaussian")
+  forward = lambda p: model.apply({"params": p}, x)
+  return model, x, params, cfg, c3a.attach(params, cfg, jax.random.key(2), forward=forward)
+
+
+def test_scanned_stack_equals_its_unrolled_twin(scanned):
+  model, x, params, _cfg, adapted = scanned
+  layers = adapted["layers"]
+  assert sorted(k for k, v in layers.items() if "c3a_kernel" in v) == [
+    "down",
+    "out",
+    "query",
+    "up",
+    "value",
+  ]
+  assert nn.unbox(layers["query"]["c3a_kernel"]).shape == (3, 4, 4, 4)
+  assert layers["down"]["c3a_kernel"].shape == (3, 4, 8, 4)
+  assert nn.unbox(layers["up"]["c3a_kernel"]).shape == (3, 8, 4, 4)
+  assert "c3a_kernel" not in adapted["lm_head"]
+  # Boxes kept; the C3A kernel's box names its stack axis as the layer's kernel does.
+  assert isinstance(layers["query"]["kernel"], nn.LogicallyPartitioned)
+  assert layers["query"]["c3a_kernel"].names == ("layers", None, None, None)
+  assert layers["up"]["c3a_kernel"].names == ("layers", None, None, None)
+  specs = nn.get_partition_spec(adapted)
+  assert specs["layers"]["query"]["c3a_kernel"] == jax.sharding.PartitionSpec(
+    "layers", None, None, None
+  )
+
+  twin = Unrolled()
+  for strategy in ("fft", "auto"):
+    got = jax.jit(c3a.wrap(model.apply, strategy=strategy))({"params": adapted}, x)
+    want = jax.jit(c3a.wrap(twin.apply, strategy="dense"))({"params": _unroll(adapted, 3)}, x)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+  assert not np.allclose(model.apply({"params": params}, x), want, atol=1e-3)
+  merged = c3a.merge(adapted)
+  assert isinstance(merged["layers"]["query"]["kernel"], nn.LogicallyPartitioned)
+  np.testing.assert_allclose(model.apply({"params": merged}, x), want, atol=2e-5)
+  adapter, _base = c3a.split(adapted)
+  restored = c3a.unmerge(merged, adapter)
+  np.testing.assert_allclose(
+    nn.unbox(restored["layers"]["out"]["kernel"]),
+    nn.unbox(params["layers"]["out"]["kernel"]),
+    atol=1e-5,
+  )
+
+
+def test_scanned_stack_trains_its_c3a_kernels_only(scanned):
+  model, x, _params, cfg, adapted = scanned
+  summary = c3a.summary(adapted, cfg)
+  per_layer = 3 * (4 * 4 * 4 * 3 + 4 * 8 * 4 * 2)  # query, value, out, up (8x4 blocks), down
+  assert summary.trainable == per_layer
+  labels = c3a.labels(adapted, cfg)
+  assert labels["layers"]["query"]["c3a_kernel"] == "c3a"
+  assert labels["layers"]["query"]["kernel"] == "frozen"
+  tx = c3a.optimizer(optax.adam(1e-2), adapted, cfg)
+  state = tx.init(adapted)
+
+  def loss(p):
+    return jnp.mean(c3a.wrap(model.apply)({"params": p}, x) ** 2)
+
+  grads = jax.jit(jax.grad(loss))(adapted)
+  updates, _ = tx.update(grads, state, adapted)
+  moved = optax.apply_updates(adapted, updates)
+  changed = jax.tree.map(lambda a, b: bool((a != b).any()), nn.unbox(moved), nn.unbox(adapted))
+  assert changed["layers"]["query"]["c3a_kernel"]
+  assert not changed["layers"]["query"]["kernel"]
+  assert not changed["lm_head"]["kernel"]
+
+
+def test_scan_without_forward_is_refused_and_all_linear_warns():
+  model, x = Scanned(), jnp.ones((2, 5, 16))
+  params = model.init(jax.random.key(1), x)["params"]
+  with pytest.raises(
+    ValueError, match=r"'layers.query' has a 4-D kernel \(3, 16, 2, 8\).*forward="
+  ):
+    c3a.attach(params, c3a.C3AConfig(block_size=4, target_modules=["query"]), jax.random.key(0))
+  with pytest.warns(UserWarning, match=r"all-linear' leaves out \[.*'layers.query'"):
+    with pytest.raises(ValueError, match="matched no layer"):
+      c3a.attach(
+        params, c3a.C3AConfig(block_size=4, target_modules="all-linear"), jax.random.key(0)
+      )
