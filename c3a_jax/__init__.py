@@ -11,7 +11,7 @@ checkpoints and counters; :mod:`c3a_jax.cli` the ``c3a-jax`` command.
 
 import warnings as _warnings
 
-from c3a_jax import ops, training
+from c3a_jax import key_maps, ops, training
 from c3a_jax._config import C3AConfig
 from c3a_jax._intercept import intercept, wrap
 from c3a_jax._labels import labels
@@ -32,6 +32,7 @@ __all__ = [
   "attach",
   "combine",
   "intercept",
+  "key_maps",
   "labels",
   "load_adapter",
   "make_train_step",

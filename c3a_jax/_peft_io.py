@@ -21,21 +21,31 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from c3a_jax import _tree
+from c3a_jax import _tree, key_maps
 from c3a_jax._config import C3AConfig
 from c3a_jax._io import atomic_write, current_umask
-from c3a_jax._targets import C3A_LEAVES, block_size_for, named_target, trains_fully
+from c3a_jax._targets import (
+  C3A_LEAVES,
+  block_size_for,
+  is_linear,
+  layer_path,
+  named_target,
+  trains_fully,
+)
 from c3a_jax._transform import combine, split
 from c3a_jax._tree import Params
+from c3a_jax.key_maps import KeyMap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -74,12 +84,20 @@ def _from_torch(name: str, value: np.ndarray, module: Mapping | None, key: str) 
   return "scale" if value.ndim == 1 else "kernel"
 
 
-def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
+def save_adapter(
+  directory: str, params: Mapping, cfg: C3AConfig, *, key_map: KeyMap | None = None
+) -> None:
   """Writes the trainable part of ``params`` as a PEFT C3A adapter into ``directory``.
 
   ``params`` is the full tree or the adapter from :func:`c3a_jax.split`. Each file is written
   atomically. ``target_modules`` of None or ``"all-linear"`` is saved as the list of adapted
   layers, so PEFT adapts exactly those.
+
+  A stacked layer (``nn.scan``, C3A kernel ``(L, m, n, b)``) is written as ``L`` PEFT layers,
+  named by :func:`c3a_jax.key_maps` rules (the index after the ``layers_pattern`` segment);
+  ``key_map`` maps each module path to PEFT's name (e.g. ``c3a.key_maps.TUNIX_QWEN3``). With
+  either, the saved ``target_modules`` lists the PEFT names, and ``block_size_pattern`` the
+  block size of each layer that differs from ``block_size``.
 
   Raises:
     ValueError: if ``params`` holds no C3A kernel, a kernel disagrees with ``cfg``'s block size,
@@ -88,31 +106,54 @@ def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
       trains fully as ``modules_to_save`` (DistilBERT's ``pre_classifier`` under
       ``all-linear`` and ``SEQ_CLS``), which PEFT cannot load.
   """
+  key_map = key_maps.check(key_map, "save_adapter")
   adapter, _ = split(params, cfg)
   tensors: dict[str, np.ndarray] = {}
   adapted, out_in, both = [], [], []
+  block_sizes: dict[str, int] = {}
+  stacks = {
+    path: _tree.shape(value)[:-3]
+    for path, name, value in _tree.leaves(adapter)
+    if name in C3A_LEAVES and len(_tree.shape(value)) > 3
+  }
   for path, name, value in _tree.leaves(adapter):
-    value = np.asarray(value)
+    value = np.asarray(_tree.unbox(value))
+    stack = stacks.get(path, ())
+    holds_c3a = any(n in _tree.get(adapter, path) for n in C3A_LEAVES)
     if name == C3A_KERNEL_OUT_IN:
       out_in.append(path)
       continue
     if name == C3A_KERNEL:
-      adapted.append(path)
       if cfg.modules_to_save and trains_fully(path, cfg):
         both.append(path)
       b = block_size_for(path, cfg)
-      if value.ndim != 3 or value.shape[2] != b:
+      if value.ndim < 3 or value.shape[-1] != b:
         raise ValueError(
           f"save_adapter: {path}.c3a_kernel has shape {value.shape} but the config "
           f"gives layer {path!r} block size {b}; PEFT could not load it"
         )
-    elif name == "bias" and any(n in _tree.get(adapter, path) for n in C3A_LEAVES):
+      if len(stack) > 1:
+        raise ValueError(
+          f"save_adapter: {path}.c3a_kernel has shape {value.shape}, {len(stack)} stack axes; "
+          "PEFT layers are numbered along one stack axis"
+        )
+    elif name == "bias" and holds_c3a:
       name = "base_layer.bias"  # PEFT wraps an adapted Linear; its own bias sits in base_layer.
     else:
       name, value = _to_torch(name, value)
     if value.dtype == jnp.bfloat16:  # numpy safetensors has no bfloat16; PEFT casts on load.
       value = value.astype(np.float32)
-    tensors[f"{PREFIX}{path}.{name}"] = np.ascontiguousarray(value)
+    layers = (
+      [(layer_path(path, i, cfg), value[i]) for i in range(stack[0])] if stack else [(path, value)]
+    )
+    for layer, v in layers:
+      peft_name = key_maps.apply(key_map, layer)
+      if name == C3A_KERNEL:
+        adapted.append(peft_name)
+        block_sizes[peft_name] = v.shape[-1]
+      elif name == "base_layer.bias":
+        v = v.reshape(-1)  # a multi-axis layer's bias, as its torch Linear holds it
+      tensors[f"{PREFIX}{peft_name}.{name}"] = np.ascontiguousarray(v)
   if out_in:
     raise ValueError(
       f"save_adapter: layers {out_in} store their kernel (out, in) (transformers' Conv1D, as in "
@@ -128,7 +169,16 @@ def save_adapter(directory: str, params: Mapping, cfg: C3AConfig) -> None:
       "'classifier' takes 'pre_classifier' too). PEFT cannot load such an adapter; attach "
       f"again with exclude_modules={both!r} (or name them out of target_modules)"
     )
-  if cfg.target_modules is None or cfg.target_modules == "all-linear" or cfg.exclude_modules:
+  if stacks or key_map:
+    # PEFT's names differ from the model's: name every layer, and each block size that differs.
+    cfg = cfg.replace(
+      target_modules=tuple(adapted),
+      exclude_modules=None,
+      layers_to_transform=None,
+      layers_pattern=None,
+      block_size_pattern={k: b for k, b in block_sizes.items() if b != cfg.block_size},
+    )
+  elif cfg.target_modules is None or cfg.target_modules == "all-linear" or cfg.exclude_modules:
     # PEFT would resolve these its own way (and 0.21 has no exclude_modules): name the layers.
     cfg = cfg.replace(target_modules=tuple(adapted), exclude_modules=None)
   if "" in adapted:
@@ -185,13 +235,39 @@ def _check_tensor(where: str, path: str, name: str, value: np.ndarray, cfg: C3AC
     raise ValueError(f"{where}: with bias={cfg.bias!r}, PEFT would skip this bias of {path!r}")
 
 
-def load_adapter(directory: str, params: Mapping | None = None) -> tuple[Params, C3AConfig]:
+def _model_names(params: Mapping, key_map: KeyMap) -> dict[str, tuple[str, int | None]]:
+  """PEFT's name of every module of ``params`` -> (module path, stack index or None).
+
+  A layer whose kernel may be stacked (3 or more axes) is also named per layer, its index
+  inserted after any one segment: wherever the saver put it, the name is found.
+  """
+  names = {key_maps.apply(key_map, path): (path, None) for path, _ in _tree.modules(params)}
+  for path, node in _tree.modules(params):
+    shape = _tree.shape(node.get("kernel")) if is_linear(node) else ()
+    if len(shape) < 3:
+      continue
+    parts = path.split(".")
+    for at in range(1, len(parts) + 1):
+      for i in range(shape[0]):
+        layer = ".".join([*parts[:at], str(i), *parts[at:]])
+        names.setdefault(key_maps.apply(key_map, layer), (path, i))
+  return names
+
+
+def load_adapter(
+  directory: str, params: Mapping | None = None, *, key_map: KeyMap | None = None
+) -> tuple[Params, C3AConfig]:
   """Reads a PEFT C3A adapter (saved by PEFT or :func:`save_adapter`) as ``(adapter, cfg)``.
 
   Pass the model's ``params`` to check every key and shape against the model (and to place
   ``modules_to_save`` weights exactly); then ``c3a.combine(adapter, params)`` runs it. PEFT's
   extra keys are understood: ``<layer>.base_layer.bias`` (the bias of an adapted layer) and,
   with ``bias="all"``, the copies under ``modules_to_save.`` and ``original_module.``.
+
+  Stacked layers (``nn.scan``) read back into their stack: PEFT's layers ``layers.0.attn.q``
+  ... ``layers.{L-1}.attn.q`` become the ``(L, m, n, b)`` kernel of ``layers.attn.q`` (this
+  needs ``params``). ``key_map`` is the map :func:`save_adapter` took, from the model's module
+  paths to PEFT's names; it too needs ``params``, as the map is read backwards through them.
 
   Tensors PEFT would read differently are refused, naming the key and the reason: integer or
   non-finite values, a C3A kernel of a layer the file's own ``target_modules`` leave out, a
@@ -203,6 +279,12 @@ def load_adapter(directory: str, params: Mapping | None = None) -> tuple[Params,
     ValueError: the directory is not a C3A adapter, a tensor is refused (above), or its keys or
       shapes do not fit ``params``.
   """
+  key_map = key_maps.check(key_map, "load_adapter")
+  if key_map and params is None:
+    raise ValueError(
+      "load_adapter: key_map needs the model's params, to find the module each PEFT name "
+      "maps to: load_adapter(directory, params, key_map=...)"
+    )
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"load_adapter: {directory} is not a directory")
   cfg = C3AConfig.load(directory)
@@ -219,6 +301,8 @@ def load_adapter(directory: str, params: Mapping | None = None) -> tuple[Params,
   except Exception as e:  # safetensors raises its own error types for corrupt files.
     raise ValueError(f"load_adapter: {weights} is not a readable safetensors file: {e}") from None
   adapter: Params = {}
+  names = None if params is None else _model_names(params, key_map)
+  slices: dict[tuple[str, str], dict[int, np.ndarray]] = {}
   for key, value in tensors.items():
     where = f"{weights}: key {key!r}"
     if not key.startswith(PREFIX) or key.count(".") < 3:
@@ -228,14 +312,19 @@ def load_adapter(directory: str, params: Mapping | None = None) -> tuple[Params,
     if "original_module" in parts:
       continue  # PEFT's frozen copy of a modules_to_save module (saved under bias="all")
     path = ".".join(p for p in parts if p not in ("base_layer", "modules_to_save"))
-    module = None
-    if params is not None:
-      try:
-        module = _tree.get(params, path)
-      except KeyError as e:
-        raise ValueError(
-          f"{where} names module {path!r}, which the model does not have (no {e.args[0]!r})"
-        ) from None
+    model_path, index, module = path, None, None
+    if names is not None:
+      if path not in names:
+        try:
+          _tree.get(params, path)
+        except KeyError as e:
+          mapped = " under key_map" if key_map else ""
+          raise ValueError(
+            f"{where} names module {path!r}, which the model does not have{mapped} "
+            f"(no {e.args[0]!r})"
+          ) from None
+      model_path, index = names.get(path, (path, None))
+      module = _tree.get(params, model_path)
     _check_tensor(where, path, name, value, cfg)
     if name == C3A_KERNEL:
       b = block_size_for(path, cfg)
@@ -248,7 +337,19 @@ def load_adapter(directory: str, params: Mapping | None = None) -> tuple[Params,
       name = _from_torch(name, value, module, where)
       if name == "kernel":
         value = _kernel_from_torch(value)
-    _tree.set_leaf(adapter, path, name, jnp.asarray(value))
+    if index is None:
+      _tree.set_leaf(adapter, model_path, name, _like(value, module, name, None))
+    else:
+      slices.setdefault((model_path, name), {})[index] = _like(value, module, name, index)
+  for (path, name), got in slices.items():
+    n_layers = _tree.shape(_tree.get(params, path)["kernel"])[0]
+    missing = sorted(set(range(n_layers)) - set(got))
+    if missing:
+      raise ValueError(
+        f"load_adapter: {weights} holds {name} of stacked layer {path!r} for layers "
+        f"{sorted(got)}, not for {missing}; a stack of {n_layers} layers needs every one"
+      )
+    _tree.set_leaf(adapter, path, name, jnp.stack([got[i] for i in range(n_layers)]))
   if not any(name in C3A_LEAVES for _, name, _ in _tree.leaves(adapter)):
     raise ValueError(f"load_adapter: {weights} holds no c3a_kernel tensors; not a C3A adapter")
   if params is not None:
@@ -257,3 +358,12 @@ def load_adapter(directory: str, params: Mapping | None = None) -> tuple[Params,
     except ValueError as e:
       raise ValueError(f"load_adapter({directory}): {e}") from None
   return adapter, cfg
+
+
+def _like(value: np.ndarray, module: Mapping | None, name: str, index: int | None) -> jax.Array:
+  """``value`` shaped as the model's leaf (a torch Linear's flat bias for a multi-axis layer)."""
+  if module is not None and name == "bias" and name in module:
+    shape = _tree.shape(module[name])[0 if index is None else 1 :]
+    if math.prod(shape) == value.size:
+      value = value.reshape(shape)
+  return jnp.asarray(value)

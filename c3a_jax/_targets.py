@@ -120,6 +120,17 @@ def _layer_index(path: str, pattern: tuple[str, ...] | str | None) -> int | None
   return int(match.group(1)) if match else None
 
 
+def layer_path(path: str, index: int, cfg: C3AConfig) -> str:
+  """The module path of layer ``index`` of the stacked layer at ``path``: the index follows the
+  first segment ``cfg.layers_pattern`` names, else the path's first segment
+  (``"layers.attn.q"`` -> ``"layers.3.attn.q"``)."""
+  parts = path.split(".")
+  patterns = cfg.layers_pattern or ()
+  patterns = (patterns,) if isinstance(patterns, str) else patterns
+  at = next((i for i, seg in enumerate(parts) if seg in patterns), 0)
+  return ".".join([*parts[: at + 1], str(index), *parts[at + 1 :]])
+
+
 def _matches(path: str, linear: bool, cfg: C3AConfig, targets: Any) -> bool:
   """PEFT 0.21's check_target_module_exists, on a params-tree path."""
   if isinstance(cfg.exclude_modules, str):

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy
+from jax.sharding import PartitionSpec as P
 
 import c3a_jax as c3a
 from c3a_jax import ops
@@ -239,9 +241,7 @@ def test_scanned_stack_equals_its_unrolled_twin(scanned):
   assert layers["query"]["c3a_kernel"].names == ("layers", None, None, None)
   assert layers["up"]["c3a_kernel"].names == ("layers", None, None, None)
   specs = nn.get_partition_spec(adapted)
-  assert specs["layers"]["query"]["c3a_kernel"] == jax.sharding.PartitionSpec(
-    "layers", None, None, None
-  )
+  assert specs["layers"]["query"]["c3a_kernel"] == P("layers", None, None, None)
 
   twin = Unrolled()
   for strategy in ("fft", "auto"):
@@ -283,6 +283,13 @@ def test_scanned_stack_trains_its_c3a_kernels_only(scanned):
   assert not changed["layers"]["query"]["kernel"]
   assert not changed["lm_head"]["kernel"]
 
+  # FSDP places a stacked C3A kernel by its output blocks m, inside its box.
+  mesh = c3a.training.make_mesh(data=4, fsdp=2)
+  shardings = c3a.training.param_shardings(adapted, mesh)
+  assert shardings["layers"]["query"]["c3a_kernel"].value.spec == P(None, "fsdp")
+  placed = jax.device_put(adapted, shardings)
+  np.testing.assert_allclose(jax.jit(loss)(placed), loss(adapted), rtol=1e-5)
+
 
 def test_scan_without_forward_is_refused_and_all_linear_warns():
   model, x = Scanned(), jnp.ones((2, 5, 16))
@@ -296,3 +303,57 @@ def test_scan_without_forward_is_refused_and_all_linear_warns():
       c3a.attach(
         params, c3a.C3AConfig(block_size=4, target_modules="all-linear"), jax.random.key(0)
       )
+
+
+def test_a_stack_saves_as_peft_layers_and_loads_back_into_the_stack(scanned, tmp_path):
+  model, x, params, cfg, adapted = scanned
+  c3a.save_adapter(tmp_path / "stacked", adapted, cfg)
+  # The unrolled twin, its layers named as PEFT numbers them, writes the same file.
+  twin_map = [(r"^layers_(\d+)\.", r"layers.\1.")]
+  c3a.save_adapter(tmp_path / "twin", _unroll(adapted, 3), cfg, key_map=twin_map)
+  stacked = safetensors.numpy.load_file(tmp_path / "stacked" / "adapter_model.safetensors")
+  twin = safetensors.numpy.load_file(tmp_path / "twin" / "adapter_model.safetensors")
+  assert sorted(stacked) == sorted(twin)
+  assert "base_model.model.layers.2.query.c3a_kernel" in stacked
+  for key in stacked:
+    np.testing.assert_array_equal(stacked[key], twin[key])
+  saved = c3a.C3AConfig.load(str(tmp_path / "stacked"))
+  assert "layers.1.out" in saved.target_modules and len(saved.target_modules) == 15
+
+  loaded, _ = c3a.load_adapter(str(tmp_path / "stacked"), params)
+  np.testing.assert_array_equal(
+    loaded["layers"]["query"]["c3a_kernel"], nn.unbox(adapted["layers"]["query"]["c3a_kernel"])
+  )
+  got = c3a.wrap(model.apply)({"params": c3a.combine(loaded, params)}, x)
+  np.testing.assert_allclose(got, c3a.wrap(model.apply)({"params": adapted}, x), atol=1e-6)
+  with pytest.raises(
+    ValueError, match=r"stacked layer 'layers.query' for layers \[0, 2\], not for \[1\]"
+  ):
+    del stacked["base_model.model.layers.1.query.c3a_kernel"]
+    safetensors.numpy.save_file(stacked, tmp_path / "stacked" / "adapter_model.safetensors")
+    c3a.load_adapter(str(tmp_path / "stacked"), params)
+
+
+def test_key_maps_name_layers_as_peft_does_both_ways(scanned, tmp_path):
+  _model, _x, params, cfg, adapted = scanned
+  hf = [
+    (r"^layers\.(\d+)\.(query|value)$", r"model.layers.\1.self_attn.\2"),
+    (r"^layers\.", "model.layers."),
+  ]
+  c3a.save_adapter(tmp_path / "hf", adapted, cfg, key_map=hf)
+  keys = safetensors.numpy.load_file(tmp_path / "hf" / "adapter_model.safetensors")
+  assert "base_model.model.model.layers.0.self_attn.query.c3a_kernel" in keys
+  assert "base_model.model.model.layers.2.up.c3a_kernel" in keys
+  with pytest.raises(ValueError, match="key_map needs the model's params"):
+    c3a.load_adapter(str(tmp_path / "hf"), key_map=hf)
+  with pytest.raises(
+    ValueError,
+    match=r"names module 'model.layers.0.\w+', which the model does not have \(no 'model'\)",
+  ):
+    c3a.load_adapter(str(tmp_path / "hf"), params)
+  loaded, _ = c3a.load_adapter(str(tmp_path / "hf"), params, key_map=hf)
+  np.testing.assert_array_equal(
+    loaded["layers"]["up"]["c3a_kernel"], nn.unbox(adapted["layers"]["up"]["c3a_kernel"])
+  )
+  with pytest.raises(ValueError, match=r"key_map entry 0: '\(' is not a regex"):
+    c3a.save_adapter(tmp_path / "bad", adapted, cfg, key_map=[("(", "x")])

@@ -3,8 +3,9 @@
 The mesh has a ``"data"`` axis and optionally an ``"fsdp"`` axis; the batch is split over both.
 The rule for parameters:
 
-* C3A kernels ``(m, n, b)`` are sharded along their output-block axis ``m`` over ``"fsdp"``
-  where ``m`` divides evenly, else replicated (they are small; replication costs little).
+* C3A kernels ``(*stack, m, n, b)`` are sharded along their output-block axis ``m`` over
+  ``"fsdp"`` where ``m`` divides evenly, else replicated (they are small; replication costs
+  little).
 * Base weights, with ``fsdp=True``, are sharded over ``"fsdp"`` along their largest axis that
   divides evenly, else replicated; with ``fsdp=False`` they are replicated.
 * Optimizer state follows its parameters: a moment of a C3A kernel is placed like the kernel.
@@ -24,10 +25,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax.core import meta
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from c3a_jax._layout import rebox
 from c3a_jax._targets import C3A_LEAVES
+from c3a_jax._tree import unbox
 
 DATA, FSDP = "data", "fsdp"
 AXES = (DATA, FSDP)
@@ -63,7 +67,10 @@ def spec_for(name: str, shape: tuple[int, ...], mesh: Mesh, *, fsdp: bool = True
   if size == 1 or not shape:
     return P()
   if name in C3A_LEAVES:
-    return P(FSDP) if shape[0] % size == 0 else P()
+    # (*stack, m, n, b): split the output blocks m, as each device then computes its own rows.
+    if len(shape) < 3 or shape[-3] % size:
+      return P()
+    return P(*[None] * (len(shape) - 3), FSDP)
   if not fsdp:
     return P()
   divisible = [i for i in np.argsort(shape, kind="stable")[::-1] if shape[i] % size == 0]
@@ -82,10 +89,15 @@ def _leaf_name(path: tuple[Any, ...]) -> str:
 
 def param_shardings(tree: Any, mesh: Mesh, *, fsdp: bool = True) -> Any:
   """``NamedSharding`` for every array leaf of ``tree`` (params, an adapter, a TrainState, or
-  optimizer state: a leaf is placed by its own name, so moments follow their parameters)."""
+  optimizer state: a leaf is placed by its own name, so moments follow their parameters).
+  A Flax box (``nn.Partitioned``) keeps its box, the sharding inside."""
+
+  def place(path, x):
+    sharding = NamedSharding(mesh, spec_for(_leaf_name(path), np.shape(unbox(x)), mesh, fsdp=fsdp))
+    return rebox(x, sharding)
+
   return jax.tree_util.tree_map_with_path(
-    lambda path, x: NamedSharding(mesh, spec_for(_leaf_name(path), np.shape(x), mesh, fsdp=fsdp)),
-    tree,
+    place, tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata)
   )
 
 
