@@ -38,12 +38,14 @@ LAYERS = {
 }
 
 
-# The default tier runs every layer under "auto" and every strategy on one layer.
+# The default tier runs every layer under "auto", and "fft" on one; the integration tier all.
 CASES = [
   pytest.param(
     name,
     strategy,
-    marks=() if strategy == "auto" or name == "einsum_q" else pytest.mark.integration,
+    marks=()
+    if strategy == "auto" or (name, strategy) == ("einsum_q", "fft")
+    else pytest.mark.integration,
   )
   for name in sorted(LAYERS)
   for strategy in STRATEGIES
@@ -216,13 +218,14 @@ def _unroll(params, layers):
 @pytest.fixture(scope="module")
 def scanned():
   model, x = Scanned(), jax.random.normal(jax.random.key(0), (2, 5, 16))
-  params = model.init(jax.random.key(1), x)["params"]
+  params = jax.jit(model.init)(jax.random.key(1), x)["params"]
   cfg = c3a.C3AConfig(block_size=4, target_modules="all-linear", init_weights="gaussian")
   forward = lambda p: model.apply({"params": p}, x)
   return model, x, params, cfg, c3a.attach(params, cfg, jax.random.key(2), forward=forward)
 
 
-def test_scanned_stack_equals_its_unrolled_twin(scanned):
+@pytest.mark.parametrize("strategy", ["auto", pytest.param("fft", marks=pytest.mark.integration)])
+def test_scanned_stack_equals_its_unrolled_twin(scanned, strategy):
   model, x, params, _cfg, adapted = scanned
   layers = adapted["layers"]
   assert sorted(k for k, v in layers.items() if "c3a_kernel" in v) == [
@@ -243,11 +246,9 @@ def test_scanned_stack_equals_its_unrolled_twin(scanned):
   specs = nn.get_partition_spec(adapted)
   assert specs["layers"]["query"]["c3a_kernel"] == P("layers", None, None, None)
 
-  twin = Unrolled()
-  for strategy in ("fft", "auto"):
-    got = jax.jit(c3a.wrap(model.apply, strategy=strategy))({"params": adapted}, x)
-    want = jax.jit(c3a.wrap(twin.apply, strategy="dense"))({"params": _unroll(adapted, 3)}, x)
-    np.testing.assert_allclose(got, want, atol=2e-5)
+  got = jax.jit(c3a.wrap(model.apply, strategy=strategy))({"params": adapted}, x)
+  want = jax.jit(c3a.wrap(Unrolled().apply, strategy="dense"))({"params": _unroll(adapted, 3)}, x)
+  np.testing.assert_allclose(got, want, atol=2e-5)
   assert not np.allclose(model.apply({"params": params}, x), want, atol=1e-3)
   merged = c3a.merge(adapted)
   assert isinstance(merged["layers"]["query"]["kernel"], nn.LogicallyPartitioned)
@@ -270,25 +271,38 @@ def test_scanned_stack_trains_its_c3a_kernels_only(scanned):
   assert labels["layers"]["query"]["c3a_kernel"] == "c3a"
   assert labels["layers"]["query"]["kernel"] == "frozen"
   tx = c3a.optimizer(optax.adam(1e-2), adapted, cfg)
-  state = tx.init(adapted)
 
-  def loss(p):
-    return jnp.mean(c3a.wrap(model.apply)({"params": p}, x) ** 2)
+  @jax.jit
+  def step(p):
+    updates, _ = tx.update(jax.grad(_loss(model, x))(p), tx.init(p), p)
+    return optax.apply_updates(p, updates)
 
-  grads = jax.jit(jax.grad(loss))(adapted)
-  updates, _ = tx.update(grads, state, adapted)
-  moved = optax.apply_updates(adapted, updates)
+  moved = step(adapted)
   changed = jax.tree.map(lambda a, b: bool((a != b).any()), nn.unbox(moved), nn.unbox(adapted))
   assert changed["layers"]["query"]["c3a_kernel"]
   assert not changed["layers"]["query"]["kernel"]
   assert not changed["lm_head"]["kernel"]
 
-  # FSDP places a stacked C3A kernel by its output blocks m, inside its box.
+
+def _loss(model, x):
+  return lambda p: jnp.mean(c3a.wrap(model.apply)({"params": p}, x) ** 2)
+
+
+def test_fsdp_places_a_stacked_c3a_kernel_by_its_output_blocks(scanned):
+  _model, _x, _params, _cfg, adapted = scanned
   mesh = c3a.training.make_mesh(data=4, fsdp=2)
   shardings = c3a.training.param_shardings(adapted, mesh)
   assert shardings["layers"]["query"]["c3a_kernel"].value.spec == P(None, "fsdp")
-  placed = jax.device_put(adapted, shardings)
-  np.testing.assert_allclose(jax.jit(loss)(placed), loss(adapted), rtol=1e-5)
+  assert isinstance(shardings["layers"]["query"]["kernel"], nn.LogicallyPartitioned)
+
+
+@pytest.mark.integration
+def test_a_stack_runs_sharded(scanned):
+  model, x, _params, _cfg, adapted = scanned
+  mesh = c3a.training.make_mesh(data=4, fsdp=2)
+  placed = jax.device_put(adapted, c3a.training.param_shardings(adapted, mesh))
+  loss = _loss(model, x)
+  np.testing.assert_allclose(jax.jit(loss)(placed), jax.jit(loss)(adapted), rtol=1e-5)
 
 
 def test_scan_without_forward_is_refused_and_all_linear_warns():
