@@ -15,6 +15,7 @@ from c3a_jax import key_maps, ops, training
 from c3a_jax._config import C3AConfig
 from c3a_jax._intercept import intercept, wrap
 from c3a_jax._labels import labels
+from c3a_jax._nnx import C3AParam, register_layer
 from c3a_jax._optim import optimizer
 from c3a_jax._peft_io import load_adapter, save_adapter
 from c3a_jax._summary import Summary, summary
@@ -26,6 +27,7 @@ __version__ = "0.2.0"
 
 __all__ = [
   "C3AConfig",
+  "C3AParam",
   "Summary",
   "Target",
   "TrainState",
@@ -39,6 +41,7 @@ __all__ = [
   "merge",
   "ops",
   "optimizer",
+  "register_layer",
   "save_adapter",
   "select",
   "split",

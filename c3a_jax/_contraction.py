@@ -118,12 +118,29 @@ def _letters(n: int) -> str:
   return string.ascii_letters[:n]
 
 
+def over_axes(
+  x_shape: Sequence[int], kernel_shape: Sequence[int], axes: Sequence[int]
+) -> Contraction:
+  """A DenseGeneral-like layer: ``x``'s ``axes`` (in that order) contract with the kernel's
+  leading axes; the kernel's other axes are appended to ``x``'s remaining ones."""
+  ndim = len(x_shape)
+  axes = [a % ndim for a in axes]
+  letters = _letters(ndim + len(kernel_shape) - len(axes))
+  xs, feats = letters[:ndim], letters[ndim:]
+  ins = "".join(xs[a] for a in axes)
+  out = "".join(a for a in xs if a not in ins) + feats
+  return Contraction.parse(f"{xs},{ins}{feats}->{out}", x_shape, kernel_shape)
+
+
+def _axes(axis: int | Sequence[int]) -> tuple[int, ...]:
+  return tuple(axis) if isinstance(axis, Sequence) else (axis,)
+
+
 def of_module(module: nn.Module, args: tuple, kwargs: dict) -> Contraction:
-  """The contraction of ``module``'s ``__call__(*args, **kwargs)``; a ValueError if C3A cannot
-  adapt it (the message says why, without the layer's path, which the caller adds)."""
+  """The contraction of a linen ``module``'s ``__call__(*args, **kwargs)``; a ValueError if C3A
+  cannot adapt it (the message says why, without the layer's path, which the caller adds)."""
   x = args[0] if args else kwargs.get("inputs")
-  kernel = nn.unbox(module.get_variable("params", "kernel"))
-  shape = tuple(np.shape(kernel))
+  shape = tuple(np.shape(nn.unbox(module.get_variable("params", "kernel"))))
   if isinstance(module, nn.Einsum):
     spec = args[1] if len(args) > 1 else kwargs.get("einsum_str") or module.einsum_str
     return Contraction.parse(spec, np.shape(x), shape)
@@ -133,14 +150,7 @@ def of_module(module: nn.Module, args: tuple, kwargs: dict) -> Contraction:
         f"DenseGeneral with batch_dims={module.batch_dims} has one kernel per batch index; "
         "C3A adapts DenseGeneral without batch_dims"
       )
-    axes = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
-    axes = [a % np.ndim(x) for a in axes]
-  elif isinstance(module, nn.Dense):
-    axes = [np.ndim(x) - 1]
-  else:
-    raise ValueError(f"{type(module).__name__} is not a layer C3A adapts")
-  letters = _letters(np.ndim(x) + len(shape) - len(axes))
-  xs, feats = letters[: np.ndim(x)], letters[np.ndim(x) :]
-  ins = "".join(xs[a] for a in axes)
-  out = "".join(a for a in xs if a not in ins) + feats
-  return Contraction.parse(f"{xs},{ins}{feats}->{out}", np.shape(x), shape)
+    return over_axes(np.shape(x), shape, _axes(module.axis))
+  if isinstance(module, nn.Dense):
+    return over_axes(np.shape(x), shape, (-1,))
+  raise ValueError(f"{type(module).__name__} is not a layer C3A adapts")

@@ -32,7 +32,6 @@ and cached by ``jit`` would not see it.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -40,8 +39,8 @@ from typing import Any, TypeVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from c3a_jax import _contraction, ops
-from c3a_jax._targets import C3A_LEAVES
+from c3a_jax import _context, _contraction, ops
+from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._trace import stores_out_in
 from c3a_jax._tree import unbox
 
@@ -73,7 +72,7 @@ def _interceptor(next_fun, args, kwargs, context):
   x = args[0] if args else kwargs["inputs"]
   if out_in:
     y = next_fun(*args, **kwargs)
-    return y + ops.block_circulant_matmul(x.astype(y.dtype), w, strategy=_strategy.get())
+    return y + ops.block_circulant_matmul(x.astype(y.dtype), w, strategy=_context.strategy.get())
   try:
     c = _contraction.of_module(module, args, kwargs)
   except ValueError as e:
@@ -89,7 +88,7 @@ def _interceptor(next_fun, args, kwargs, context):
       )
     )
   rows = c.to_rows(x)
-  strategy = _strategy.get()
+  strategy = _context.strategy.get()
   foldable = _foldable(module, x)
   if strategy == "auto" and foldable:
     strategy = ops.choose_strategy(rows.shape, w.shape, with_base=True)
@@ -129,10 +128,6 @@ def _folded(module: nn.Module, c: _contraction.Contraction, x: Any, w: Any) -> A
   return y
 
 
-_active = contextvars.ContextVar("c3a_intercept_active", default=False)
-_strategy = contextvars.ContextVar("c3a_intercept_strategy", default="auto")
-
-
 @contextlib.contextmanager
 def intercept(strategy: ops.Strategy = "auto") -> Iterator[None]:
   """Within this context, Flax Dense layers holding a C3A kernel add its delta.
@@ -148,19 +143,19 @@ def intercept(strategy: ops.Strategy = "auto") -> Iterator[None]:
   """
   # A warning names the caller's `with`: past check_strategy, this generator, contextlib.
   strategy = ops.check_strategy(strategy, "intercept", stacklevel=4)
-  strategy_token = _strategy.set(strategy)
+  strategy_token = _context.strategy.set(strategy)
   try:
-    if _active.get():
+    if _context.active.get():
       yield
       return
-    token = _active.set(True)
+    token = _context.active.set(True)
     try:
       with nn.intercept_methods(_interceptor):
         yield
     finally:
-      _active.reset(token)
+      _context.active.reset(token)
   finally:
-    _strategy.reset(strategy_token)
+    _context.strategy.reset(strategy_token)
 
 
 def wrap(fn: F, *, strategy: ops.Strategy = "auto") -> F:

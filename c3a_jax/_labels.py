@@ -22,7 +22,8 @@ from flax.core import meta
 
 from c3a_jax import _tree
 from c3a_jax._config import C3AConfig
-from c3a_jax._targets import C3A_LEAVES, trains_fully
+from c3a_jax._layout import C3A_LEAVES
+from c3a_jax._targets import trains_fully
 
 Label = Literal["c3a", "modules_to_save", "bias", "frozen"]
 

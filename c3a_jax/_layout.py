@@ -28,6 +28,9 @@ from flax.core import meta
 
 from c3a_jax import ops
 
+# The leaf a layer's C3A kernel takes: "_out_in" where the layer stores its kernel (out, in).
+C3A_LEAVES = ("c3a_kernel", "c3a_kernel_out_in")
+
 
 @dataclasses.dataclass(frozen=True)
 class Layout:

@@ -26,17 +26,19 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+from flax import nnx
 
-from c3a_jax import _tree, key_maps
+from c3a_jax import _nnx, _tree, key_maps
 from c3a_jax._config import C3AConfig
 from c3a_jax._io import atomic_write, current_umask
+from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._targets import (
-  C3A_LEAVES,
   block_size_for,
   is_linear,
   layer_path,
@@ -89,9 +91,9 @@ def save_adapter(
 ) -> None:
   """Writes the trainable part of ``params`` as a PEFT C3A adapter into ``directory``.
 
-  ``params`` is the full tree or the adapter from :func:`c3a_jax.split`. Each file is written
-  atomically. ``target_modules`` of None or ``"all-linear"`` is saved as the list of adapted
-  layers, so PEFT adapts exactly those.
+  ``params`` is the full tree, the adapter from :func:`c3a_jax.split`, or an adapted NNX
+  model. Each file is written atomically. ``target_modules`` of None or ``"all-linear"`` is
+  saved as the list of adapted layers, so PEFT adapts exactly those.
 
   A stacked layer (``nn.scan``, C3A kernel ``(L, m, n, b)``) is written as ``L`` PEFT layers,
   named by :func:`c3a_jax.key_maps` rules (the index after the ``layers_pattern`` segment);
@@ -107,6 +109,8 @@ def save_adapter(
       ``all-linear`` and ``SEQ_CLS``), which PEFT cannot load.
   """
   key_map = key_maps.check(key_map, "save_adapter")
+  if _nnx.is_module(params):
+    params = _nnx.view(params).tree
   adapter, _ = split(params, cfg)
   tensors: dict[str, np.ndarray] = {}
   adapted, out_in, both = [], [], []
@@ -255,12 +259,13 @@ def _model_names(params: Mapping, key_map: KeyMap) -> dict[str, tuple[str, int |
 
 
 def load_adapter(
-  directory: str, params: Mapping | None = None, *, key_map: KeyMap | None = None
-) -> tuple[Params, C3AConfig]:
+  directory: str, params: Any = None, *, key_map: KeyMap | None = None
+) -> tuple[Any, C3AConfig]:
   """Reads a PEFT C3A adapter (saved by PEFT or :func:`save_adapter`) as ``(adapter, cfg)``.
 
   Pass the model's ``params`` to check every key and shape against the model (and to place
-  ``modules_to_save`` weights exactly); then ``c3a.combine(adapter, params)`` runs it. PEFT's
+  ``modules_to_save`` weights exactly); then ``c3a.combine(adapter, params)`` runs it. Pass an
+  NNX model instead, and the first result is that model adapted (the input is untouched). PEFT's
   extra keys are understood: ``<layer>.base_layer.bias`` (the bias of an adapted layer) and,
   with ``bias="all"``, the copies under ``modules_to_save.`` and ``original_module.``.
 
@@ -279,6 +284,12 @@ def load_adapter(
     ValueError: the directory is not a C3A adapter, a tensor is refused (above), or its keys or
       shapes do not fit ``params``.
   """
+  if _nnx.is_module(params):
+    model = nnx.clone(params)
+    view = _nnx.view(model)
+    adapter, cfg = load_adapter(directory, view.tree, key_map=key_map)
+    view.write(adapter)
+    return model, cfg
   key_map = key_maps.check(key_map, "load_adapter")
   if key_map and params is None:
     raise ValueError(

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
-from c3a_jax import _tree
+from c3a_jax import _nnx, _tree
 from c3a_jax._config import C3AConfig
 from c3a_jax._labels import label
 
@@ -44,7 +44,12 @@ class Summary:
 
 
 def summary(params: Mapping, cfg: C3AConfig | None = None, *, per_layer: bool = False) -> Summary:
-  """Counts the parameters ``cfg`` trains (C3A kernels only without ``cfg``) and all of them."""
+  """Counts the parameters ``cfg`` trains (C3A kernels only without ``cfg``) and all of them.
+
+  ``params`` is a params tree or an NNX model (its ``nnx.Param`` values count).
+  """
+  if _nnx.is_module(params):
+    params = _nnx.view(params).tree
   trainable = total = 0
   layers = []
   for path, name, value in _tree.leaves(params):

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from c3a_jax import _tree
+from c3a_jax import _nnx, _tree
 from c3a_jax._config import C3AConfig
 from c3a_jax._layout import Layout
 from c3a_jax._trace import Traced, trace
@@ -40,7 +40,6 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 OUT_IN_LAYERS: dict[str, tuple[str, ...]] = {"gpt2": ("c_attn", "c_proj", "c_fc")}
 # Output layers that "all-linear" leaves alone (PEFT skips the output embedding and SEQ_CLS heads).
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
-C3A_LEAVES = ("c3a_kernel", "c3a_kernel_out_in")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +221,8 @@ def select(
   """The layers ``cfg`` adapts in ``params``, in tree order.
 
   Args:
-    params: a Flax params tree (the ``"params"`` collection), boxed or not.
+    params: a Flax params tree (the ``"params"`` collection), boxed or not; or a Flax NNX model,
+      whose layers say their own axes.
     cfg: the C3A config.
     model_type: e.g. ``model.config.model_type`` for a Hugging Face model; gives PEFT's default
       targets when ``cfg.target_modules`` is None, and tells which layers store their kernel
@@ -238,6 +238,15 @@ def select(
       adapts or a block size does not divide its sizes; when nothing matches; when a
       ``block_size_pattern`` key matches no target.
   """
+  if _nnx.is_module(params):
+    model = _nnx.view(params)
+    return _select(model.tree, cfg, model_type, model.layers)
+  return _select(params, cfg, model_type, None if forward is None else trace(forward, params))
+
+
+def _select(
+  params: Mapping, cfg: C3AConfig, model_type: str | None, traced: Mapping[str, Traced] | None
+) -> list[Target]:
   targets = cfg.target_modules
   if targets is None:
     if model_type not in DEFAULT_TARGETS:
@@ -247,7 +256,6 @@ def select(
         f"targets (known: {known}); pass target_modules, e.g. ['query', 'value']"
       )
     targets = DEFAULT_TARGETS[model_type]
-  traced = None if forward is None else trace(forward, params)
   out_in_names = OUT_IN_LAYERS.get(model_type, ())
   selected = []
   unknown = []  # multi-axis kernels all-linear cannot classify without a trace

@@ -31,13 +31,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from c3a_jax import _tree, ops
+from c3a_jax import _nnx, _tree, ops
 from c3a_jax._config import C3AConfig
 from c3a_jax._labels import label
-from c3a_jax._layout import Layout, box_c3a, of_shapes, rebox
+from c3a_jax._layout import C3A_LEAVES, Layout, box_c3a, of_shapes, rebox
 from c3a_jax._layout import delta as layout_delta
-from c3a_jax._targets import C3A_LEAVES, select
+from c3a_jax._targets import select
 from c3a_jax._tree import Params
 
 C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
@@ -74,10 +75,12 @@ def attach(
     TypeError: ``params`` is not a mapping.
     ValueError: see :func:`c3a_jax.select`; errors name the layer, its shape and the block size.
   """
+  if _nnx.is_module(params):
+    return _attach_nnx(params, cfg, rng)
   if not isinstance(params, Mapping):
     raise TypeError(
       "attach: params must be a Flax params tree, a mapping such as "
-      f"model.init(rng, x)['params'], got {type(params).__name__}"
+      f"model.init(rng, x)['params'], or an NNX model; got {type(params).__name__}"
     )
   out = _tree.to_dict(params)
   for t in select(out, cfg, model_type=model_type, forward=forward):
@@ -92,6 +95,21 @@ def attach(
     name = C3A_KERNEL_OUT_IN if t.out_in else C3A_KERNEL
     module[name] = box_c3a(module["kernel"], w, t.layout)
   return out
+
+
+def _attach_nnx(module: Any, cfg: C3AConfig, rng: jax.Array) -> Any:
+  model = nnx.clone(module)
+  view = _nnx.view(model)
+  for t in select(model, cfg):
+    layer = view.modules[t.path]
+    if isinstance(getattr(layer, C3A_KERNEL, None), _nnx.C3AParam):
+      raise ValueError(
+        f"layer {t.path!r} already holds a C3A kernel; c3a.merge the model, or attach to "
+        "the base model, for a fresh adapter"
+      )
+    key = jax.random.fold_in(rng, zlib.crc32(t.path.encode()))
+    _nnx.set_c3a(layer, _init(key, t.shape, cfg.init_weights), t.layout)
+  return model
 
 
 def _init(key: jax.Array, shape: tuple[int, ...], init_weights: Any) -> jax.Array:
@@ -193,6 +211,17 @@ def merge(params: Mapping, *, safe: bool = False, dtype: Any = None) -> Params:
       Needs concrete arrays (call it outside ``jit``).
     dtype: the merged kernels' dtype; default: each kernel's own.
   """
+  if _nnx.is_module(params):
+    model = nnx.clone(params)
+    view = _nnx.view(model)
+    merged = merge(view.tree, safe=safe, dtype=dtype)
+    kernels: Params = {}
+    for path, layer in view.modules.items():
+      if isinstance(getattr(layer, C3A_KERNEL, None), _nnx.C3AParam):
+        _nnx.drop_c3a(layer)
+        _tree.set_leaf(kernels, path, "kernel", _tree.get(merged, path)["kernel"])
+    view.write(kernels)
+    return model
   out = _tree.to_dict(params)
   lossy = []
   for path, module in [("", out), *_tree.modules(out)]:
@@ -235,7 +264,16 @@ def merge(params: Mapping, *, safe: bool = False, dtype: Any = None) -> Params:
 
 
 def unmerge(merged: Mapping, adapter: Mapping) -> Params:
-  """Undoes :func:`merge`: subtracts each C3A delta of ``adapter`` and puts its leaves back."""
+  """Undoes :func:`merge`: subtracts each C3A delta of ``adapter`` and puts its leaves back.
+
+  For an NNX model, ``adapter`` is ``nnx.state(adapted, c3a.C3AParam)`` (or its pure dict), and
+  the result is the adapted model.
+  """
+  if _nnx.is_module(merged):
+    model = nnx.clone(merged)
+    view = _nnx.view(model)
+    view.write(unmerge(view.tree, _nnx.tree_of(adapter)))
+    return model
   out = _tree.to_dict(merged)
   for path, name, w in _tree.leaves(adapter):
     if name not in C3A_LEAVES:

@@ -29,8 +29,7 @@ from flax.core import meta
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from c3a_jax._layout import rebox
-from c3a_jax._targets import C3A_LEAVES
+from c3a_jax._layout import C3A_LEAVES, rebox
 from c3a_jax._tree import unbox
 
 DATA, FSDP = "data", "fsdp"

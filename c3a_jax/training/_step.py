@@ -42,7 +42,7 @@ from flax import struct
 
 from c3a_jax import ops
 from c3a_jax._intercept import intercept
-from c3a_jax._targets import C3A_LEAVES
+from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._transform import combine
 
 LossFn = Callable[[Any, Any, jax.Array], jax.Array | tuple[jax.Array, dict]]

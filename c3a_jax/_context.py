@@ -1,0 +1,12 @@
+"""What ``c3a.intercept()`` has set for the code it runs: whether it is active, and the strategy.
+
+Kept apart from the linen interceptor so that NNX layers, which need no interceptor, read the
+same strategy.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+active = contextvars.ContextVar("c3a_intercept_active", default=False)
+strategy = contextvars.ContextVar("c3a_intercept_strategy", default="auto")

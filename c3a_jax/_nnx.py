@@ -1,0 +1,290 @@
+"""C3A on Flax NNX models: the layers it adapts, :class:`C3AParam`, and the params view.
+
+NNX layers are objects, so C3A lives in them: an adapted layer holds its kernel as
+``c3a_kernel``, a :class:`C3AParam` (an ``nnx.Param`` subclass, so that NNX filters such as
+``nnx.Optimizer(model, tx, wrt=c3a.C3AParam)`` pick the adapter alone), and its class becomes a
+subclass whose ``__call__`` adds the delta. An adapted model therefore always computes the
+adapted output, inside ``c3a.intercept()`` or not (``intercept(strategy)`` only picks how the
+delta is computed); :func:`c3a_jax.merge` gives back a plain model.
+
+Adapted: ``nnx.Linear``, ``nnx.LinearGeneral`` (without ``batch_axis``), ``nnx.Einsum``, and
+einsum modules of the Tunix / Gemma kind (an ``einsum_str`` attribute and one ``nnx.Param``);
+any other class once registered with :func:`register_layer`.
+
+The library's tree functions read an NNX model through :func:`view`: its ``nnx.Param`` values as
+a nested dict keyed by module path (list indices as strings), each layer's weight under
+``"kernel"`` whatever its attribute name.
+
+Example:
+  >>> import jax, jax.numpy as jnp, c3a_jax as c3a
+  >>> from flax import nnx
+  >>> model = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+  >>> adapted = c3a.attach(model, c3a.C3AConfig(block_size=4, target_modules=".*"),
+  ...                      jax.random.key(1))
+  >>> adapted.c3a_kernel.shape, hasattr(model, "c3a_kernel")
+  ((2, 2, 4), False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from c3a_jax import _context, _contraction, _layout, _tree, ops
+from c3a_jax._trace import Traced
+
+C3A_KERNEL = _layout.C3A_LEAVES[0]
+
+
+class C3AParam(nnx.Param):
+  """A C3A kernel ``(*stack, d_out // b, d_in // b, b)`` in an NNX model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+  kernel: str  # the weight's attribute name
+  einsum: Callable[[Any], str] | None  # the layer's einsum; None: Linear / LinearGeneral
+
+
+_REGISTERED: dict[type, _Kind] = {}
+
+
+def register_layer(cls: type, *, kernel: str, einsum: str | Callable[[Any], str]) -> None:
+  """Lets C3A adapt NNX layers of class ``cls`` (and its subclasses).
+
+  Args:
+    cls: an ``nnx.Module`` class whose call is ``jnp.einsum(spec, x, <kernel>)`` (+ a bias).
+    kernel: the attribute holding its weight, an ``nnx.Param``.
+    einsum: the spec, or a function of the layer returning it, e.g. ``"BTD,DNH->BTNH"``. The
+      kernel's input axes must lead it (the layout rule).
+
+  Example:
+    >>> import jax.numpy as jnp, c3a_jax as c3a
+    >>> from flax import nnx
+    >>> class Proj(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.weight = nnx.Param(jnp.ones((8, 2, 4)))
+    ...   def __call__(self, x):
+    ...     return jnp.einsum("btd,dnh->btnh", x, self.weight[...])
+    >>> c3a.register_layer(Proj, kernel="weight", einsum="btd,dnh->btnh")
+  """
+  if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
+    raise TypeError(f"register_layer: {cls!r} is not an nnx.Module class")
+  spec = (lambda _: einsum) if isinstance(einsum, str) else einsum
+  _REGISTERED[cls] = _Kind(kernel, spec)
+
+
+def is_module(x: Any) -> bool:
+  return isinstance(x, nnx.Module)
+
+
+def _kind(layer: nnx.Module) -> _Kind | None:
+  for cls in type(layer).__mro__:
+    if cls in _REGISTERED:
+      return _REGISTERED[cls]
+  if isinstance(layer, (nnx.Linear, nnx.LinearGeneral)):
+    return _Kind("kernel", None)
+  if isinstance(layer, nnx.Einsum):
+    return _Kind("kernel", lambda m: m.einsum_str)
+  if isinstance(getattr(layer, "einsum_str", None), str):
+    weights = [
+      k for k, v in vars(layer).items() if isinstance(v, nnx.Param) and not isinstance(v, C3AParam)
+    ]
+    if len(weights) == 1:
+      return _Kind(weights[0], lambda m: m.einsum_str)
+  if isinstance(getattr(layer, "kernel", None), nnx.Param):
+    return _Kind("kernel", None)  # a layer with a kernel C3A does not know: refused by name
+  return None
+
+
+def _supported(layer: nnx.Module, kind: _Kind) -> str | None:
+  """Why C3A cannot adapt ``layer``, or None."""
+  if kind.einsum is not None or isinstance(layer, (nnx.Linear, nnx.LinearGeneral)):
+    if isinstance(layer, nnx.LinearGeneral) and layer.batch_axis:
+      return (
+        f"LinearGeneral with batch_axis={dict(layer.batch_axis)} has one kernel per batch "
+        "index; C3A adapts LinearGeneral without batch_axis"
+      )
+    return None
+  return (
+    f"{type(layer).__name__} is not a layer C3A adapts (nnx.Linear, nnx.LinearGeneral, "
+    "nnx.Einsum, einsum modules with an einsum_str); c3a.register_layer adds a class"
+  )
+
+
+def _rank(layer: nnx.Module, kind: _Kind) -> tuple[int, str | None]:
+  """The per-layer rank of the kernel, and its einsum if it has one."""
+  if kind.einsum is not None:
+    spec = kind.einsum(layer).replace(" ", "")
+    return len(spec.split("->")[0].split(",")[1].replace("...", "")), spec
+  if isinstance(layer, nnx.LinearGeneral):
+    return len(layer.in_features) + len(layer.out_features), None
+  return 2, None
+
+
+def traced(layer: nnx.Module, kind: _Kind) -> Traced:
+  """What a call of ``layer`` contracts, read from its attributes (no call needed)."""
+  name = type(layer).__name__
+  shape = tuple(np.shape(getattr(layer, kind.kernel)[...]))
+  problem = _supported(layer, kind)
+  if problem:
+    return Traced(name, shape, problem=problem)
+  rank, spec = _rank(layer, kind)
+  unstacked = shape[len(shape) - rank :]
+  if rank > len(shape):
+    return Traced(name, shape, problem=f"its kernel {shape} has fewer axes than its einsum {spec}")
+  if spec is None:
+    n_in = len(layer.in_features) if isinstance(layer, nnx.LinearGeneral) else 1
+    return Traced(name, unstacked, n_in)
+  x_letters, k_letters = re.sub(r"\.\.\.", "", spec.split("->")[0]).split(",")
+  dims = dict(zip(k_letters, unstacked, strict=True))
+  try:
+    c = _contraction.Contraction.parse(spec, [dims.get(a, 1) for a in x_letters], unstacked)
+  except ValueError as e:
+    return Traced(name, unstacked, problem=str(e))
+  return Traced(name, unstacked, c.n_in)
+
+
+def contraction(layer: nnx.Module, args: tuple, kwargs: dict) -> _contraction.Contraction:
+  """The contraction of ``layer(*args, **kwargs)``, with the actual input."""
+  kind = _kind(layer)
+  x = args[0] if args else next(iter(kwargs.values()))
+  shape = np.shape(getattr(layer, kind.kernel)[...])
+  if isinstance(layer, nnx.Einsum):
+    spec = args[1] if len(args) > 1 else kwargs.get("einsum_str") or layer.einsum_str
+    return _contraction.Contraction.parse(spec, np.shape(x), shape)
+  if kind.einsum is not None:
+    return _contraction.Contraction.parse(kind.einsum(layer), np.shape(x), shape)
+  axes = layer.axis if isinstance(layer, nnx.LinearGeneral) else -1
+  return _contraction.over_axes(np.shape(x), shape, _contraction_axes(axes))
+
+
+def _contraction_axes(axis: Any) -> tuple[int, ...]:
+  return tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+
+
+def _adapted_call(self, *args, **kwargs):
+  y = type(self).c3a_base.__call__(self, *args, **kwargs)
+  c = contraction(self, args, kwargs)
+  w = self.c3a_kernel[...]
+  b = w.shape[-1]
+  if w.shape != (c.d_out // b, c.d_in // b, b):
+    raise ValueError(
+      f"{type(self).__name__} holds a C3A kernel of shape {w.shape}, but its call contracts a "
+      f"kernel {c.shape} (d_in={c.d_in}, d_out={c.d_out}), which needs (d_out // b, d_in // b, b)"
+      + (
+        "; a stacked C3A kernel is sliced by the nnx.scan / nnx.vmap over it" if w.ndim > 3 else ""
+      )
+    )
+  x = args[0] if args else next(iter(kwargs.values()))
+  rows = c.to_rows(x).astype(y.dtype)
+  delta = ops.block_circulant_matmul(rows, w, strategy=_context.strategy.get())
+  return y + c.from_rows(delta).astype(y.dtype)
+
+
+_ADAPTED: dict[type, type] = {}
+
+
+def _adapted_class(cls: type) -> type:
+  """``cls`` with a ``__call__`` that adds the C3A delta; one class per base, so that NNX
+  graph definitions (and jit caches) of equal models compare equal."""
+  if "c3a_base" in vars(cls):
+    return cls
+  if cls not in _ADAPTED:
+    _ADAPTED[cls] = type(
+      f"C3A{cls.__name__}",
+      (cls,),
+      {"__call__": _adapted_call, "c3a_base": cls, "__module__": cls.__module__},
+    )
+  return _ADAPTED[cls]
+
+
+def set_c3a(layer: nnx.Module, w: jax.Array, layout: _layout.Layout) -> None:
+  """Gives ``layer`` the C3A kernel ``w``: named like its kernel's sharding, stack axes first."""
+  kernel = getattr(layer, _kind(layer).kernel)
+  metadata = {}
+  for key in ("sharding_names", "sharding"):
+    names = kernel.get_metadata().get(key)
+    if names is not None:
+      metadata[key] = tuple(names)[: len(layout.stack)] + (None,) * 3
+  if isinstance(getattr(layer, C3A_KERNEL, None), C3AParam):
+    layer.c3a_kernel[...] = w
+  else:
+    layer.c3a_kernel = C3AParam(w, **metadata)
+  layer.__class__ = _adapted_class(type(layer))
+
+
+def drop_c3a(layer: nnx.Module) -> None:
+  """Removes ``layer``'s C3A kernel and gives it back its own class."""
+  del layer.c3a_kernel
+  layer.__class__ = type(layer).c3a_base
+
+
+@dataclasses.dataclass
+class View:
+  """An NNX model read as a params tree: ``tree`` (a nested dict of ``nnx.Param`` values),
+  every module by path, and each layer C3A knows with its layout."""
+
+  tree: dict
+  modules: dict[str, nnx.Module]
+  layers: dict[str, Traced]
+
+  def write(self, tree: Mapping) -> None:
+    """Sets every leaf of ``tree`` into the model: a ``c3a_kernel`` attaches (or updates) the
+    layer's C3A kernel, ``kernel`` is the layer's weight whatever its name."""
+    for path, name, value in _tree.leaves(tree):
+      module = self.modules.get(path)
+      if module is None:
+        raise ValueError(f"the NNX model has no module {path!r}")
+      if name == C3A_KERNEL:
+        kernel = getattr(module, _kind(module).kernel)[...]
+        layout = _layout.of_shapes(np.shape(kernel), np.shape(value), where=f"{path}.{name}")
+        set_c3a(module, value, layout)
+        continue
+      attr = _kind(module).kernel if name == "kernel" and _kind(module) else name
+      getattr(module, attr)[...] = value
+
+
+def tree_of(state: Any) -> Any:
+  """An ``nnx.State`` (e.g. ``nnx.state(model, C3AParam)``) as a nested dict with string keys;
+  any other tree as it is."""
+  if isinstance(state, nnx.State):
+    state = nnx.to_pure_dict(state)
+
+  def strs(node):
+    if not isinstance(node, Mapping):
+      return node
+    return {str(k): strs(v) for k, v in node.items()}
+
+  return strs(state)
+
+
+def view(model: nnx.Module) -> View:
+  """``model`` read as a params tree (see the module docstring)."""
+  modules: dict[str, nnx.Module] = {}
+  layers: dict[str, Traced] = {}
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, nnx.Module):
+      continue
+    key = ".".join(str(p) for p in path)
+    modules[key] = node
+    kind = _kind(node)
+    if kind is not None:
+      layers[key] = traced(node, kind)
+  tree: dict = {}
+  for key, module in modules.items():
+    kind = _kind(module)
+    for name, var in vars(module).items():
+      if isinstance(var, nnx.Param):
+        leaf = "kernel" if kind is not None and name == kind.kernel else name
+        node = tree
+        for part in key.split(".") if key else ():
+          node = node.setdefault(part, {})
+        node[leaf] = var[...]
+  return View(tree, modules, layers)

@@ -1,0 +1,203 @@
+"""C3A on Flax NNX models: layers, NNX idioms, merge, PEFT files and stacked layers.
+
+References: each layer with ``kernel + delta`` for its weight, the delta from the float64
+definition (tests/reference.py) laid out by the layout rule; for training, the C3A kernels move
+and nothing else does.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import c3a_jax as c3a
+from tests.reference import dense_reference
+
+
+class TunixEinsum(nnx.Module):
+  """The einsum module of Tunix's and Gemma's NNX models: one weight ``w``, an ``einsum_str``."""
+
+  def __init__(self, einsum_str, shape, *, rngs):
+    self.einsum_str = einsum_str
+    self.w = nnx.Param(nnx.initializers.normal()(rngs.params(), shape))
+
+  def __call__(self, x):
+    return jnp.einsum(self.einsum_str, x, self.w[...])
+
+
+class Projection(nnx.Module):
+  """A user's layer, unknown to c3a until registered."""
+
+  def __init__(self, *, rngs):
+    self.weight = nnx.Param(nnx.initializers.normal()(rngs.params(), (16, 2, 8)))
+
+  def __call__(self, x):
+    return jnp.einsum("btd,dnh->btnh", x, self.weight[...])
+
+
+c3a.register_layer(Projection, kernel="weight", einsum="btd,dnh->btnh")
+
+LAYERS = {
+  "linear": (lambda r: nnx.Linear(16, 8, rngs=r), (2, 3, 16), "kernel"),
+  "linear_general": (lambda r: nnx.LinearGeneral(16, (2, 8), rngs=r), (2, 3, 16), "kernel"),
+  "linear_general_out": (
+    lambda r: nnx.LinearGeneral((2, 8), 16, axis=(-2, -1), rngs=r),
+    (2, 3, 2, 8),
+    "kernel",
+  ),
+  "einsum": (
+    lambda r: nnx.Einsum("btd,dnh->btnh", (16, 2, 8), (2, 8), rngs=r),
+    (2, 3, 16),
+    "kernel",
+  ),
+  "tunix_einsum": (lambda r: TunixEinsum("BTNH,NHD->BTD", (2, 8, 16), rngs=r), (2, 3, 2, 8), "w"),
+  "registered": (lambda r: Projection(rngs=r), (2, 3, 16), "weight"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_nnx_layers_equal_the_reference(name):
+  make, shape, weight = LAYERS[name]
+  layer = make(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), shape)
+  cfg = c3a.C3AConfig(block_size=4, target_modules=".*", init_weights="gaussian")
+  before = np.asarray(layer(x))
+  adapted = c3a.attach(layer, cfg, jax.random.key(2))
+  assert not hasattr(layer, "c3a_kernel")  # the input is untouched
+  np.testing.assert_array_equal(layer(x), before)
+  assert isinstance(adapted.c3a_kernel, c3a.C3AParam)
+
+  kernel = getattr(adapted, weight)[...]
+  reference = nnx.clone(layer)
+  delta = dense_reference(np.asarray(adapted.c3a_kernel[...])).T.reshape(kernel.shape)
+  getattr(reference, weight)[...] = kernel + delta.astype(np.float32)
+  want = reference(x)
+  np.testing.assert_allclose(adapted(x), want, atol=2e-5)  # adapted outside intercept too
+  with c3a.intercept(strategy="fft"):
+    np.testing.assert_allclose(adapted(x), want, atol=2e-5)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(adapted, x), want, atol=2e-5)
+
+  merged = c3a.merge(adapted)
+  assert type(merged) is type(layer) and not hasattr(merged, "c3a_kernel")
+  np.testing.assert_allclose(merged(x), want, atol=2e-5)
+  restored = c3a.unmerge(merged, nnx.state(adapted, c3a.C3AParam))
+  np.testing.assert_allclose(restored(x), want, atol=2e-5)
+  np.testing.assert_allclose(getattr(restored, weight)[...], kernel, atol=1e-5)
+
+
+class Decoder(nnx.Module):
+  """Tunix-style: a list of layers with einsum attention and Linear MLPs, then a head."""
+
+  def __init__(self, *, rngs, layers=2):
+    self.layers = nnx.List([_DecoderLayer(rngs=rngs) for _ in range(layers)])
+    self.lm_head = nnx.Linear(16, 8, rngs=rngs)
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = layer(x)
+    return self.lm_head(x)
+
+
+class _Attn(nnx.Module):
+  def __init__(self, *, rngs):
+    self.q_proj = TunixEinsum("BTD,DNH->BTNH", (16, 2, 8), rngs=rngs)
+    self.v_proj = TunixEinsum("BTD,DNH->BTNH", (16, 2, 8), rngs=rngs)
+    self.o_proj = TunixEinsum("BTNH,NHD->BTD", (2, 8, 16), rngs=rngs)
+
+  def __call__(self, x):
+    return self.o_proj(self.q_proj(x) * self.v_proj(x))
+
+
+class _DecoderLayer(nnx.Module):
+  def __init__(self, *, rngs):
+    self.attn = _Attn(rngs=rngs)
+    self.mlp = nnx.Linear(16, 16, rngs=rngs)
+
+  def __call__(self, x):
+    return x + self.mlp(jax.nn.gelu(self.attn(x)))
+
+
+@pytest.fixture(scope="module")
+def decoder():
+  model = Decoder(rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 3, 16))
+  cfg = c3a.C3AConfig(block_size=4, target_modules=["q_proj", "v_proj", "mlp"])
+  return model, x, cfg
+
+
+def test_nnx_idioms_train_the_adapter_alone(decoder):
+  model, x, cfg = decoder
+  adapted = c3a.attach(model, cfg.replace(init_weights="gaussian"), jax.random.key(2))
+  assert c3a.summary(adapted, cfg).trainable == 2 * 3 * (4 * 4 * 4)
+  optimizer = nnx.Optimizer(adapted, optax.adam(1e-2), wrt=c3a.C3AParam)
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    def loss(model):
+      return jnp.mean(model(x) ** 2)
+
+    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, c3a.C3AParam))(model)
+    optimizer.update(model, grads)
+    return value
+
+  before = nnx.state(adapted, nnx.Param)
+  before = jax.tree.map(np.asarray, before)
+  losses = [float(step(adapted, optimizer, x)) for _ in range(3)]
+  assert losses[-1] < losses[0]
+  after = nnx.state(adapted, nnx.Param)
+  moved = jax.tree.map(lambda a, b: bool((np.asarray(a) != b).any()), after, before)
+  flat = {".".join(map(str, p)): v for p, v in jax.tree_util.tree_flatten_with_path(moved)[0]}
+  assert all(v == ("c3a_kernel" in k) for k, v in flat.items()), flat
+  c3a_state, rest = nnx.split(adapted, c3a.C3AParam, ...)[1:]
+  assert len(jax.tree.leaves(c3a_state)) == 6 and len(jax.tree.leaves(rest)) > 6
+
+
+def test_nnx_adapters_save_and_load_as_peft_files(decoder, tmp_path):
+  model, x, cfg = decoder
+  adapted = c3a.attach(model, cfg.replace(init_weights="gaussian"), jax.random.key(2))
+  hf = [(r"^layers\.(\d+)\.attn\.", r"model.layers.\1.self_attn."), (r"^layers\.", "model.layers.")]
+  c3a.save_adapter(str(tmp_path / "a"), adapted, cfg, key_map=hf)
+  saved = c3a.C3AConfig.load(str(tmp_path / "a"))
+  assert "model.layers.1.self_attn.q_proj" in saved.target_modules
+  loaded, _ = c3a.load_adapter(str(tmp_path / "a"), model, key_map=hf)
+  assert not hasattr(model.layers[0].mlp, "c3a_kernel")
+  np.testing.assert_allclose(loaded(x), adapted(x), atol=1e-6)
+  assert not np.allclose(model(x), adapted(x), atol=1e-3)
+
+
+def test_nnx_layers_c3a_cannot_adapt_are_refused_at_attach():
+  cfg = c3a.C3AConfig(block_size=4, target_modules=".*")
+  rngs = nnx.Rngs(0)
+  with pytest.raises(ValueError, match=r"'' \(LinearGeneral.*batch_axis"):
+    c3a.attach(nnx.LinearGeneral(8, 8, batch_axis={0: 2}, rngs=rngs), cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"Conv is not a layer C3A adapts"):
+    c3a.attach(nnx.Conv(8, 8, (3,), rngs=rngs), cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"must come first in the kernel"):
+    c3a.attach(TunixEinsum("BTNH,DNH->BTD", (16, 2, 8), rngs=rngs), cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"block size 3 does not divide layer ''"):
+    c3a.attach(nnx.Linear(8, 8, rngs=rngs), cfg.replace(block_size=3), jax.random.key(0))
+
+
+def test_nnx_scan_over_stacked_layers():
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return nnx.Linear(16, 16, rngs=nnx.Rngs(key))
+
+  stack = make(jax.random.split(jax.random.key(0), 3))
+  cfg = c3a.C3AConfig(block_size=4, target_modules=".*", init_weights="gaussian")
+  adapted = c3a.attach(stack, cfg, jax.random.key(1))
+  assert adapted.c3a_kernel.shape == (3, 4, 4, 4)
+
+  @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+  def run(layer, x):
+    return jnp.tanh(layer(x))
+
+  x = jax.random.normal(jax.random.key(2), (2, 16))
+  want = x
+  for i in range(3):
+    kernel = adapted.kernel[i] + dense_reference(np.asarray(adapted.c3a_kernel[i])).T
+    want = jnp.tanh(want @ kernel.astype(np.float32) + adapted.bias[i])
+  np.testing.assert_allclose(run(adapted, x), want, atol=2e-5)
+  np.testing.assert_allclose(run(c3a.merge(adapted), x), want, atol=2e-5)
