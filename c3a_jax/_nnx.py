@@ -273,6 +273,13 @@ def view(model: nnx.Module) -> View:
     if not isinstance(node, nnx.Module):
       continue
     key = ".".join(str(p) for p in path)
+    held = getattr(node, C3A_KERNEL, None)
+    if held is not None and not (isinstance(held, C3AParam) and "c3a_base" in vars(type(node))):
+      raise ValueError(
+        f"layer {key!r} ({type(node).__name__}) holds a c3a_kernel that c3a.attach did not set, "
+        "so its call ignores it; adapt NNX models with c3a.attach, c3a.load_adapter or "
+        "c3a.unmerge"
+      )
     modules[key] = node
     kind = _kind(node)
     if kind is not None:

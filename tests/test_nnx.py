@@ -176,6 +176,10 @@ def test_nnx_layers_c3a_cannot_adapt_are_refused_at_attach():
     c3a.attach(nnx.Conv(8, 8, (3,), rngs=rngs), cfg, jax.random.key(0))
   with pytest.raises(ValueError, match=r"must come first in the kernel"):
     c3a.attach(TunixEinsum("BTNH,DNH->BTD", (16, 2, 8), rngs=rngs), cfg, jax.random.key(0))
+  hand_set = nnx.Linear(8, 8, rngs=rngs)
+  hand_set.c3a_kernel = nnx.Param(jnp.ones((2, 2, 4)))
+  with pytest.raises(ValueError, match=r"holds a c3a_kernel that c3a.attach did not set"):
+    c3a.summary(hand_set)
   with pytest.raises(ValueError, match=r"block size 3 does not divide layer ''"):
     c3a.attach(nnx.Linear(8, 8, rngs=rngs), cfg.replace(block_size=3), jax.random.key(0))
 
