@@ -207,12 +207,11 @@ def _adapted_class(cls: type) -> type:
 
 def set_c3a(layer: nnx.Module, w: jax.Array, layout: _layout.Layout) -> None:
   """Gives ``layer`` the C3A kernel ``w``: named like its kernel's sharding, stack axes first."""
-  kernel = getattr(layer, _kind(layer).kernel)
-  metadata = {}
-  for key in ("sharding_names", "sharding"):
-    names = kernel.get_metadata().get(key)
-    if names is not None:
-      metadata[key] = tuple(names)[: len(layout.stack)] + (None,) * 3
+  kernel = getattr(layer, _kind(layer).kernel).get_metadata()
+  metadata = {k: kernel[k] for k in ("eager_sharding",) if k in kernel}
+  for key in ("out_sharding", "sharding_names", "sharding"):
+    if kernel.get(key) is not None:
+      metadata[key] = tuple(kernel[key])[: len(layout.stack)] + (None,) * 3
   if isinstance(getattr(layer, C3A_KERNEL, None), C3AParam):
     layer.c3a_kernel[...] = w
   else:

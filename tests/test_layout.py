@@ -112,7 +112,17 @@ def test_layers_import_one_way():
 
 
 # The [cli] extra's packages and those of the other extras (pyyaml comes with flax itself).
-APP_PACKAGES = ["tqdm", "matplotlib", "sklearn", "transformers", "datasets", "torch", "peft"]
+APP_PACKAGES = [
+  "tqdm",
+  "matplotlib",
+  "sklearn",
+  "transformers",
+  "datasets",
+  "torch",
+  "peft",
+  "tunix",
+  "qwix",
+]
 
 
 def test_the_library_needs_no_app_package():
