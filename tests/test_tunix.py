@@ -46,34 +46,26 @@ C3A = dict(
 )
 
 
+# The same sizes as Tunix's ModelConfig spells them (its Qwen3 and Llama3 configs share these).
+TUNIX_SIZES = dict(
+  num_layers=2,
+  vocab_size=64,
+  embed_dim=32,
+  hidden_dim=64,
+  num_heads=4,
+  head_dim=8,
+  num_kv_heads=2,
+  rope_theta=1_000_000,
+  norm_eps=1e-6,
+)
+
+
 def _qwen3(path):
-  cfg = qwen3_model.ModelConfig(
-    num_layers=2,
-    vocab_size=64,
-    embed_dim=32,
-    hidden_dim=64,
-    num_heads=4,
-    head_dim=8,
-    num_kv_heads=2,
-    rope_theta=1_000_000,
-    norm_eps=1e-6,
-  )
-  return qwen3_params.create_model_from_safe_tensors(path, cfg)
+  return qwen3_params.create_model_from_safe_tensors(path, qwen3_model.ModelConfig(**TUNIX_SIZES))
 
 
 def _llama3(path):
-  cfg = llama3_model.ModelConfig(
-    num_layers=2,
-    vocab_size=64,
-    embed_dim=32,
-    hidden_dim=64,
-    num_heads=4,
-    head_dim=8,
-    num_kv_heads=2,
-    rope_theta=1_000_000,
-    norm_eps=1e-6,
-  )
-  return llama3_params.create_model_from_safe_tensors(path, cfg)
+  return llama3_params.create_model_from_safe_tensors(path, llama3_model.ModelConfig(**TUNIX_SIZES))
 
 
 MODELS = {
