@@ -13,6 +13,7 @@ import warnings as _warnings
 
 from c3a_jax import key_maps, ops, training
 from c3a_jax._config import C3AConfig
+from c3a_jax._hf_merge import merge_checkpoint
 from c3a_jax._intercept import intercept, wrap
 from c3a_jax._labels import labels
 from c3a_jax._nnx import C3AParam, register_layer
@@ -39,6 +40,7 @@ __all__ = [
   "load_adapter",
   "make_train_step",
   "merge",
+  "merge_checkpoint",
   "ops",
   "optimizer",
   "register_layer",

@@ -246,21 +246,34 @@ def merge(params: Mapping, *, safe: bool = False, dtype: Any = None) -> Params:
           f"holds {int((~jnp.isfinite(w)).sum())} non-finite values, its base kernel "
           f"{int((~jnp.isfinite(kernel)).sum())}"
         )
-      if concrete and jnp.finfo(merged.dtype).bits < 32:
-        kept = merged.astype(jnp.float32) - kernel.astype(jnp.float32)
-        lost = float(jnp.linalg.norm(kept - delta) / jnp.maximum(jnp.linalg.norm(delta), 1e-30))
-        if lost > _LOSSY_MERGE:
-          lossy.append((lost, path, merged.dtype.name))
+      if concrete:
+        note_rounding(lossy, path, kernel, merged, delta)
       module["kernel"] = rebox(boxed, merged)
+  warn_rounding(lossy, "merge", "merge(params, dtype=jnp.float32) keeps the deltas")
+  return out
+
+
+def note_rounding(lossy: list, where: str, kernel: Any, merged: Any, delta: Any) -> None:
+  """Adds ``where`` to ``lossy`` if storing ``kernel + delta`` as ``merged`` lost more than 1%
+  of the delta's norm to rounding."""
+  if jnp.finfo(merged.dtype).bits >= 32:
+    return
+  kept = merged.astype(jnp.float32) - kernel.astype(jnp.float32)
+  lost = float(jnp.linalg.norm(kept - delta) / jnp.maximum(jnp.linalg.norm(delta), 1e-30))
+  if lost > _LOSSY_MERGE:
+    lossy.append((lost, where, merged.dtype.name))
+
+
+def warn_rounding(lossy: list, what: str, fix: str) -> None:
+  """One warning naming the worst of ``lossy`` (see :func:`note_rounding`), if any."""
   if lossy:
     worst, where, stored = max(lossy)
     warnings.warn(
-      f"merge: {len(lossy)} layer(s) stored in {stored} lose more "
+      f"{what}: {len(lossy)} layer(s) stored in {stored} lose more "
       f"than {_LOSSY_MERGE:.0%} of their C3A delta to rounding (worst: {where!r}, "
-      f"{worst:.0%}); merge(params, dtype=jnp.float32) keeps the deltas",
-      stacklevel=2,
+      f"{worst:.0%}); {fix}",
+      stacklevel=3,
     )
-  return out
 
 
 def unmerge(merged: Mapping, adapter: Mapping) -> Params:

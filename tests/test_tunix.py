@@ -140,3 +140,14 @@ def test_peft_adapter_loads_in_tunix(pair, tmp_path):
   assert not hasattr(tunix.layers[0].attn.q_proj, "c3a_kernel")
   np.testing.assert_allclose(_logits(loaded), want, atol=ATOL)
   np.testing.assert_allclose(_logits(c3a.merge(loaded)), want, atol=ATOL)
+
+
+def test_a_tunix_adapter_merges_into_a_hugging_face_checkpoint(pair, tmp_path):
+  hf, tunix, key_map, base_path = pair
+  cfg = c3a.C3AConfig(**C3A)
+  adapted = c3a.attach(tunix, cfg, jax.random.key(3))
+  c3a.save_adapter(str(tmp_path / "adapter"), adapted, cfg, key_map=key_map)
+  c3a.merge_checkpoint(base_path, str(tmp_path / "adapter"), str(tmp_path / "merged"))
+  merged = type(hf).from_pretrained(str(tmp_path / "merged")).eval()
+  np.testing.assert_allclose(_torch_logits(merged), _logits(adapted), atol=ATOL)
+  assert not np.allclose(_torch_logits(merged), _torch_logits(hf), atol=1e-2)
