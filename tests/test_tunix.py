@@ -6,8 +6,11 @@ PyTorch model; made by PEFT, then loaded into the Tunix model. Logits must agree
 Einsum (attention) and Linear (MLP) targets, a ``block_size_pattern``, gaussian kernels.
 """
 
+import json
+
 import numpy as np
 import pytest
+import yaml
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -151,3 +154,35 @@ def test_a_tunix_adapter_merges_into_a_hugging_face_checkpoint(pair, tmp_path):
   merged = type(hf).from_pretrained(str(tmp_path / "merged")).eval()
   np.testing.assert_allclose(_torch_logits(merged), _logits(adapted), atol=ATOL)
   assert not np.allclose(_torch_logits(merged), _torch_logits(hf), atol=1e-2)
+
+
+def test_cli_fine_tunes_a_tunix_model_and_peft_loads_the_adapter(pair, tmp_path):
+  from c3a_jax import cli
+  from tests.test_cli import sentences, tokenizer, write_jsonl
+
+  hf, _, _, base_path = pair
+  tokenizer(__import__("pathlib").Path(base_path))
+  rows = [{"instruction": "rate the film", "output": r["sentence"]} for r in sentences(32, 2)]
+  cfg = {
+    "task": "causal_lm",
+    "model": {"name": base_path, "library": "tunix"},
+    "data": {
+      "name": str(write_jsonl(tmp_path / "train.json", rows)),
+      "eval_split": None,
+      "max_length": 12,
+      "prompt_template": "{instruction} {output}",
+    },
+    "c3a": {"block_size": 8, "target_modules": ["q_proj", "v_proj", "gate_proj"]},
+    "train": {"steps": 12, "batch_size": 8, "lr": 0.5, "log_every": 4},
+    "output_dir": str(tmp_path / "run"),
+  }
+  (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+  assert cli.main(["train", "--quiet", "--config", str(tmp_path / "config.yaml")]) == 0
+  losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert losses[-1] < losses[0]
+  base = type(hf).from_pretrained(base_path).eval()
+  peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")).eval()
+  assert cli.main(["merge", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+  merged = type(hf).from_pretrained(str(tmp_path / "merged")).eval()
+  np.testing.assert_allclose(_torch_logits(merged), _torch_logits(peft_model), atol=ATOL)
+  assert not np.allclose(_torch_logits(merged), _torch_logits(hf), atol=1e-3)

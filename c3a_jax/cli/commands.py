@@ -46,6 +46,10 @@ def _job(exp: Experiment):
     from c3a_jax.cli import digits
 
     return digits.job(exp.train.seed, log=_log)
+  if exp.model.library == "tunix":
+    from c3a_jax.cli import tunix
+
+    return tunix.job(exp, log=_log)
   from c3a_jax.cli import hub
 
   return hub.job(exp, log=_log)
@@ -117,7 +121,9 @@ def _load_run(run_dir: str):
           f"{run_dir} holds no adapter/: the run did not finish; continue it with "
           "c3a-jax train --resume"
         )
-      adapter, _ = c3a.load_adapter(os.path.join(run_dir, "adapter"), job.params)
+      adapter, _ = c3a.load_adapter(
+        os.path.join(run_dir, "adapter"), job.params, key_map=job.key_map
+      )
       return c3a.combine(adapter, job.params)
     path = os.path.join(run_dir, "params.msgpack")
     if not os.path.isfile(path):
@@ -165,6 +171,11 @@ def merge(args: argparse.Namespace) -> int:
   exp, params = _load_run(args.run_dir)
   _check_merge_target(args.out_dir, args.run_dir, exp, overwrite=args.overwrite)
   job = _job(exp)
+  if job.base_checkpoint is not None:  # the Hugging Face checkpoint, its weights adapted
+    adapter = os.path.join(args.run_dir, "adapter")
+    c3a.merge_checkpoint(job.base_checkpoint, adapter, args.out_dir, overwrite=args.overwrite)
+    print(f"merged model written to {args.out_dir}")
+    return 0
   merged = c3a.merge(params(job), safe=True)
   if job.save_merged is None:
     import flax.serialization

@@ -30,11 +30,13 @@ from c3a_jax import C3AConfig, ops
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """The base model: a Hugging Face hub name or local directory."""
+  """The base model: a Hugging Face hub name or local directory, run by transformers' Flax
+  models or (``library: tunix``, causal LMs) by Tunix's NNX Qwen 3 / Llama 3."""
 
   name: str | None = None
   from_pt: bool = False  # load PyTorch weights (model.safetensors / pytorch_model.bin)
   revision: str | None = None
+  library: Literal["transformers", "tunix"] = "transformers"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +144,8 @@ class Experiment:
     exp = _build(cls, upgrade(d, source), source, "")
     if exp.task != "digits" and not exp.model.name:
       raise ValueError(f"{source}: task {exp.task!r} needs model.name (a hub name or a path)")
+    if exp.model.library == "tunix" and exp.task != "causal_lm":
+      raise ValueError(f"{source}: model.library 'tunix' runs causal LMs; set task: causal_lm")
     if exp.task != "digits" and not exp.data.name:
       raise ValueError(f"{source}: task {exp.task!r} needs data.name (a dataset or a file)")
     return exp

@@ -36,6 +36,10 @@ class Job:
   model_type: str | None = None
   tokens_per_example: int = 1
   save_merged: Callable[[Any, str], None] | None = None  # writes a merged model directory
+  # For models whose layers c3a reads from the model, not the params tree (Tunix's NNX models):
+  attach: Callable[[Any, Any, jax.Array], Any] | None = None  # (params, cfg, rng) -> params
+  key_map: Any = None  # the model's module paths -> PEFT's names, for the adapter files
+  base_checkpoint: str | None = None  # merge writes this Hugging Face checkpoint, adapted
 
   def loss(
     self, params: Any, batch: Batch, rng: jax.Array | None, train: bool

@@ -117,7 +117,9 @@ def _setup(exp: Experiment, job: Job):
   if t.mode == "full":
     return job.params, None, adamw(head_lr), job.params
   params = job.params
-  if t.mode == "c3a":
+  if t.mode == "c3a" and job.attach is not None:
+    params = job.attach(params, cfg, jax.random.key(t.seed))
+  elif t.mode == "c3a":
     params = c3a.attach(params, cfg, jax.random.key(t.seed), model_type=job.model_type)
   trainable, base = c3a.split(params, cfg)
   if not jax.tree.leaves(trainable):
@@ -432,7 +434,7 @@ def _finish(
       last_eval = evaluate(job, _combined(state, base), t.eval_batch_size)
     final.update({f"eval_{k}": v for k, v in last_eval.items()})
   if t.mode == "c3a":
-    c3a.save_adapter(os.path.join(out, "adapter"), state.params, exp.c3a)
+    c3a.save_adapter(os.path.join(out, "adapter"), state.params, exp.c3a, key_map=job.key_map)
   else:
     atomic_write(os.path.join(out, "params.msgpack"), flax.serialization.to_bytes(state.params))
   _plot(metrics.records, os.path.join(out, "metrics.png"))

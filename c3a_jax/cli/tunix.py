@@ -1,0 +1,139 @@
+"""A causal LM from a Hugging Face safetensors checkpoint, run by Tunix's NNX Qwen 3 or Llama 3.
+
+The runner trains params trees; an NNX model is read as one (:func:`c3a_jax._nnx.view`: its
+``nnx.Param`` values by module path) and rebuilt from one inside each traced step, so every
+weight is an argument of the jitted function. The adapter is saved under Hugging Face's names
+(``c3a.key_maps``), so PEFT loads it on the PyTorch model, and ``c3a-jax merge`` writes the
+base checkpoint with the adapter merged (:func:`c3a_jax.merge_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import c3a_jax as c3a
+from c3a_jax import _nnx
+from c3a_jax.cli import hub
+from c3a_jax.cli.experiment import Experiment
+from c3a_jax.cli.job import Job, Log
+
+# Hugging Face model_type -> (tunix module, its key map).
+FAMILIES = {
+  "qwen3": ("qwen3", c3a.key_maps.TUNIX_QWEN3),
+  "llama": ("llama3", c3a.key_maps.TUNIX_LLAMA3),
+}
+
+
+def _checkpoint(exp: Experiment) -> str:
+  """The checkpoint's local directory (a hub name is downloaded, as transformers would)."""
+  name = exp.model.name
+  if os.path.isdir(name):
+    return name
+  import huggingface_hub
+
+  try:
+    return huggingface_hub.snapshot_download(name, revision=exp.model.revision)
+  except Exception as e:
+    raise ValueError(f"could not load model {name!r} ({hub._offline_hint(name)}): {e}") from None
+
+
+def _model_config(family: str, hf: dict[str, Any], path: str) -> Any:
+  module = __import__(f"tunix.models.{family}.model", fromlist=["ModelConfig"])
+  theta = hf.get("rope_theta", 10_000.0)
+  if family == "qwen3" and theta != 1e6:
+    # tunix 0.1.7's Qwen3 uses 1e6 whatever the config says: its logits would differ.
+    raise ValueError(f"{path}/config.json: rope_theta={theta}, but Tunix's Qwen3 uses 1e6 only")
+  if hf.get("rope_scaling"):
+    raise ValueError(
+      f"{path}/config.json: rope_scaling={hf['rope_scaling']} is not read by Tunix's "
+      f"{family} model here; its logits would differ from the checkpoint's"
+    )
+  sizes = dict(
+    num_layers=hf["num_hidden_layers"],
+    vocab_size=hf["vocab_size"],
+    embed_dim=hf["hidden_size"],
+    hidden_dim=hf["intermediate_size"],
+    num_heads=hf["num_attention_heads"],
+    head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+    num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+    rope_theta=int(theta),
+    norm_eps=hf.get("rms_norm_eps", 1e-6),
+  )
+  tied = bool(hf.get("tie_word_embeddings", False))
+  sizes["use_tied_embedding" if family == "qwen3" else "weight_tying"] = tied
+  return module.ModelConfig(**sizes)
+
+
+def load(exp: Experiment) -> tuple[Any, Any, str]:
+  """(the Tunix model, its key map, the checkpoint directory)."""
+  path = _checkpoint(exp)
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      hf = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"model {exp.model.name!r}: no readable config.json in {path}: {e}") from None
+  family, key_map = FAMILIES.get(hf.get("model_type"), (None, None))
+  if family is None:
+    raise ValueError(
+      f"model {exp.model.name!r} is a {hf.get('model_type')!r}; Tunix runs "
+      f"{sorted(FAMILIES)} here (model.library: transformers runs the rest)"
+    )
+  try:
+    params = __import__(
+      f"tunix.models.{family}.params", fromlist=["create_model_from_safe_tensors"]
+    )
+  except ImportError:
+    raise ValueError('model.library: tunix needs Tunix: pip install "c3a-jax[tunix]"') from None
+  dtype = jnp.bfloat16 if exp.train.compute_dtype == "bfloat16" else None
+  model = params.create_model_from_safe_tensors(path, _model_config(family, hf, path), dtype=dtype)
+  return model, key_map, path
+
+
+def job(exp: Experiment, log: Log = print) -> Job:
+  """The causal LM job of :func:`c3a_jax.cli.hub.job`, on a Tunix model."""
+  import transformers
+  from flax import nnx
+
+  model, key_map, path = load(exp)
+  log(f"model: Tunix {type(model).__name__} from {path}")
+  spec = exp.data
+  train = hub._limit(hub.load_split(spec, spec.train_split), spec.max_train_examples)
+  evals = hub._limit(hub.load_split(spec, spec.eval_split), spec.max_eval_examples)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+  if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token
+  graphdef, state = nnx.split(model)
+
+  def build(params):
+    m = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))  # fresh Variables, this trace's
+    _nnx.view(m).write(params)  # every nnx.Param from the params (C3A kernels attach)
+    return m
+
+  def logits_fn(params, batch, rng, train):
+    tokens, valid = batch["input_ids"], batch["attention_mask"].astype(bool)
+    t = tokens.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
+    mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+    return build(params)(tokens, positions, None, mask)[0]
+
+  def attach(params, cfg, rng):
+    return _nnx.view(c3a.attach(build(params), cfg, rng)).tree
+
+  return Job(
+    logits_fn=logits_fn,
+    params=jax.tree.map(jnp.asarray, _nnx.view(model).tree),
+    train_data=hub._text(spec, train, spec.train_split, tokenizer, True),
+    eval_data=hub._text(spec, evals, spec.eval_split, tokenizer, True)
+    if evals is not None
+    else None,
+    kind="lm",
+    tokens_per_example=spec.max_length,
+    attach=attach,
+    key_map=key_map,
+    base_checkpoint=path,
+  )
