@@ -16,6 +16,7 @@ MODULES = sorted(
 # Modules that need no example of their own: internals whose public functions are shown where
 # they are re-exported, and the command-line app over the library.
 NO_EXAMPLE = {
+  "c3a_jax._context",
   "c3a_jax._io",
   "c3a_jax._tree",
   "c3a_jax.experimental",
@@ -28,6 +29,7 @@ NO_EXAMPLE = {
   "c3a_jax.cli.hub",
   "c3a_jax.cli.job",
   "c3a_jax.cli.runner",
+  "c3a_jax.cli.tunix",
 }
 
 

@@ -57,7 +57,14 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(LAYERS))
+# The default tier runs the multi-axis kinds; the integration tier every one.
+@pytest.mark.parametrize(
+  "name",
+  [
+    pytest.param(n, marks=pytest.mark.integration if n in ("linear", "einsum") else ())
+    for n in sorted(LAYERS)
+  ],
+)
 def test_nnx_layers_equal_the_reference(name):
   make, shape, weight = LAYERS[name]
   layer = make(nnx.Rngs(0))
