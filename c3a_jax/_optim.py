@@ -14,11 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
+import numpy as np
 import optax
+from flax.core import meta
 
 from c3a_jax import _tree
 from c3a_jax._config import C3AConfig
 from c3a_jax._labels import labels
+from c3a_jax._layout import C3A_LEAVES, rebox
+from c3a_jax._targets import stack_layers
 
 
 def optimizer(
@@ -52,4 +57,40 @@ def optimizer(
     "modules_to_save": head_tx or tx,
     "frozen": optax.set_to_zero(),
   }
-  return optax.multi_transform(transforms, lambda p: labels(p, cfg))
+  tx = optax.multi_transform(transforms, lambda p: labels(p, cfg))
+  masks = stack_masks(params, cfg)
+  return optax.chain(tx, _keep_zero(masks)) if masks else tx
+
+
+def stack_masks(params: Mapping, cfg: C3AConfig) -> dict[str, np.ndarray]:
+  """For each stacked C3A kernel of which ``layers_to_transform`` adapts some layers only, a
+  ``(L,)`` mask of those layers, by leaf path."""
+  if cfg.layers_to_transform in (None, ()):
+    return {}
+  masks = {}
+  for path, name, value in _tree.leaves(params):
+    shape = _tree.shape(value)
+    if name in C3A_LEAVES and len(shape) == 4:
+      layers = stack_layers(path, shape[0], cfg)
+      if len(layers) < shape[0]:
+        masks[f"{path}.{name}"] = np.isin(np.arange(shape[0]), layers).astype(np.float32)
+  return masks
+
+
+def _keep_zero(masks: dict[str, np.ndarray]) -> optax.GradientTransformation:
+  """Zeroes the updates of the stack layers ``layers_to_transform`` leaves out."""
+
+  def update(updates, state, params=None):
+    def one(path, u):
+      mask = masks.get(".".join(str(getattr(k, "key", k)) for k in path))
+      if mask is None:
+        return u
+      return rebox(u, _tree.unbox(u) * mask[:, None, None, None])
+
+    return jax.tree_util.tree_map_with_path(one, updates, is_leaf=_is_box), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, meta.AxisMetadata)

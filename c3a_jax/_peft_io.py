@@ -43,6 +43,7 @@ from c3a_jax._targets import (
   is_linear,
   layer_path,
   named_target,
+  stack_layers,
   trains_fully,
 )
 from c3a_jax._transform import combine, split
@@ -147,9 +148,17 @@ def save_adapter(
       name, value = _to_torch(name, value)
     if value.dtype == jnp.bfloat16:  # numpy safetensors has no bfloat16; PEFT casts on load.
       value = value.astype(np.float32)
-    layers = (
-      [(layer_path(path, i, cfg), value[i]) for i in range(stack[0])] if stack else [(path, value)]
-    )
+    layers = [(path, value)]
+    if stack:
+      keep = stack_layers(path, stack[0], cfg)
+      dropped = [i for i in range(stack[0]) if i not in keep]
+      if name == C3A_KERNEL and np.any(value[dropped]):
+        raise ValueError(
+          f"save_adapter: {path}.c3a_kernel is non-zero in layers {dropped}, which "
+          f"layers_to_transform={cfg.layers_to_transform!r} leaves out: PEFT adapts those "
+          "layers not at all, so their training would be lost (c3a.optimizer keeps them zero)"
+        )
+      layers = [(layer_path(path, i, cfg), value[i]) for i in keep]
     for layer, v in layers:
       peft_name = key_maps.apply(key_map, layer)
       if name == C3A_KERNEL:
@@ -353,14 +362,17 @@ def load_adapter(
     else:
       slices.setdefault((model_path, name), {})[index] = _like(value, module, name, index)
   for (path, name), got in slices.items():
-    n_layers = _tree.shape(_tree.get(params, path)["kernel"])[0]
-    missing = sorted(set(range(n_layers)) - set(got))
-    if missing:
-      raise ValueError(
-        f"load_adapter: {weights} holds {name} of stacked layer {path!r} for layers "
-        f"{sorted(got)}, not for {missing}; a stack of {n_layers} layers needs every one"
-      )
-    _tree.set_leaf(adapter, path, name, jnp.stack([got[i] for i in range(n_layers)]))
+    module = _tree.get(params, path)
+    n_layers = _tree.shape(module["kernel"])[0]
+    # A layer the file leaves out is not adapted (PEFT's model): a zero C3A kernel, and the
+    # base's own weights for anything else.
+    fill = lambda i: (
+      np.zeros_like(next(iter(got.values())))
+      if name == C3A_KERNEL
+      else np.asarray(_tree.unbox(module[name]))[i]
+    )
+    layers = [got[i] if i in got else fill(i) for i in range(n_layers)]
+    _tree.set_leaf(adapter, path, name, jnp.stack(layers))
   if not any(name in C3A_LEAVES for _, name, _ in _tree.leaves(adapter)):
     raise ValueError(f"load_adapter: {weights} holds no c3a_kernel tensors; not a C3A adapter")
   if params is not None:

@@ -49,6 +49,7 @@ class Target:
   path: str
   block_size: int
   layout: Layout
+  layers: tuple[int, ...] | None = None  # of a stack, the layers adapted (None: all)
 
   @property
   def d_in(self) -> int:
@@ -130,8 +131,11 @@ def layer_path(path: str, index: int, cfg: C3AConfig) -> str:
   return ".".join([*parts[: at + 1], str(index), *parts[at + 1 :]])
 
 
-def _matches(path: str, linear: bool, cfg: C3AConfig, targets: Any) -> bool:
-  """PEFT 0.21's check_target_module_exists, on a params-tree path."""
+def _matches(
+  path: str, linear: bool, cfg: C3AConfig, targets: Any, *, by_layer: bool = True
+) -> bool:
+  """PEFT 0.21's check_target_module_exists, on a params-tree path (``by_layer=False``: all
+  but its ``layers_to_transform`` check)."""
   if isinstance(cfg.exclude_modules, str):
     if re.fullmatch(cfg.exclude_modules, path):
       return False
@@ -147,6 +151,10 @@ def _matches(path: str, linear: bool, cfg: C3AConfig, targets: Any) -> bool:
     return True
   if not _ends_with(path, targets):
     return False
+  return not by_layer or _in_layers(path, cfg)
+
+
+def _in_layers(path: str, cfg: C3AConfig) -> bool:
   layers = cfg.layers_to_transform
   if layers is None or layers == ():
     return True
@@ -154,6 +162,12 @@ def _matches(path: str, linear: bool, cfg: C3AConfig, targets: Any) -> bool:
   if index is None:
     return False
   return index == layers if isinstance(layers, int) else index in layers
+
+
+def stack_layers(path: str, n_layers: int, cfg: C3AConfig) -> tuple[int, ...]:
+  """The layers of the stack at ``path`` that ``cfg.layers_to_transform`` adapts: the stack
+  index is the layer index, read from the path :func:`layer_path` gives each layer."""
+  return tuple(i for i in range(n_layers) if _in_layers(layer_path(path, i, cfg), cfg))
 
 
 def named_target(path: str, cfg: C3AConfig) -> bool | None:
@@ -263,7 +277,9 @@ def _select(
   for path, node in [*root, *_tree.modules(params)]:
     seen = (traced or {}).get(path)
     linear = is_dense(node) if seen is None else seen.problem is None
-    if not _matches(path, linear, cfg, targets):
+    # A stack's path has no layer index: layers_to_transform picks its layers below.
+    maybe_stack = is_linear(node) and len(_tree.shape(node["kernel"])) >= 3
+    if not _matches(path, linear, cfg, targets, by_layer=not maybe_stack):
       if targets == "all-linear" and traced is None and is_linear(node) and not linear:
         unknown.append(path)
       continue
@@ -284,6 +300,19 @@ def _select(
         stacklevel=3,
       )
     layout = _layout(path, node, traced, out_in)
+    layers = None
+    if layout.stack and cfg.layers_to_transform not in (None, ()):
+      if len(layout.stack) > 1:
+        raise ValueError(
+          f"layers_to_transform: layer {path!r} is stacked on {len(layout.stack)} axes "
+          f"{layout.stack}; layer indices number one stack axis"
+        )
+      layers = stack_layers(path, layout.stack[0], cfg)
+      if not layers:
+        continue
+      layers = None if len(layers) == layout.stack[0] else layers
+    elif maybe_stack and not _in_layers(path, cfg):
+      continue
     b = block_size_for(path, cfg)
     if layout.d_in % b or layout.d_out % b:
       raise ValueError(
@@ -291,7 +320,7 @@ def _select(
         f"has d_in={layout.d_in}, d_out={layout.d_out}; block sizes that divide both: "
         f"{_divisors(layout.d_in, layout.d_out)}"
       )
-    selected.append(Target(path, b, layout))
+    selected.append(Target(path, b, layout, layers))
   if unknown:
     warnings.warn(
       f"target_modules='all-linear' leaves out {unknown[:8]}{' ...' if len(unknown) > 8 else ''}: "

@@ -38,7 +38,7 @@ from c3a_jax._config import C3AConfig
 from c3a_jax._labels import label
 from c3a_jax._layout import C3A_LEAVES, Layout, box_c3a, of_shapes, rebox
 from c3a_jax._layout import delta as layout_delta
-from c3a_jax._targets import select
+from c3a_jax._targets import Target, select
 from c3a_jax._tree import Params
 
 C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
@@ -90,10 +90,8 @@ def attach(
         f"layer {t.path!r} already holds a C3A kernel; c3a.split(params) first to "
         "attach a fresh adapter to the base"
       )
-    key = jax.random.fold_in(rng, zlib.crc32(t.path.encode()))
-    w = _init(key, t.shape, cfg.init_weights)
     name = C3A_KERNEL_OUT_IN if t.out_in else C3A_KERNEL
-    module[name] = box_c3a(module["kernel"], w, t.layout)
+    module[name] = box_c3a(module["kernel"], _initial(rng, t, cfg), t.layout)
   return out
 
 
@@ -107,9 +105,18 @@ def _attach_nnx(module: Any, cfg: C3AConfig, rng: jax.Array) -> Any:
         f"layer {t.path!r} already holds a C3A kernel; c3a.merge the model, or attach to "
         "the base model, for a fresh adapter"
       )
-    key = jax.random.fold_in(rng, zlib.crc32(t.path.encode()))
-    _nnx.set_c3a(layer, _init(key, t.shape, cfg.init_weights), t.layout)
+    _nnx.set_c3a(layer, _initial(rng, t, cfg), t.layout)
   return model
+
+
+def _initial(rng: jax.Array, t: Target, cfg: C3AConfig) -> jax.Array:
+  """Target ``t``'s C3A kernel: from ``rng`` folded with a hash of its path; in a stack, the
+  layers ``layers_to_transform`` leaves out are zero (and :func:`c3a_jax.optimizer` keeps them
+  so)."""
+  w = _init(jax.random.fold_in(rng, zlib.crc32(t.path.encode())), t.shape, cfg.init_weights)
+  if t.layers is not None:
+    w = w * jnp.zeros(t.shape[0]).at[jnp.asarray(t.layers)].set(1.0)[:, None, None, None]
+  return w
 
 
 def _init(key: jax.Array, shape: tuple[int, ...], init_weights: Any) -> jax.Array:

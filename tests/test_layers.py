@@ -341,12 +341,45 @@ def test_a_stack_saves_as_peft_layers_and_loads_back_into_the_stack(scanned, tmp
     np.testing.assert_array_equal(
       loaded["layers"][name]["c3a_kernel"], nn.unbox(leaf["c3a_kernel"])
     )
-  with pytest.raises(
-    ValueError, match=r"stacked layer 'layers.query' for layers \[0, 2\], not for \[1\]"
-  ):
-    del stacked["base_model.model.layers.1.query.c3a_kernel"]
-    safetensors.numpy.save_file(stacked, tmp_path / "stacked" / "adapter_model.safetensors")
-    c3a.load_adapter(str(tmp_path / "stacked"), params)
+  # A layer the file leaves out is not adapted, as in PEFT: its C3A kernel loads as zeros.
+  del stacked["base_model.model.layers.1.query.c3a_kernel"]
+  safetensors.numpy.save_file(stacked, tmp_path / "stacked" / "adapter_model.safetensors")
+  partial, _ = c3a.load_adapter(str(tmp_path / "stacked"), params)
+  query = partial["layers"]["query"]["c3a_kernel"]
+  assert not query[1].any() and query[0].any() and query[2].any()
+
+
+def test_layers_to_transform_picks_layers_of_a_stack(scanned, tmp_path):
+  model, x, params, _cfg, _ = scanned
+  cfg = c3a.C3AConfig(
+    block_size=4,
+    target_modules=["query", "down"],
+    layers_to_transform=[0, 2],
+    layers_pattern="layers",
+    init_weights="gaussian",
+  )
+  adapted = c3a.attach(
+    params, cfg, jax.random.key(3), forward=lambda p: model.apply({"params": p}, x)
+  )
+  w = nn.unbox(adapted["layers"]["query"]["c3a_kernel"])
+  assert not w[1].any() and w[0].any() and w[2].any()
+  assert c3a.summary(adapted, cfg).trainable == 3 * (64 + 128)  # the stack's whole leaves
+
+  tx = c3a.optimizer(optax.sgd(1.0), adapted, cfg)
+  grads = jax.jit(jax.grad(_loss(model, x)))(adapted)
+  updates, _ = tx.update(grads, tx.init(adapted), adapted)
+  moved = nn.unbox(optax.apply_updates(adapted, updates))["layers"]["down"]["c3a_kernel"]
+  assert not moved[1].any()  # layer 1 is left out: it stays zero
+  assert (moved[0] != nn.unbox(adapted)["layers"]["down"]["c3a_kernel"][0]).any()
+
+  c3a.save_adapter(str(tmp_path / "a"), adapted, cfg)
+  keys = safetensors.numpy.load_file(tmp_path / "a" / "adapter_model.safetensors")
+  assert sorted(keys) == sorted(
+    f"base_model.model.layers.{i}.{n}.c3a_kernel" for i in (0, 2) for n in ("query", "down")
+  )
+  trained = c3a.combine({"layers": {"down": {"c3a_kernel": moved.at[1].set(1.0)}}}, adapted)
+  with pytest.raises(ValueError, match=r"non-zero in layers \[1\], which layers_to_transform"):
+    c3a.save_adapter(str(tmp_path / "b"), trained, cfg)
 
 
 def test_key_maps_name_layers_as_peft_does_both_ways(scanned, tmp_path):
