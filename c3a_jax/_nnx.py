@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -170,7 +171,6 @@ def _contraction_axes(axis: Any) -> tuple[int, ...]:
 
 
 def _adapted_call(self, *args, **kwargs):
-  y = type(self).c3a_base.__call__(self, *args, **kwargs)
   c = contraction(self, args, kwargs)
   w = self.c3a_kernel[...]
   b = w.shape[-1]
@@ -178,14 +178,56 @@ def _adapted_call(self, *args, **kwargs):
     raise ValueError(
       f"{type(self).__name__} holds a C3A kernel of shape {w.shape}, but its call contracts a "
       f"kernel {c.shape} (d_in={c.d_in}, d_out={c.d_out}), which needs (d_out // b, d_in // b, b)"
-      + (
-        "; a stacked C3A kernel is sliced by the nnx.scan / nnx.vmap over it" if w.ndim > 3 else ""
-      )
+      + ("; a stacked C3A kernel is sliced by the nnx.scan over it" if w.ndim > 3 else "")
     )
   x = args[0] if args else next(iter(kwargs.values()))
+  strategy = _context.strategy.get()
+  foldable = _foldable(self, x)
+  if strategy == "auto" and foldable:
+    strategy = ops.choose_strategy((*x.shape[: len(c.free)], c.d_in), w.shape, with_base=True)
+  if strategy == "fold" and foldable:
+    return _folded(self, c, x, w)
+  y = type(self).c3a_base.__call__(self, *args, **kwargs)
   rows = c.to_rows(x).astype(y.dtype)
-  delta = ops.block_circulant_matmul(rows, w, strategy=_context.strategy.get())
+  delta = ops.block_circulant_matmul(rows, w, strategy=strategy)
   return y + c.from_rows(delta).astype(y.dtype)
+
+
+_PLAIN = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+# Einsum modules whose call is exactly jnp.einsum(einsum_str, x, w) in their dtype, no bias.
+_EXACT_EINSUM = ("tunix.models.",)
+
+
+def _foldable(layer: nnx.Module, x: Any) -> bool:
+  """A float32 layer whose call c3a can rewrite as ``x @ (kernel + delta)`` (``"fold"``)."""
+  base = type(layer).c3a_base
+  if base in _PLAIN:
+    # Only the stock arithmetic: no injected dot_general / einsum_op / promotion.
+    stock = {
+      "dot_general": (jax.lax.dot_general, None),
+      "dot_general_cls": (None,),
+      "einsum_op": (jnp.einsum, None),
+      "preferred_element_type": (None,),
+    }
+    if any(getattr(layer, a, None) not in ok for a, ok in stock.items()):
+      return False
+  elif not (base.__name__ == "Einsum" and base.__module__.startswith(_EXACT_EINSUM)):
+    return False
+  kernel = getattr(layer, _kind(layer).kernel)[...]
+  dtype = getattr(layer, "dtype", None) or jnp.result_type(x, kernel)
+  return jnp.dtype(dtype) == jnp.float32 and kernel.dtype == jnp.float32
+
+
+def _folded(layer: nnx.Module, c: _contraction.Contraction, x: Any, w: Any) -> Any:
+  """The layer's own call with ``kernel + delta`` for its kernel (:func:`c3a_jax.ops.fold`)."""
+  kernel = getattr(layer, _kind(layer).kernel)[...]
+  bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
+  x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
+  precision = getattr(layer, "precision", None)
+  y = c.from_rows(ops.fold(c.to_rows(x), w, kernel.reshape(c.d_in, c.d_out), precision=precision))
+  if bias is not None:
+    y += jnp.reshape(bias.astype(jnp.float32), c.bias_shape())
+  return y
 
 
 _ADAPTED: dict[type, type] = {}

@@ -45,3 +45,23 @@ def test_peft_benchmark():
 def test_layer_benchmark():
   out = run("layer.py", "--quick", "--repeats", "1")
   assert "768x768" in out and "4096x4096" in out
+
+
+def test_tunix_qwix_benchmark():
+  pytest.importorskip("tunix.models.qwen3.model")
+  out = run(
+    "tunix_qwix.py",
+    "--width",
+    "64",
+    "--layers",
+    "1",
+    "--seq",
+    "16",
+    "--vocab",
+    "64",
+    "--block-size",
+    "8",
+    "--repeats",
+    "1",
+  )
+  assert "| c3a auto |" in out and "| lora8 |" in out and "Target: c3a step" in out

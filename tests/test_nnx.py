@@ -82,8 +82,9 @@ def test_nnx_layers_equal_the_reference(name):
   getattr(reference, weight)[...] = kernel + delta.astype(np.float32)
   want = reference(x)
   np.testing.assert_allclose(adapted(x), want, atol=2e-5)  # adapted outside intercept too
-  with c3a.intercept(strategy="fft"):
-    np.testing.assert_allclose(adapted(x), want, atol=2e-5)
+  for strategy in ("fft", "fold"):  # "fold": x @ (kernel + delta), where the layer allows it
+    with c3a.intercept(strategy=strategy):
+      np.testing.assert_allclose(adapted(x), want, atol=2e-5)
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(adapted, x), want, atol=2e-5)
 
   merged = c3a.merge(adapted)
