@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax import nnx
 
 from c3a_jax import _context, _contraction, ops
 from c3a_jax._layout import C3A_LEAVES
@@ -52,6 +53,12 @@ def _interceptor(next_fun, args, kwargs, context):
   module = context.module
   if context.method_name != "__call__" or module.scope is None:
     return next_fun(*args, **kwargs)
+  if isinstance(module, nnx.bridge.ToLinen) and _holds_c3a(module.variables.get("params", {})):
+    raise ValueError(
+      f"module {'.'.join(module.scope.path)!r} is an NNX model bridged with "
+      "nnx.bridge.ToLinen and holds C3A kernels, which the linen interceptor cannot apply "
+      "inside it; adapt the NNX model with c3a.attach(nnx_model, cfg, rng) before bridging"
+    )
   held = [n for n in C3A_LEAVES if module.has_variable("params", n)]
   if not held:
     return next_fun(*args, **kwargs)
@@ -100,6 +107,12 @@ def _interceptor(next_fun, args, kwargs, context):
 
 
 _PLAIN_CALLS = (nn.Dense.__call__, nn.DenseGeneral.__call__, nn.Einsum.__call__)
+
+
+def _holds_c3a(tree: Any) -> bool:
+  if not isinstance(tree, Mapping):
+    return False
+  return any(k in C3A_LEAVES or _holds_c3a(v) for k, v in tree.items())
 
 
 def _foldable(module: nn.Module, x: Any) -> bool:

@@ -77,6 +77,11 @@ def attach(
   """
   if _nnx.is_module(params):
     return _attach_nnx(params, cfg, rng)
+  if isinstance(params, nnx.State):
+    raise TypeError(
+      "attach: params is an nnx.State; C3A attaches to the NNX model itself, "
+      "c3a.attach(model, cfg, rng), which returns the adapted model"
+    )
   if not isinstance(params, Mapping):
     raise TypeError(
       "attach: params must be a Flax params tree, a mapping such as "

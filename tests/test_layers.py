@@ -405,3 +405,24 @@ def test_key_maps_name_layers_as_peft_does_both_ways(scanned, tmp_path):
   )
   with pytest.raises(ValueError, match=r"key_map entry 0: '\(' is not a regex"):
     c3a.save_adapter(tmp_path / "bad", adapted, cfg, key_map=[("(", "x")])
+
+
+def test_vmapped_layers_get_a_stacked_kernel_each_member_its_slice():
+  ensemble = nn.vmap(
+    nn.Dense,
+    variable_axes={"params": 0},
+    split_rngs={"params": True},
+    in_axes=0,
+    out_axes=0,
+  )(16)
+  x = jax.random.normal(jax.random.key(0), (3, 5, 16))  # member, tokens, features
+  params = ensemble.init(jax.random.key(1), x)["params"]
+  cfg = c3a.C3AConfig(block_size=4, target_modules=".*", init_weights="gaussian")
+  adapted = c3a.attach(
+    params, cfg, jax.random.key(2), forward=lambda p: ensemble.apply({"params": p}, x)
+  )
+  assert adapted["c3a_kernel"].shape == (3, 4, 4, 4)
+  got = c3a.wrap(ensemble.apply)({"params": adapted}, x)
+  for i in range(3):
+    kernel = _reference_kernel(adapted["kernel"][i], adapted["c3a_kernel"][i])
+    np.testing.assert_allclose(got[i], x[i] @ kernel + adapted["bias"][i], atol=2e-5)

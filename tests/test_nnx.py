@@ -184,6 +184,13 @@ def test_nnx_layers_c3a_cannot_adapt_are_refused_at_attach():
     c3a.attach(nnx.Conv(8, 8, (3,), rngs=rngs), cfg, jax.random.key(0))
   with pytest.raises(ValueError, match=r"must come first in the kernel"):
     c3a.attach(TunixEinsum("BTNH,DNH->BTD", (16, 2, 8), rngs=rngs), cfg, jax.random.key(0))
+  with pytest.raises(TypeError, match=r"attaches to the NNX model itself"):
+    c3a.attach(nnx.state(nnx.Linear(8, 8, rngs=rngs)), cfg, jax.random.key(0))
+  bridged = nnx.bridge.ToLinen(nnx.Linear, args=(8, 8))
+  linen_params = bridged.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
+  linen_params = c3a.attach(linen_params, cfg, jax.random.key(1))
+  with pytest.raises(ValueError, match=r"bridged with nnx.bridge.ToLinen and holds C3A kernels"):
+    c3a.wrap(bridged.apply)({"params": linen_params}, jnp.ones((1, 8)))
   hand_set = nnx.Linear(8, 8, rngs=rngs)
   hand_set.c3a_kernel = nnx.Param(jnp.ones((2, 2, 4)))
   with pytest.raises(ValueError, match=r"holds a c3a_kernel that c3a.attach did not set"):
