@@ -426,3 +426,25 @@ def test_vmapped_layers_get_a_stacked_kernel_each_member_its_slice():
   for i in range(3):
     kernel = _reference_kernel(adapted["kernel"][i], adapted["c3a_kernel"][i])
     np.testing.assert_allclose(got[i], x[i] @ kernel + adapted["bias"][i], atol=2e-5)
+
+
+@pytest.mark.integration
+def test_a_boxed_stack_trains_and_checkpoints(scanned, tmp_path):
+  model, x, _params, cfg, adapted = scanned
+  adapter, base = c3a.split(adapted, cfg)
+  tx = c3a.optimizer(optax.adam(1e-2), adapter, cfg)
+
+  def loss_fn(params, batch, rng):
+    return jnp.mean(model.apply({"params": params}, batch["x"]) ** 2)
+
+  step = jax.jit(c3a.make_train_step(loss_fn, tx))
+  state = c3a.TrainState.create(adapter, tx)
+  for _ in range(2):
+    state, _ = step(state, base, {"x": x})
+  with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
+    ckpt.save(state, data_position=2)
+  with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
+    restored, position = ckpt.restore(c3a.TrainState.create(adapter, tx))
+  assert position == 2
+  jax.tree.map(np.testing.assert_array_equal, nn.unbox(restored), nn.unbox(state))
+  assert isinstance(restored.params["layers"]["query"]["c3a_kernel"], nn.LogicallyPartitioned)
