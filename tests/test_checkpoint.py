@@ -1,5 +1,6 @@
 """Orbax training checkpoints: exact resume, keep-last-N, other meshes, refusals, killed saves."""
 
+import json
 import os
 import subprocess
 import sys
@@ -163,3 +164,48 @@ def test_a_save_killed_midway_loses_nothing_already_saved(tmp_path):
     assert ckpt.latest_step() == 1
     restored, position = ckpt.restore(target)
   assert position == 1 and float(restored.params["w"]["c3a_kernel"].min()) == 1.0
+
+
+def _flip_bytes(step_dir):
+  """Flips bytes in the middle of a saved step's largest array data file (orbax's ``state/d/``),
+  as a bad disk would."""
+  data_dir = os.path.join(step_dir, "state", "d")
+  target = max((os.path.join(data_dir, f) for f in os.listdir(data_dir)), key=os.path.getsize)
+  data = bytearray(open(target, "rb").read())
+  middle = len(data) // 2
+  data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+  open(target, "wb").write(bytes(data))
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  step, state, base = setup()
+  with c3a.training.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+    first = train(step, state, base, 0, 2)
+    ckpt.save(first, data_position=2)
+    second = train(step, first, base, 2, 4)
+    ckpt.save(second, data_position=4)
+  _flip_bytes(tmp_path / "4")
+  with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
+    with pytest.warns(UserWarning, match=r"checkpoint .*/4 is corrupt.*restoring an earlier"):
+      restored, position = ckpt.restore(setup()[1])
+    assert position == 2
+    jax.tree.map(np.testing.assert_array_equal, restored, first)
+    with pytest.raises(c3a.training.CorruptCheckpointError, match=r"/4 is corrupt"):
+      ckpt.restore(setup()[1], step=4)
+  # Arrays that read but differ from what was saved: their checksums tell.
+  meta_file = tmp_path / "2" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  leaf = sorted(meta["checksums"])[0]
+  meta["checksums"][leaf][0] += 1
+  meta_file.write_text(json.dumps(meta))
+  with c3a.training.Checkpointer(str(tmp_path)) as ckpt, pytest.warns(UserWarning):
+    with pytest.raises(c3a.training.CorruptCheckpointError, match=r"/4 is corrupt"):
+      ckpt.restore(setup()[1])
+    with pytest.raises(
+      c3a.training.CorruptCheckpointError, match=r"/2 is corrupt: 1 arrays differ"
+    ):
+      ckpt.restore(setup()[1], step=2)
+  meta_file.write_text("{not json")
+  with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
+    with pytest.raises(c3a.training.CorruptCheckpointError, match=r"metadata does not read"):
+      ckpt.restore(setup()[1], step=2)

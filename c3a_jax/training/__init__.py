@@ -21,13 +21,14 @@ Example:
   (0, ('data', 'fsdp'))
 """
 
-from c3a_jax.training._checkpoint import Checkpointer
+from c3a_jax.training._checkpoint import Checkpointer, CorruptCheckpointError
 from c3a_jax.training._counters import Throughput, compiled_memory
 from c3a_jax.training._sharding import batch_sharding, make_mesh, param_shardings, shard_batch
 from c3a_jax.training._step import TrainState, cast_frozen, make_train_step
 
 __all__ = [
   "Checkpointer",
+  "CorruptCheckpointError",
   "Throughput",
   "TrainState",
   "batch_sharding",

@@ -4,6 +4,8 @@ data position; saved asynchronously, the last N kept, restored onto any mesh, re
 The frozen base is never written: it is the pretrained model, loaded again on resume. Orbax
 writes each step into a temporary directory and renames it when complete, so a process killed
 mid-save leaves the earlier checkpoints intact, and restore finds the newest complete one.
+Each save records checksums of its arrays; a checkpoint whose bytes changed on disk is refused,
+and restore falls back to the newest one that is whole.
 
 Example:
   >>> import tempfile, jax.numpy as jnp, optax, c3a_jax as c3a
@@ -20,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -49,6 +52,38 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+@jax.jit
+def _checksums(tree: Any) -> Any:
+  """Two order-free sums of each leaf's bits (uint32, wrapping), computed where the leaf lives:
+  equal for equal bytes on any mesh; a flipped bit changes them."""
+
+  def one(x):
+    x = jax.numpy.asarray(x)
+    if x.dtype == jax.numpy.bool_:
+      x = x.astype(jax.numpy.uint8)
+    width = {1: jax.numpy.uint8, 2: jax.numpy.uint16, 4: jax.numpy.uint32, 8: jax.numpy.uint32}
+    bits = jax.lax.bitcast_convert_type(x, width[x.dtype.itemsize]).astype(jax.numpy.uint32)
+    bits = bits.reshape(-1)
+    weights = (jax.numpy.arange(bits.size, dtype=jax.numpy.uint32) % 65521) + 1
+    return jax.numpy.stack(
+      [bits.sum(dtype=jax.numpy.uint32), (bits * weights).sum(dtype=jax.numpy.uint32)]
+    )
+
+  return jax.tree.map(one, tree)
+
+
+def _sums(tree: Any) -> dict[str, list[int]]:
+  sums = jax.device_get(_checksums(tree))
+  return {
+    jax.tree_util.keystr(p): [int(v) for v in x]
+    for p, x in jax.tree_util.tree_flatten_with_path(sums)[0]
+  }
+
+
+class CorruptCheckpointError(ValueError):
+  """A checkpoint's files do not hold what was saved (flipped bytes, a truncated file)."""
+
+
 def _orbax() -> Any:
   # Imported when a Checkpointer is made, so that `import c3a_jax` does not pay for orbax.
   import orbax.checkpoint
@@ -58,6 +93,11 @@ def _orbax() -> Any:
 
 # Saved by c3a-jax 0.1, which kept the strategy in C3AConfig; a compute setting, not the run's.
 _DROPPED_CONFIG_FIELDS = ("strategy",)
+
+
+def _first(e: Exception) -> str:
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _differences(saved: dict, current: dict, what: str) -> list[str]:
@@ -112,6 +152,7 @@ class Checkpointer:
       "step": int(state.step),
       "data_position": data_position,
       "state": _shapes(state),
+      "checksums": _sums(state),
       "config": None if self.config is None else self.config.to_dict(),
     }
     ocp = _orbax()
@@ -135,32 +176,70 @@ class Checkpointer:
     ``target`` gives structure, shapes, dtypes and placement: a TrainState built for this run
     (e.g. ``TrainState.create`` placed with ``jax.device_put(state, shardings)``), or one of
     ``jax.ShapeDtypeStruct``s with shardings. A different mesh or device count than at save
-    time is fine. Raises ValueError naming what differs when the checkpoint was made for another
-    config or model, FileNotFoundError when there is no complete checkpoint.
+    time is fine. Every restored array is checked against the checksums saved with it. Without
+    ``step``, a newest checkpoint that is corrupt (checksums differ, or its files do not read)
+    is skipped with a warning naming it, for the newest one that restores whole.
+
+    Raises:
+      ValueError: naming what differs, when the checkpoint was made for another config or model.
+      CorruptCheckpointError: every candidate checkpoint is corrupt (``step`` given: that one).
+      FileNotFoundError: there is no complete checkpoint.
     """
     self.wait()
-    step = self.latest_step() if step is None else step
-    if step is None or step not in self.all_steps():
+    steps = self.all_steps()
+    if (step is not None and step not in steps) or not steps:
       raise FileNotFoundError(
         f"no complete checkpoint {'' if step is None else step} in "
-        f"{self.directory} (complete steps: {self.all_steps()})"
+        f"{self.directory} (complete steps: {steps})"
       )
+    candidates = [step] if step is not None else sorted(steps, reverse=True)
+    errors = []
+    for s in candidates:
+      try:
+        restored = self._restore(target, s)
+      except CorruptCheckpointError as e:
+        errors.append(e)
+        if s != candidates[-1]:
+          warnings.warn(f"{e}; restoring an earlier checkpoint", stacklevel=2)
+        continue
+      return restored
+    raise errors[0]
+
+  def _restore(self, target: TrainState, step: int) -> tuple[TrainState, Any]:
     ocp = _orbax()
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    meta = meta["meta"]
+    where = f"checkpoint {self.directory}/{step}"
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      meta = meta["meta"]
+    except Exception as e:
+      raise CorruptCheckpointError(
+        f"{where} is corrupt: its metadata does not read ({_first(e)})"
+      ) from e
     problems = _differences(meta["state"], _shapes(target), "state leaf")
     if self.config is not None and meta["config"] is not None:
       saved = {k: v for k, v in meta["config"].items() if k not in _DROPPED_CONFIG_FIELDS}
       problems += _differences(saved, self.config.to_dict(), "config field")
     if problems:
       raise ValueError(
-        f"checkpoint {self.directory}/{step} was made for another config or "
-        "model:\n  " + "\n  ".join(problems[:20])
+        f"{where} was made for another config or model:\n  " + "\n  ".join(problems[:20])
       )
-    restored = self._manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target)))
-    )
-    return restored["state"], meta["data_position"]
+    try:
+      restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target)))
+      )["state"]
+    except Exception as e:
+      raise CorruptCheckpointError(
+        f"{where} is corrupt: its arrays do not read ({_first(e)})"
+      ) from e
+    saved = meta.get("checksums")  # None in checkpoints of c3a-jax 0.2.0 and before
+    if saved is not None:
+      bad = [k for k, v in _sums(restored).items() if saved.get(k) != v]
+      if bad:
+        raise CorruptCheckpointError(
+          f"{where} is corrupt: {len(bad)} arrays differ from what was saved (checksums), "
+          f"e.g. {bad[:3]}"
+        )
+    return restored, meta["data_position"]
 
   def wait(self) -> None:
     """Blocks until an asynchronous save has finished."""
