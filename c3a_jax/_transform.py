@@ -245,7 +245,8 @@ def merge(params: Mapping, *, safe: bool = False, dtype: Any = None) -> Params:
       boxed = module["kernel"]
       kernel = _tree.unbox(boxed)
       delta = layout_delta(w, layout)
-      merged = (kernel.astype(jnp.float32) + delta).astype(dtype or kernel.dtype)
+      total = ops.compute_dtype(kernel.dtype, delta.dtype)  # float64 stays float64 (x64 mode)
+      merged = (kernel.astype(total) + delta).astype(dtype or kernel.dtype)
       concrete = not isinstance(merged, jax.core.Tracer)
       if safe and not concrete:
         raise ValueError(
@@ -312,6 +313,7 @@ def unmerge(merged: Mapping, adapter: Mapping) -> Params:
     w = _tree.unbox(w)
     layout = _check_fits(path, module, name, w, "unmerge")
     kernel = _tree.unbox(module["kernel"])
-    restored = kernel.astype(jnp.float32) - layout_delta(w, layout)
+    delta = layout_delta(w, layout)
+    restored = kernel.astype(ops.compute_dtype(kernel.dtype, delta.dtype)) - delta
     module["kernel"] = rebox(module["kernel"], restored.astype(kernel.dtype))
   return combine(adapter, out)

@@ -150,3 +150,18 @@ def test_bad_kernels_and_inputs_are_clear_errors():
     ops.init(jax.random.key(0), (2, 0, 4), True)
   with pytest.raises(TypeError, match="x must be floating point, got int32"):
     ops.block_circulant_matmul(jnp.ones((2, 8), jnp.int32), jnp.ones((2, 2, 4)))
+
+
+def test_float64_inputs_compute_in_float64_under_x64():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(5, 8)), rng.normal(size=(3, 2, 4))
+    want = x @ dense_reference(w).T  # float64 numpy
+    for strategy in ops.STRATEGIES:
+      y = ops.block_circulant_matmul(jnp.asarray(x), jnp.asarray(w), strategy=strategy)
+      assert y.dtype == jnp.float64, strategy
+      np.testing.assert_allclose(y, want, atol=1e-12, err_msg=strategy)
+    np.testing.assert_allclose(ops.delta_weight(jnp.asarray(w)), dense_reference(w).T, atol=1e-15)
+    # float32 in x64 mode stays float32, as without it.
+    y32 = ops.block_circulant_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    assert y32.dtype == jnp.float32

@@ -292,3 +292,14 @@ def test_a_lossy_low_precision_merge_warns_and_dtype_keeps_the_delta():
   np.testing.assert_allclose(
     exact["fc"]["kernel"], np.asarray(kernel, np.float32) + delta, rtol=1e-6, atol=1e-6
   )
+
+
+def test_merge_and_unmerge_keep_float64_under_x64():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    kernel, w = jnp.asarray(rng.normal(size=(8, 12))), jnp.asarray(rng.normal(size=(3, 2, 4)))
+    merged = c3a.merge({"fc": {"kernel": kernel, "c3a_kernel": w}})
+    assert merged["fc"]["kernel"].dtype == jnp.float64
+    np.testing.assert_allclose(merged["fc"]["kernel"], kernel + dense_reference(w).T, atol=1e-14)
+    restored = c3a.unmerge(merged, {"fc": {"c3a_kernel": w}})
+    np.testing.assert_allclose(restored["fc"]["kernel"], kernel, atol=1e-14)

@@ -20,7 +20,7 @@ Example:
 
 from c3a_jax.ops._fold import fold
 from c3a_jax.ops._init import INIT_WEIGHTS, InitWeights, init
-from c3a_jax.ops._kernel import delta_weight
+from c3a_jax.ops._kernel import compute_dtype, delta_weight
 from c3a_jax.ops._matmul import block_circulant_matmul
 from c3a_jax.ops._strategy import STRATEGIES, Strategy, check_strategy, choose_strategy
 
@@ -32,6 +32,7 @@ __all__ = [
   "block_circulant_matmul",
   "check_strategy",
   "choose_strategy",
+  "compute_dtype",
   "delta_weight",
   "fold",
   "init",

@@ -9,12 +9,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from c3a_jax.ops._kernel import compute_dtype
+
 
 def apply(x: jax.Array, w: jax.Array) -> jax.Array:
-  """``x @ delta_weight(w)`` for ``x`` of shape ``(tokens, n * b)``, in float32."""
+  """``x @ delta_weight(w)`` for ``x`` of shape ``(tokens, n * b)``, in float32 (float64 where
+  an input is)."""
   m, n, b = w.shape
-  xf = jnp.fft.rfft(x.astype(jnp.float32).reshape(-1, n, b), axis=-1)
+  dtype = compute_dtype(x.dtype, w.dtype)
+  xf = jnp.fft.rfft(x.astype(dtype).reshape(-1, n, b), axis=-1)
   # The 1/d_in scale goes on the small kernel spectrum, not the (tokens, d_out) output.
-  wf = jnp.conj(jnp.fft.rfft(w.astype(jnp.float32), axis=-1)) / (n * b)
+  wf = jnp.conj(jnp.fft.rfft(w.astype(dtype), axis=-1)) / (n * b)
   yf = jnp.einsum("tjf,ijf->tif", xf, wf)
   return jnp.fft.irfft(yf, n=b, axis=-1).reshape(-1, m * b)

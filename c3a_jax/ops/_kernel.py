@@ -16,8 +16,14 @@ def kernel_shape(w: Any, where: str) -> tuple[int, int, int]:
   return shape
 
 
+def compute_dtype(*dtypes: Any) -> Any:
+  """What C3A computes in: float32, or float64 where an input is (JAX's x64 mode)."""
+  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
 def delta_weight(w: jax.Array) -> jax.Array:
-  """The dense weight change of C3A kernel ``w`` in Flax ``(d_in, d_out)`` layout, float32.
+  """The dense weight change of C3A kernel ``w`` in Flax ``(d_in, d_out)`` layout, float32
+  (float64 for a float64 kernel).
 
   ``delta_weight(w).T`` is PEFT's ``get_delta_weight`` (PyTorch ``(out, in)`` layout).
 
@@ -33,6 +39,6 @@ def delta_weight(w: jax.Array) -> jax.Array:
   # blocks[i, j, r, c] = w[i, j, (c - r) mod b]: each row is the previous one shifted right.
   # (A (b, b) index array: one gather straight into (d_in, d_out) would index with a
   # (d_in * d_out, 3) array, three times the size of the result.)
-  blocks = w.astype(jnp.float32)[:, :, (r[None, :] - r[:, None]) % b]
+  blocks = w.astype(compute_dtype(w.dtype))[:, :, (r[None, :] - r[:, None]) % b]
   # (i, j, r, c) -> rows j*b + c (input), columns i*b + r (output).
   return blocks.transpose(1, 3, 0, 2).reshape(n * b, m * b) / (n * b)

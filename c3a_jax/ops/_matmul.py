@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from c3a_jax.ops import _fft, _freq_major
 from c3a_jax.ops._fold import fold
-from c3a_jax.ops._kernel import delta_weight, kernel_shape
+from c3a_jax.ops._kernel import compute_dtype, delta_weight, kernel_shape
 from c3a_jax.ops._strategy import Strategy, check_strategy, choose_strategy
 
 
@@ -39,7 +39,9 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "
     strategy: one of :data:`STRATEGIES`.
 
   Returns:
-    ``(..., m*b)`` in ``x``'s dtype. The arithmetic runs in float32 whatever the input dtype.
+    ``(..., m*b)`` in ``x``'s dtype. The arithmetic runs in float32 whatever the input dtype,
+    except in JAX's x64 mode, where a float64 ``x`` or ``w`` runs in float64 (``"fft"`` or
+    ``"dense"``; other strategies compute as ``"fft"`` there).
 
   Example:
     >>> import jax.numpy as jnp
@@ -60,6 +62,9 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "
   strategy = check_strategy(strategy, "block_circulant_matmul")
   if strategy == "auto":
     strategy = choose_strategy(x.shape, w.shape)
+  dtype = compute_dtype(x.dtype, w.dtype)
+  if dtype == jnp.float64 and strategy != "dense":
+    strategy = "fft"  # float64 (x64 mode) takes the exact paths; the others are float32 inside
   lead = x.shape[:-1]
   x2 = x.reshape(-1, n * b)
   if strategy == "fft":
@@ -67,7 +72,7 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "
   elif strategy == "freq_major":
     y = _freq_major.apply(x2.astype(jnp.float32), w)
   elif strategy == "dense":
-    y = x2.astype(jnp.float32) @ delta_weight(w)
+    y = x2.astype(dtype) @ delta_weight(w).astype(dtype)
   else:
     y = fold(x2, w)
   return y.reshape(*lead, m * b).astype(x.dtype)
