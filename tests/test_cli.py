@@ -160,6 +160,14 @@ def test_bad_configs_are_clear_errors(tmp_path, capsys, content, match):
   assert __import__("re").search(match, err), err
 
 
+def test_unparsable_overrides_and_huge_integers_are_clear_errors():
+  with pytest.raises(ValueError, match=r"override 'train.lr=\[': '\[' is not a YAML value"):
+    Experiment.from_dict({}, ["train.lr=["])
+  with pytest.raises(ValueError, match=r"train.seed must be below 2\*\*32, got 99999999999"):
+    Experiment.from_dict({"train": {"seed": 99999999999}})
+  assert Experiment.from_dict({"train": {"seed": 2**32 - 1}}).train.seed == 2**32 - 1
+
+
 def test_optional_numbers_are_parsed_and_checked():
   # YAML reads 3e-3 (no dot) as a string; an optional float field takes it as a number.
   exp = Experiment.from_dict({"train": {"head_lr": "3e-3"}, "data": {"num_labels": 4}})

@@ -140,7 +140,14 @@ class Experiment:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
           raise ValueError(f"override {item!r}: {p} is not a section")
-      node[leaf] = yaml.safe_load(value)
+      try:
+        node[leaf] = yaml.safe_load(value)
+      except yaml.YAMLError as e:
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+          f"override {item!r}: {value!r} is not a YAML value ({problem}); quote strings, "
+          "e.g. data.name='my data'"
+        ) from None
     exp = _build(cls, upgrade(d, source), source, "")
     if exp.task != "digits" and not exp.model.name:
       raise ValueError(f"{source}: task {exp.task!r} needs model.name (a hub name or a path)")
@@ -241,6 +248,9 @@ def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
     raise ValueError(f"{source}: {e}") from None
 
 
+_MAX_INT = 2**32
+
+
 def _check(value: Any, hint: Any, key: str, source: str) -> Any:
   """Validates ``value`` against a simple type hint, with an error naming the key."""
   origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -266,4 +276,6 @@ def _check(value: Any, hint: Any, key: str, source: str) -> Any:
     raise ValueError(f"{source}: {key} must be a finite number, got {value!r}")
   if hint in (int, float) and value < 0:
     raise ValueError(f"{source}: {key} must not be negative, got {value!r}")
+  if hint is int and value >= _MAX_INT:  # seeds go to numpy and JAX as 32-bit values
+    raise ValueError(f"{source}: {key} must be below 2**32, got {value!r}")
   return value
