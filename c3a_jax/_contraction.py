@@ -38,14 +38,24 @@ class Contraction:
   shape: tuple[int, ...]
 
   @classmethod
-  def parse(cls, spec: str, x_shape: Sequence[int], kernel_shape: Sequence[int]) -> Contraction:
-    """From an einsum string; a ValueError saying why if C3A cannot adapt it."""
+  def parse(
+    cls,
+    spec: str,
+    x_shape: Sequence[int],
+    kernel_shape: Sequence[int],
+    *,
+    any_order: bool = False,
+  ) -> Contraction:
+    """From an einsum string; a ValueError saying why if C3A cannot adapt it. ``any_order``
+    lets the input's axes sit anywhere in the kernel (Gemma's ``"BTD,NDH->BTNH"``), for layers
+    that say their contraction themselves (NNX); the kernel is then flattened through
+    :attr:`perm`."""
     operands, out, _ = opt_einsum.parser.parse_einsum_input(
       (spec.replace(" ", ""), _Shaped(tuple(x_shape)), _Shaped(tuple(kernel_shape)))
     )
     x, kernel = operands.split(",")
     c = cls(x, kernel, out, tuple(kernel_shape))
-    c.check(spec)
+    c.check(spec, any_order=any_order)
     return c
 
   @property
@@ -62,18 +72,30 @@ class Contraction:
 
   @property
   def n_in(self) -> int:
-    """How many leading kernel axes are "in"."""
+    """How many kernel axes are "in" (leading, once ordered by :attr:`perm`)."""
     return len(self.ins)
 
   @property
+  def perm(self) -> tuple[int, ...]:
+    """The kernel's axes, "in" first: ``kernel.transpose(perm)`` is in the layout rule's order."""
+    return tuple(self.kernel.index(a) for a in self.ins + self.outs)
+
+  def _size(self, axes: str) -> int:
+    return math.prod(self.shape[self.kernel.index(a)] for a in axes)
+
+  @property
   def d_in(self) -> int:
-    return math.prod(self.shape[: self.n_in])
+    return self._size(self.ins)
 
   @property
   def d_out(self) -> int:
-    return math.prod(self.shape[self.n_in :])
+    return self._size(self.outs)
 
-  def check(self, spec: str) -> None:
+  def flat_kernel(self, kernel: jax.Array) -> jax.Array:
+    """``kernel`` as the ``(d_in, d_out)`` matrix of the layout rule."""
+    return jnp.transpose(kernel, self.perm).reshape(self.d_in, self.d_out)
+
+  def check(self, spec: str, *, any_order: bool = False) -> None:
     shared = [a for a in self.kernel if a in self.x and a in self.out]
     summed = [a for a in self.kernel if a not in self.x and a not in self.out]
     if shared or summed or len(set(self.kernel)) != len(self.kernel):
@@ -82,7 +104,7 @@ class Contraction:
         f"{shared + summed} are batch or summed axes; C3A adapts kernels whose every axis is "
         "contracted with the input or kept in the output"
       )
-    if not self.ins or not self.outs or self.kernel != self.ins + self.outs:
+    if not self.ins or not self.outs or (not any_order and self.kernel != self.ins + self.outs):
       raise ValueError(
         f"einsum {spec!r}: the kernel axes the input contracts with ({self.ins!r}) must come "
         f"first in the kernel {self.kernel!r}, then the output axes ({self.outs!r}): C3A flattens "
@@ -98,7 +120,7 @@ class Contraction:
 
   def from_rows(self, z: jax.Array) -> jax.Array:
     """``(*free axes, d_out)`` rows laid out as the layer's output."""
-    z = z.reshape(*z.shape[:-1], *self.shape[self.n_in :])
+    z = z.reshape(*z.shape[:-1], *(self.shape[self.kernel.index(a)] for a in self.outs))
     return jnp.einsum(f"{self.free}{self.outs}->{self.out}", z)
 
   def bias_shape(self) -> tuple[int, ...]:

@@ -134,7 +134,7 @@ def _folded(module: nn.Module, c: _contraction.Contraction, x: Any, w: Any) -> A
   kernel = unbox(module.get_variable("params", "kernel"))
   bias = unbox(module.get_variable("params", "bias")) if module.use_bias else None
   x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
-  rows = ops.fold(c.to_rows(x), w, kernel.reshape(c.d_in, c.d_out), precision=module.precision)
+  rows = ops.fold(c.to_rows(x), w, c.flat_kernel(kernel), precision=module.precision)
   y = c.from_rows(rows)
   if bias is not None:
     y += jnp.reshape(bias, c.bias_shape())

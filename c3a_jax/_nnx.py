@@ -143,13 +143,40 @@ def traced(layer: nnx.Module, kind: _Kind) -> Traced:
   if spec is None:
     n_in = len(layer.in_features) if isinstance(layer, nnx.LinearGeneral) else 1
     return Traced(name, unstacked, n_in)
-  x_letters, k_letters = re.sub(r"\.\.\.", "", spec.split("->")[0]).split(",")
-  dims = dict(zip(k_letters, unstacked, strict=True))
   try:
-    c = _contraction.Contraction.parse(spec, [dims.get(a, 1) for a in x_letters], unstacked)
+    c = _static_contraction(spec, unstacked)
   except ValueError as e:
     return Traced(name, unstacked, problem=str(e))
-  return Traced(name, unstacked, c.n_in)
+  return Traced(name, tuple(unstacked[i] for i in c.perm), c.n_in)
+
+
+def _static_contraction(spec: str, kernel_shape: tuple[int, ...]) -> _contraction.Contraction:
+  """The einsum's contraction for a made-up input (its axes' sizes from the kernel, or 1)."""
+  x_letters, k_letters = re.sub(r"\.\.\.", "", spec.split("->")[0]).split(",")
+  dims = dict(zip(k_letters, kernel_shape, strict=True))
+  x_shape = [dims.get(a, 1) for a in x_letters]
+  return _contraction.Contraction.parse(spec, x_shape, kernel_shape, any_order=True)
+
+
+def permutation(layer: nnx.Module) -> tuple[int, ...] | None:
+  """How the layer's kernel (stack axes included) is transposed into the layout rule's order
+  ("in" axes first), or None where it already is: Gemma's ``"BTD,NDH->BTNH"`` gives
+  ``(1, 0, 2)``. The params view holds such kernels transposed."""
+  kind = _kind(layer)
+  if kind is None or kind.einsum is None or _supported(layer, kind):
+    return None
+  shape = np.shape(getattr(layer, kind.kernel)[...])
+  rank, spec = _rank(layer, kind)
+  if rank > len(shape):
+    return None
+  try:
+    perm = _static_contraction(spec, tuple(shape[len(shape) - rank :])).perm
+  except ValueError:
+    return None
+  if perm == tuple(range(rank)):
+    return None
+  n_stack = len(shape) - rank
+  return (*range(n_stack), *(n_stack + p for p in perm))
 
 
 def contraction(layer: nnx.Module, args: tuple, kwargs: dict) -> _contraction.Contraction:
@@ -159,9 +186,9 @@ def contraction(layer: nnx.Module, args: tuple, kwargs: dict) -> _contraction.Co
   shape = np.shape(getattr(layer, kind.kernel)[...])
   if isinstance(layer, nnx.Einsum):
     spec = args[1] if len(args) > 1 else kwargs.get("einsum_str") or layer.einsum_str
-    return _contraction.Contraction.parse(spec, np.shape(x), shape)
+    return _contraction.Contraction.parse(spec, np.shape(x), shape, any_order=True)
   if kind.einsum is not None:
-    return _contraction.Contraction.parse(kind.einsum(layer), np.shape(x), shape)
+    return _contraction.Contraction.parse(kind.einsum(layer), np.shape(x), shape, any_order=True)
   axes = layer.axis if isinstance(layer, nnx.LinearGeneral) else -1
   return _contraction.over_axes(np.shape(x), shape, _contraction_axes(axes))
 
@@ -224,7 +251,7 @@ def _folded(layer: nnx.Module, c: _contraction.Contraction, x: Any, w: Any) -> A
   bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
   x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
   precision = getattr(layer, "precision", None)
-  y = c.from_rows(ops.fold(c.to_rows(x), w, kernel.reshape(c.d_in, c.d_out), precision=precision))
+  y = c.from_rows(ops.fold(c.to_rows(x), w, c.flat_kernel(kernel), precision=precision))
   if bias is not None:
     y += jnp.reshape(bias.astype(jnp.float32), c.bias_shape())
   return y
@@ -283,12 +310,20 @@ class View:
       module = self.modules.get(path)
       if module is None:
         raise ValueError(f"the NNX model has no module {path!r}")
+      perm = permutation(module)
       if name == C3A_KERNEL:
-        kernel = getattr(module, _kind(module).kernel)[...]
-        layout = _layout.of_shapes(np.shape(kernel), np.shape(value), where=f"{path}.{name}")
+        kernel = np.shape(getattr(module, _kind(module).kernel)[...])
+        if perm is not None:
+          kernel = tuple(kernel[i] for i in perm)
+        layout = _layout.of_shapes(kernel, np.shape(value), where=f"{path}.{name}")
         set_c3a(module, value, layout)
         continue
-      attr = _kind(module).kernel if name == "kernel" and _kind(module) else name
+      if name == "kernel" and _kind(module):
+        attr = _kind(module).kernel
+        if perm is not None:  # the view holds it in the layout rule's order
+          value = jnp.transpose(value, np.argsort(perm))
+      else:
+        attr = name
       getattr(module, attr)[...] = value
 
 
@@ -331,8 +366,12 @@ def view(model: nnx.Module) -> View:
     for name, var in vars(module).items():
       if isinstance(var, nnx.Param):
         leaf = "kernel" if kind is not None and name == kind.kernel else name
+        value = var[...]
+        perm = permutation(module) if leaf == "kernel" else None
+        if perm is not None:
+          value = jnp.transpose(value, perm)
         node = tree
         for part in key.split(".") if key else ():
           node = node.setdefault(part, {})
-        node[leaf] = var[...]
+        node[leaf] = value
   return View(tree, modules, layers)

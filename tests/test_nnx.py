@@ -53,6 +53,13 @@ LAYERS = {
     "kernel",
   ),
   "tunix_einsum": (lambda r: TunixEinsum("BTNH,NHD->BTD", (2, 8, 16), rngs=r), (2, 3, 2, 8), "w"),
+  # Gemma's query einsum: the input's axis D is not the kernel's first; (N, D, H) -> (D, N, H).
+  "gemma_q": (
+    lambda r: TunixEinsum("BTD,NDH->BTNH", (2, 16, 8), rngs=r),
+    (2, 3, 16),
+    "w",
+    (1, 0, 2),
+  ),
   "registered": (lambda r: Projection(rngs=r), (2, 3, 16), "weight"),
 }
 
@@ -66,7 +73,7 @@ LAYERS = {
   ],
 )
 def test_nnx_layers_equal_the_reference(name):
-  make, shape, weight = LAYERS[name]
+  make, shape, weight, *perm = LAYERS[name]
   layer = make(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), shape)
   cfg = c3a.C3AConfig(block_size=4, target_modules=".*", init_weights="gaussian")
@@ -78,7 +85,10 @@ def test_nnx_layers_equal_the_reference(name):
 
   kernel = getattr(adapted, weight)[...]
   reference = nnx.clone(layer)
-  delta = dense_reference(np.asarray(adapted.c3a_kernel[...])).T.reshape(kernel.shape)
+  # The layout rule: (d_in, d_out) reshaped to the kernel's axes in "in"-first order.
+  perm = perm[0] if perm else tuple(range(kernel.ndim))
+  delta = dense_reference(np.asarray(adapted.c3a_kernel[...])).T
+  delta = delta.reshape([kernel.shape[i] for i in perm]).transpose(np.argsort(perm))
   getattr(reference, weight)[...] = kernel + delta.astype(np.float32)
   want = reference(x)
   np.testing.assert_allclose(adapted(x), want, atol=2e-5)  # adapted outside intercept too
@@ -182,8 +192,8 @@ def test_nnx_layers_c3a_cannot_adapt_are_refused_at_attach():
     c3a.attach(nnx.LinearGeneral(8, 8, batch_axis={0: 2}, rngs=rngs), cfg, jax.random.key(0))
   with pytest.raises(ValueError, match=r"Conv is not a layer C3A adapts"):
     c3a.attach(nnx.Conv(8, 8, (3,), rngs=rngs), cfg, jax.random.key(0))
-  with pytest.raises(ValueError, match=r"must come first in the kernel"):
-    c3a.attach(TunixEinsum("BTNH,DNH->BTD", (16, 2, 8), rngs=rngs), cfg, jax.random.key(0))
+  with pytest.raises(ValueError, match=r"batch or summed axes"):
+    c3a.attach(TunixEinsum("BNH,NHK->BNK", (2, 8, 8), rngs=rngs), cfg, jax.random.key(0))
   with pytest.raises(TypeError, match=r"attaches to the NNX model itself"):
     c3a.attach(nnx.state(nnx.Linear(8, 8, rngs=rngs)), cfg, jax.random.key(0))
   bridged = nnx.bridge.ToLinen(nnx.Linear, args=(8, 8))
