@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import c3a_jax
 
 PACKAGE = os.path.dirname(c3a_jax.__file__)
@@ -125,6 +127,7 @@ APP_PACKAGES = [
 ]
 
 
+@pytest.mark.integration  # a fresh interpreter: slow; the README's quickstart test also covers it
 def test_the_library_needs_no_app_package():
   """``import c3a_jax`` with the [cli] extra's packages made unimportable still works."""
   code = f"""

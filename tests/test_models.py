@@ -378,7 +378,11 @@ def test_attach_selects_expected_layers(name):
     np.testing.assert_array_equal(adapted[k], v, err_msg=k)
 
 
-@pytest.mark.parametrize("name", MODELS)
+# The default tier runs one encoder of each family, GPT-2's Conv1D and the MLPs; all in integration.
+@pytest.mark.parametrize(
+  "name",
+  [pytest.param(n, marks=[pytest.mark.integration] * (n in ("vit", "llama"))) for n in MODELS],
+)
 @JIT
 def test_adapted_equals_merged(name, jit):
   out = outputs(name, jit)
@@ -464,7 +468,8 @@ class ScanMLP(nn.Module):
 @pytest.mark.parametrize(
   "remat,jit",
   [
-    (False, True),
+    # Stacks are in the default tier through tests/test_layers.py's scanned twin.
+    pytest.param(False, True, marks=pytest.mark.integration),
     pytest.param(False, False, marks=pytest.mark.integration),
     pytest.param(True, True, marks=pytest.mark.integration),
   ],

@@ -64,11 +64,11 @@ LAYERS = {
 }
 
 
-# The default tier runs the multi-axis kinds; the integration tier every one.
+# The default tier runs two multi-axis kinds; the integration tier every one.
 @pytest.mark.parametrize(
   "name",
   [
-    pytest.param(n, marks=pytest.mark.integration if n in ("linear", "einsum") else ())
+    pytest.param(n, marks=() if n in ("gemma_q", "linear_general") else pytest.mark.integration)
     for n in sorted(LAYERS)
   ],
 )

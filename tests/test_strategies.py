@@ -162,10 +162,7 @@ def test_strategy_is_not_part_of_the_adapter_config():
 # against the reference above, and the interceptor passes the name on.
 @pytest.mark.parametrize(
   "strategy",
-  [
-    pytest.param(s, marks=[pytest.mark.integration] * (s not in ("auto", "freq_major")))
-    for s in STRATEGIES
-  ],
+  [pytest.param(s, marks=[pytest.mark.integration] * (s != "auto")) for s in STRATEGIES],
 )
 def test_interceptor_strategies_agree(strategy):
   model = nn.Sequential([nn.Dense(12), nn.relu, nn.Dense(6)])

@@ -115,6 +115,7 @@ def test_dropout_rng_advances_and_differs_per_step():
   assert float(m2["loss"]) != float(m1["loss"])  # new key, new dropout mask
 
 
+@pytest.mark.integration  # sharded jit (below) is the default tier's multi-device check
 def test_pmap_equals_single_device():
   n = 8
   adapter, base = c3a.split(toy.params(), toy.CFG)
@@ -135,7 +136,11 @@ def test_pmap_equals_single_device():
 
 @pytest.mark.parametrize(
   "data,fsdp,shard_base",
-  [(8, 1, False), pytest.param(4, 2, True, marks=pytest.mark.integration), (2, 4, True)],
+  [
+    pytest.param(8, 1, False, marks=pytest.mark.integration),
+    pytest.param(4, 2, True, marks=pytest.mark.integration),
+    (2, 4, True),
+  ],
 )
 def test_sharded_jit_equals_single_device(data, fsdp, shard_base):
   mesh = c3a.training.make_mesh(data=data, fsdp=fsdp)
