@@ -219,3 +219,36 @@ def test_eval_and_merge_of_an_unfinished_run_say_so(tmp_path, capsys):
     assert "the run did not finish; continue it with c3a-jax train --resume" in (
       capsys.readouterr().err
     )
+
+
+def test_resume_removes_what_a_killed_save_left_half_written(tmp_path):
+  out = tmp_path / "run"
+  exp = _fake_run(out)
+  (out / ".adapter.k3j2x9").mkdir()  # save_adapter's new directory, killed before its rename
+  (out / ".adapter.k3j2x9" / "adapter_model.safetensors").write_text("half")
+  (out / ".summary.json.a8f1.tmp").write_text("{")  # atomic_write's temporary
+  (out / ".my-notes").write_text("mine")
+  with rundir.locked(str(out)):
+    runner.prepare_dir(exp, resume=True, overwrite=False)
+  names = sorted(os.listdir(out))
+  assert ".adapter.k3j2x9" not in names and ".summary.json.a8f1.tmp" not in names
+  assert (out / ".my-notes").read_text() == "mine" and (out / "summary.json").exists()
+
+
+def test_summaries_and_metrics_are_strict_json():
+  text = runner.strict_json({"eval_loss": float("nan"), "acc": 0.5, "x": {"y": float("inf")}})
+  assert json.loads(text) == {"eval_loss": None, "acc": 0.5, "x": {"y": None}}
+  assert "NaN" not in text and "Infinity" not in text
+
+
+def test_config_errors_show_a_bounded_value():
+  # A YAML alias bomb: 9 levels of 9 references expand to 9**9 strings when printed.
+  bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}" + f", *{chr(97 + i)}" * 8 + "]\n"
+    for i in range(8)
+  )
+  value = yaml.safe_load(bomb)["i"]
+  start = time.perf_counter()
+  with pytest.raises(ValueError, match=r"train.lr must be a float, got \[\[") as e:
+    Experiment.from_dict({"train": {"lr": value}})
+  assert len(str(e.value)) < 200 and time.perf_counter() - start < 5

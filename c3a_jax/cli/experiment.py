@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import reprlib
 import types
 import typing
 import warnings
@@ -145,7 +146,7 @@ class Experiment:
       except yaml.YAMLError as e:
         problem = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(
-          f"override {item!r}: {value!r} is not a YAML value ({problem}); quote strings, "
+          f"override {item!r}: {_brief(value)} is not a YAML value ({problem}); quote strings, "
           "e.g. data.name='my data'"
         ) from None
     exp = _build(cls, upgrade(d, source), source, "")
@@ -218,7 +219,7 @@ def upgrade(d: dict, source: str) -> dict:
 
 def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
   if not isinstance(d, dict):
-    raise ValueError(f"{source}: {prefix[:-1]} must be a mapping, got {d!r}")
+    raise ValueError(f"{source}: {prefix[:-1]} must be a mapping, got {_brief(d)}")
   if cls is C3AConfig:
     try:
       return C3AConfig(**d)
@@ -249,6 +250,14 @@ def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
 
 
 _MAX_INT = 2**32
+# Error messages show values through this: a YAML alias bomb expands to billions of strings.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
+
+
+def _brief(value: Any) -> str:
+  text = _REPR.repr(value)
+  return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _check(value: Any, hint: Any, key: str, source: str) -> Any:
@@ -261,21 +270,21 @@ def _check(value: Any, hint: Any, key: str, source: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
   if origin is Literal:
     if value not in args:
-      raise ValueError(f"{source}: {key} must be one of {args}, got {value!r}")
+      raise ValueError(f"{source}: {key} must be one of {args}, got {_brief(value)}")
     return value
   if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
     try:
       value = float(value)  # YAML reads 3e-1 (no dot) as a string
     except ValueError:
-      raise ValueError(f"{source}: {key} must be a number, got {value!r}") from None
+      raise ValueError(f"{source}: {key} must be a number, got {_brief(value)}") from None
   if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-    raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
+    raise ValueError(f"{source}: {key} must be an integer, got {_brief(value)}")
   if not isinstance(value, hint):
-    raise ValueError(f"{source}: {key} must be a {hint.__name__}, got {value!r}")
+    raise ValueError(f"{source}: {key} must be a {hint.__name__}, got {_brief(value)}")
   if hint is float and not math.isfinite(value):  # NaN would pass every comparison below
-    raise ValueError(f"{source}: {key} must be a finite number, got {value!r}")
+    raise ValueError(f"{source}: {key} must be a finite number, got {_brief(value)}")
   if hint in (int, float) and value < 0:
-    raise ValueError(f"{source}: {key} must not be negative, got {value!r}")
+    raise ValueError(f"{source}: {key} must not be negative, got {_brief(value)}")
   if hint is int and value >= _MAX_INT:  # seeds go to numpy and JAX as 32-bit values
-    raise ValueError(f"{source}: {key} must be below 2**32, got {value!r}")
+    raise ValueError(f"{source}: {key} must be below 2**32, got {_brief(value)}")
   return value

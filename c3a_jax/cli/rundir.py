@@ -120,6 +120,24 @@ def clear(out: str) -> None:
       os.remove(path)
 
 
+def clean_temporaries(out: str) -> list[str]:
+  """Removes what a killed run left half-written in ``out``: the temporaries c3a-jax writes
+  beside an entry before renaming it into place (``.adapter.XXXX/``, ``.summary.json.XXXX.tmp``).
+  Returns their names. Links are left alone."""
+  prefixes = tuple(f".{name}." for name in ENTRIES)
+  removed = []
+  for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+    path = os.path.join(out, name)
+    if not name.startswith(prefixes) or os.path.islink(path):
+      continue
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
+    removed.append(name)
+  return removed
+
+
 @contextlib.contextmanager
 def locked(out: str) -> Iterator[None]:
   """Holds ``out``'s exclusive lock (creating ``out`` if needed) until the block ends.

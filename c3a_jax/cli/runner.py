@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import signal
 import sys
@@ -89,6 +90,18 @@ def _check_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> None:
       )
 
 
+def strict_json(record: dict, **kwargs: Any) -> str:
+  """``record`` as strict JSON: a non-finite number (which ``json`` writes as a bare NaN that
+  strict readers refuse) is written as null."""
+
+  def finite(v: Any) -> Any:
+    if isinstance(v, dict):
+      return {k: finite(x) for k, x in v.items()}
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+  return json.dumps(finite(record), allow_nan=False, **kwargs)
+
+
 def prepare_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> str:
   """Readies ``exp.output_dir`` for the run, whose lock the caller holds: checks it, clears
   it for ``--overwrite`` (only what the marker lists), marks it, writes ``config.yaml``.
@@ -98,6 +111,7 @@ def prepare_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> str:
   if not resume and rundir.user_entries(out):
     rundir.clear(out)
   os.makedirs(out, exist_ok=True)
+  rundir.clean_temporaries(out)  # half-written files of a killed run
   rundir.mark(out)  # before anything else is written
   atomic_write(
     os.path.join(out, "config.yaml"), yaml.safe_dump(exp.to_dict(), sort_keys=False).encode()
@@ -240,7 +254,7 @@ class _Metrics:
   def resume(cls, path: str, step: int) -> _Metrics:
     """The records up to ``step`` (a resumed run drops what came after its checkpoint)."""
     records = [r for r in _read_metrics(path) if r["step"] <= step]
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in records).encode())
+    atomic_write(path, "".join(strict_json(r) + "\n" for r in records).encode())
     return cls(path, records)
 
   def write(self, record: dict) -> None:
@@ -248,7 +262,7 @@ class _Metrics:
     # partial last line, which resume drops along with everything past the checkpoint.
     self.records.append(record)
     with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(strict_json(record) + "\n")
 
 
 def run(
@@ -438,5 +452,5 @@ def _finish(
   else:
     atomic_write(os.path.join(out, "params.msgpack"), flax.serialization.to_bytes(state.params))
   _plot(metrics.records, os.path.join(out, "metrics.png"))
-  atomic_write(os.path.join(out, "summary.json"), json.dumps(final, indent=2).encode())
+  atomic_write(os.path.join(out, "summary.json"), strict_json(final, indent=2).encode())
   return final
