@@ -252,3 +252,17 @@ def test_config_errors_show_a_bounded_value():
   with pytest.raises(ValueError, match=r"train.lr must be a float, got \[\[") as e:
     Experiment.from_dict({"train": {"lr": value}})
   assert len(str(e.value)) < 200 and time.perf_counter() - start < 5
+
+
+def test_a_damaged_digits_cache_is_named(tmp_path, monkeypatch):
+  from c3a_jax.cli import digits
+
+  monkeypatch.setenv("C3A_JAX_CACHE", str(tmp_path))
+  params = digits.pretrained_params(log=lambda _: None)  # trains and caches
+  (cached,) = list(tmp_path.iterdir())
+  cached.write_bytes(cached.read_bytes()[:100])  # truncated, as by a full disk or a kill
+  with pytest.raises(ValueError, match=rf"cached digits model {cached} does not read.*delete it"):
+    digits.pretrained_params(log=lambda _: None)
+  cached.unlink()
+  again = digits.pretrained_params(log=lambda _: None)
+  assert np.array_equal(again["fc0"]["kernel"], params["fc0"]["kernel"])  # retrained the same

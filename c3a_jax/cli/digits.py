@@ -72,7 +72,14 @@ def pretrained_params(log: Log = print) -> Any:
   template = model.init(jax.random.key(0), jnp.ones((1, 64)))["params"]
   if os.path.isfile(path):
     with open(path, "rb") as f:
-      return flax.serialization.from_bytes(template, f.read())
+      data = f.read()
+    try:
+      return flax.serialization.from_bytes(template, data)
+    except Exception as e:  # msgpack and flax raise several kinds for a damaged file
+      raise ValueError(
+        f"the cached digits model {path} does not read ({type(e).__name__}); delete it and "
+        "run again (it is retrained in a few seconds)"
+      ) from None
   log(f"pretraining the digits MLP on digits 0-4 (cached in {path})")
   data = _split()["pretrain"]
   tx = optax.adam(PRETRAIN_LR)
