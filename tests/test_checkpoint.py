@@ -186,21 +186,24 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     ckpt.save(second, data_position=4)
   _flip_bytes(tmp_path / "4")
   with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
+    with pytest.raises(c3a.training.CorruptCheckpointError, match=r"/4 is corrupt"):
+      ckpt.restore(setup()[1], step=4)  # a step asked for: no fallback
     with pytest.warns(UserWarning, match=r"checkpoint .*/4 is corrupt.*restoring an earlier"):
       restored, position = ckpt.restore(setup()[1])
     assert position == 2
     jax.tree.map(np.testing.assert_array_equal, restored, first)
-    with pytest.raises(c3a.training.CorruptCheckpointError, match=r"/4 is corrupt"):
-      ckpt.restore(setup()[1], step=4)
+    # Moved aside, not deleted, so that the resumed run can save step 4 again.
+    assert ckpt.all_steps() == [2] and (tmp_path / "4.corrupt").is_dir()
+    ckpt.save(train(step, restored, base, 2, 4), data_position=4)
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 4]
   # Arrays that read but differ from what was saved: their checksums tell.
   meta_file = tmp_path / "2" / "meta" / "metadata"
   meta = json.loads(meta_file.read_text())
   leaf = sorted(meta["checksums"])[0]
   meta["checksums"][leaf][0] += 1
   meta_file.write_text(json.dumps(meta))
-  with c3a.training.Checkpointer(str(tmp_path)) as ckpt, pytest.warns(UserWarning):
-    with pytest.raises(c3a.training.CorruptCheckpointError, match=r"/4 is corrupt"):
-      ckpt.restore(setup()[1])
+  with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
     with pytest.raises(
       c3a.training.CorruptCheckpointError, match=r"/2 is corrupt: 1 arrays differ"
     ):

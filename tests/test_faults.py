@@ -266,3 +266,22 @@ def test_a_damaged_digits_cache_is_named(tmp_path, monkeypatch):
   cached.unlink()
   again = digits.pretrained_params(log=lambda _: None)
   assert np.array_equal(again["fc0"]["kernel"], params["fc0"]["kernel"])  # retrained the same
+
+
+@pytest.mark.integration
+def test_resume_skips_a_corrupt_newest_checkpoint_with_a_warning(tmp_path, capsys):
+  """Flipped bytes on disk: --resume names the bad step and continues from the one before."""
+  out = tmp_path / "run"
+  args = [f"output_dir={out}", "train.mode=head", "train.save_every=10", "train.eval_every=1000"]
+  assert cli.main(["train", "--quiet", "train.steps=20", *args]) == 0
+  data_dir = out / "checkpoints" / "20" / "state" / "d"
+  target = max(data_dir.iterdir(), key=lambda p: p.stat().st_size)
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2 : len(data) // 2 + 8] = bytes(8)  # zeroed bytes: no longer what was saved
+  target.write_bytes(bytes(data))
+  with pytest.warns(UserWarning, match=r"checkpoints/20 is corrupt.*restoring an earlier"):
+    assert cli.main(["train", "--quiet", "--resume", "train.steps=25", *args]) == 0
+  assert json.load(open(out / "summary.json"))["steps"] == 25
+  records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+  steps = [r["step"] for r in records if r["split"] == "train"]
+  assert steps == sorted(set(steps)) and steps[-1] == 25  # none twice: 20 was logged again

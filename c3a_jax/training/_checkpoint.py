@@ -193,17 +193,29 @@ class Checkpointer:
         f"{self.directory} (complete steps: {steps})"
       )
     candidates = [step] if step is not None else sorted(steps, reverse=True)
-    errors = []
+    errors, bad = [], []
     for s in candidates:
       try:
         restored = self._restore(target, s)
       except CorruptCheckpointError as e:
         errors.append(e)
+        bad.append(s)
         if s != candidates[-1]:
           warnings.warn(f"{e}; restoring an earlier checkpoint", stacklevel=2)
         continue
+      if bad:
+        self._set_aside(bad)
       return restored
     raise errors[0]
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames corrupt steps to ``<step>.corrupt`` (kept for inspection, never deleted), so that
+    the resumed run can save those steps again."""
+    for s in steps:
+      path = os.path.join(self.directory, str(s))
+      os.rename(path, f"{path}.corrupt")
+      warnings.warn(f"checkpoint {path} moved aside to {path}.corrupt", stacklevel=3)
+    self._manager.reload()
 
   def _restore(self, target: TrainState, step: int) -> tuple[TrainState, Any]:
     ocp = _orbax()
