@@ -177,6 +177,7 @@ def _flip_bytes(step_dir):
   open(target, "wb").write(bytes(data))
 
 
+@pytest.mark.integration  # orbax round trips: slow for the default tier
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   step, state, base = setup()
   with c3a.training.Checkpointer(str(tmp_path), async_save=False) as ckpt:
