@@ -154,7 +154,8 @@ def over_axes(
   return Contraction.parse(f"{xs},{ins}{feats}->{out}", x_shape, kernel_shape)
 
 
-def _axes(axis: int | Sequence[int]) -> tuple[int, ...]:
+def as_axes(axis: int | Sequence[int]) -> tuple[int, ...]:
+  """An ``axis`` attribute (an int or a sequence of them) as a tuple."""
   return tuple(axis) if isinstance(axis, Sequence) else (axis,)
 
 
@@ -172,7 +173,7 @@ def of_module(module: nn.Module, args: tuple, kwargs: dict) -> Contraction:
         f"DenseGeneral with batch_dims={module.batch_dims} has one kernel per batch index; "
         "C3A adapts DenseGeneral without batch_dims"
       )
-    return over_axes(np.shape(x), shape, _axes(module.axis))
+    return over_axes(np.shape(x), shape, as_axes(module.axis))
   if isinstance(module, nn.Dense):
     return over_axes(np.shape(x), shape, (-1,))
   raise ValueError(f"{type(module).__name__} is not a layer C3A adapts")

@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
-from flax.core import meta
 
 from c3a_jax import _tree
 from c3a_jax._config import C3AConfig
@@ -53,6 +52,4 @@ def labels(params: Mapping, cfg: C3AConfig | None = None) -> Any:
     keys = [getattr(k, "key", k) for k in path]
     return label(params, ".".join(keys[:-1]), keys[-1], cfg)
 
-  return jax.tree_util.tree_map_with_path(
-    one, params, is_leaf=lambda x: isinstance(x, meta.AxisMetadata)
-  )
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=_tree.is_box)

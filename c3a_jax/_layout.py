@@ -24,9 +24,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax.core import meta
 
 from c3a_jax import ops
+from c3a_jax._tree import is_box
 
 # The leaf a layer's C3A kernel takes: "_out_in" where the layer stores its kernel (out, in).
 C3A_LEAVES = ("c3a_kernel", "c3a_kernel_out_in")
@@ -92,7 +92,8 @@ def of_shapes(
 
 
 def delta(w: jax.Array, layout: Layout) -> jax.Array:
-  """The dense weight change of ``w``, float32, in the shape of the layer's kernel."""
+  """The dense weight change of ``w`` in the shape of the layer's kernel (float32; float64 for
+  a float64 ``w`` under x64)."""
   flat = jnp.reshape(w, (-1, *w.shape[-3:]))
   d = jax.vmap(ops.delta_weight)(flat)
   if layout.out_in:
@@ -102,13 +103,13 @@ def delta(w: jax.Array, layout: Layout) -> jax.Array:
 
 def rebox(like: Any, value: Any) -> Any:
   """``value`` in the box ``like`` is in (names and all), or bare where ``like`` is bare."""
-  return like.replace_boxed(value) if isinstance(like, meta.AxisMetadata) else value
+  return like.replace_boxed(value) if is_box(like) else value
 
 
 def box_c3a(kernel: Any, w: jax.Array, layout: Layout) -> Any:
   """The C3A kernel ``w`` boxed as its layer's ``kernel`` is: its stack axes keep their
   names, ``(m, n, b)`` are ``None`` (unsharded by name; the kernel is small)."""
-  if not isinstance(kernel, meta.AxisMetadata) or not hasattr(kernel, "names"):
+  if not is_box(kernel) or not hasattr(kernel, "names"):
     return rebox(kernel, w)
   names = tuple(kernel.names)[: len(layout.stack)] + (None,) * 3
   return dataclasses.replace(kernel, value=w, names=names)

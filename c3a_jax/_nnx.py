@@ -63,7 +63,7 @@ def register_layer(cls: type, *, kernel: str, einsum: str | Callable[[Any], str]
     cls: an ``nnx.Module`` class whose call is ``jnp.einsum(spec, x, <kernel>)`` (+ a bias).
     kernel: the attribute holding its weight, an ``nnx.Param``.
     einsum: the spec, or a function of the layer returning it, e.g. ``"BTD,DNH->BTNH"``. The
-      kernel's input axes must lead it (the layout rule).
+      input's axes may sit anywhere in the kernel; C3A reads the kernel in "in"-first order.
 
   Example:
     >>> import jax.numpy as jnp, c3a_jax as c3a
@@ -129,33 +129,40 @@ def _rank(layer: nnx.Module, kind: _Kind) -> tuple[int, str | None]:
   return 2, None
 
 
-def traced(layer: nnx.Module, kind: _Kind) -> Traced:
-  """What a call of ``layer`` contracts, read from its attributes (no call needed)."""
+def _static(layer: nnx.Module, kind: _Kind) -> tuple[Traced, tuple[int, ...] | None]:
+  """What a call of ``layer`` contracts, read from its attributes (no call needed), and how
+  its kernel (stack axes included) is transposed into the layout rule's "in"-first order
+  (None where it already is)."""
   name = type(layer).__name__
   shape = tuple(np.shape(getattr(layer, kind.kernel)[...]))
   problem = _supported(layer, kind)
   if problem:
-    return Traced(name, shape, problem=problem)
+    return Traced(name, shape, problem=problem), None
   rank, spec = _rank(layer, kind)
-  unstacked = shape[len(shape) - rank :]
   if rank > len(shape):
-    return Traced(name, shape, problem=f"its kernel {shape} has fewer axes than its einsum {spec}")
+    problem = f"its kernel {shape} has fewer axes than its einsum {spec}"
+    return Traced(name, shape, problem=problem), None
+  n_stack = len(shape) - rank
+  unstacked = shape[n_stack:]
   if spec is None:
     n_in = len(layer.in_features) if isinstance(layer, nnx.LinearGeneral) else 1
-    return Traced(name, unstacked, n_in)
-  try:
-    c = _static_contraction(spec, unstacked)
-  except ValueError as e:
-    return Traced(name, unstacked, problem=str(e))
-  return Traced(name, tuple(unstacked[i] for i in c.perm), c.n_in)
-
-
-def _static_contraction(spec: str, kernel_shape: tuple[int, ...]) -> _contraction.Contraction:
-  """The einsum's contraction for a made-up input (its axes' sizes from the kernel, or 1)."""
+    return Traced(name, unstacked, n_in), None
   x_letters, k_letters = re.sub(r"\.\.\.", "", spec.split("->")[0]).split(",")
-  dims = dict(zip(k_letters, kernel_shape, strict=True))
-  x_shape = [dims.get(a, 1) for a in x_letters]
-  return _contraction.Contraction.parse(spec, x_shape, kernel_shape, any_order=True)
+  dims = dict(zip(k_letters, unstacked, strict=True))
+  x_shape = [dims.get(a, 1) for a in x_letters]  # a made-up input: sizes from the kernel, or 1
+  try:
+    c = _contraction.Contraction.parse(spec, x_shape, unstacked, any_order=True)
+  except ValueError as e:
+    return Traced(name, unstacked, problem=str(e)), None
+  permuted = Traced(name, tuple(unstacked[i] for i in c.perm), c.n_in)
+  if c.perm == tuple(range(rank)):
+    return permuted, None
+  return permuted, (*range(n_stack), *(n_stack + p for p in c.perm))
+
+
+def traced(layer: nnx.Module, kind: _Kind) -> Traced:
+  """What a call of ``layer`` contracts (its kernel's shape in "in"-first order)."""
+  return _static(layer, kind)[0]
 
 
 def permutation(layer: nnx.Module) -> tuple[int, ...] | None:
@@ -163,20 +170,7 @@ def permutation(layer: nnx.Module) -> tuple[int, ...] | None:
   ("in" axes first), or None where it already is: Gemma's ``"BTD,NDH->BTNH"`` gives
   ``(1, 0, 2)``. The params view holds such kernels transposed."""
   kind = _kind(layer)
-  if kind is None or kind.einsum is None or _supported(layer, kind):
-    return None
-  shape = np.shape(getattr(layer, kind.kernel)[...])
-  rank, spec = _rank(layer, kind)
-  if rank > len(shape):
-    return None
-  try:
-    perm = _static_contraction(spec, tuple(shape[len(shape) - rank :])).perm
-  except ValueError:
-    return None
-  if perm == tuple(range(rank)):
-    return None
-  n_stack = len(shape) - rank
-  return (*range(n_stack), *(n_stack + p for p in perm))
+  return None if kind is None else _static(layer, kind)[1]
 
 
 def contraction(layer: nnx.Module, args: tuple, kwargs: dict) -> _contraction.Contraction:
@@ -190,11 +184,7 @@ def contraction(layer: nnx.Module, args: tuple, kwargs: dict) -> _contraction.Co
   if kind.einsum is not None:
     return _contraction.Contraction.parse(kind.einsum(layer), np.shape(x), shape, any_order=True)
   axes = layer.axis if isinstance(layer, nnx.LinearGeneral) else -1
-  return _contraction.over_axes(np.shape(x), shape, _contraction_axes(axes))
-
-
-def _contraction_axes(axis: Any) -> tuple[int, ...]:
-  return tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+  return _contraction.over_axes(np.shape(x), shape, _contraction.as_axes(axes))
 
 
 def _adapted_call(self, *args, **kwargs):

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 import optax
-from flax.core import meta
 
 from c3a_jax import _tree
 from c3a_jax._config import C3AConfig
@@ -87,10 +86,6 @@ def _keep_zero(masks: dict[str, np.ndarray]) -> optax.GradientTransformation:
         return u
       return rebox(u, _tree.unbox(u) * mask[:, None, None, None])
 
-    return jax.tree_util.tree_map_with_path(one, updates, is_leaf=_is_box), state
+    return jax.tree_util.tree_map_with_path(one, updates, is_leaf=_tree.is_box), state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
-
-
-def _is_box(x) -> bool:
-  return isinstance(x, meta.AxisMetadata)

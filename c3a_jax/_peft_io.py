@@ -249,12 +249,16 @@ def _check_tensor(where: str, path: str, name: str, value: np.ndarray, cfg: C3AC
 
 
 def _model_names(params: Mapping, key_map: KeyMap) -> dict[str, tuple[str, int | None]]:
-  """PEFT's name of every module of ``params`` -> (module path, stack index or None).
+  """PEFT's name of every module of ``params`` -> (module path, None)."""
+  return {key_maps.apply(key_map, path): (path, None) for path, _ in _tree.modules(params)}
 
-  A layer whose kernel may be stacked (3 or more axes) is also named per layer, its index
-  inserted after any one segment: wherever the saver put it, the name is found.
-  """
-  names = {key_maps.apply(key_map, path): (path, None) for path, _ in _tree.modules(params)}
+
+def _layer_names(params: Mapping, key_map: KeyMap) -> dict[str, tuple[str, int]]:
+  """PEFT's name of each layer of every layer that may be a stack (a kernel of 3 or more axes)
+  -> (module path, stack index): the index inserted after any one segment, so that the name is
+  found wherever the saver put it. Built only when a file names a module the model lacks: it
+  is large (a DenseGeneral's leading axis is a width)."""
+  names: dict[str, tuple[str, int]] = {}
   for path, node in _tree.modules(params):
     shape = _tree.shape(node.get("kernel")) if is_linear(node) else ()
     if len(shape) < 3:
@@ -322,6 +326,7 @@ def load_adapter(
     raise ValueError(f"load_adapter: {weights} is not a readable safetensors file: {e}") from None
   adapter: Params = {}
   names = None if params is None else _model_names(params, key_map)
+  expanded = False
   slices: dict[tuple[str, str], dict[int, np.ndarray]] = {}
   for key, value in tensors.items():
     where = f"{weights}: key {key!r}"
@@ -334,6 +339,9 @@ def load_adapter(
     path = ".".join(p for p in parts if p not in ("base_layer", "modules_to_save"))
     model_path, index, module = path, None, None
     if names is not None:
+      if path not in names and not expanded:
+        names = {**_layer_names(params, key_map), **names}  # a module's own name comes first
+        expanded = True
       if path not in names:
         try:
           _tree.get(params, path)

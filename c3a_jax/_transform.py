@@ -211,7 +211,8 @@ _LOSSY_MERGE = 0.01
 def merge(params: Mapping, *, safe: bool = False, dtype: Any = None) -> Params:
   """Folds every C3A kernel into its layer's kernel and drops the C3A leaves.
 
-  The sum is computed in float32 and stored in the kernel's dtype (or ``dtype``). The result
+  The sum is computed in float32 (float64 for float64 arrays under x64) and stored in the
+  kernel's dtype (or ``dtype``). The result
   runs at the base model's speed without the interceptor. Stored in bfloat16, small deltas
   round away (about 3 significant digits are kept): with concrete arrays, a layer that would
   lose more than 1% of its delta's norm that way is named in a warning;

@@ -66,9 +66,14 @@ def set_leaf(tree: dict, path: str, name: str, value: Any) -> None:
   node[name] = value
 
 
+def is_box(x: Any) -> bool:
+  """A Flax box (``nn.Partitioned``, ``nn.LogicallyPartitioned``): one leaf to c3a's trees."""
+  return isinstance(x, meta.AxisMetadata)
+
+
 def unbox(x: Any) -> Any:
-  """The array inside a Flax box (``nn.Partitioned``, ``nn.LogicallyPartitioned``), or ``x``."""
-  return x.unbox() if isinstance(x, meta.AxisMetadata) else x
+  """The array inside a Flax box, or ``x``."""
+  return x.unbox() if is_box(x) else x
 
 
 def shape(x: Any) -> tuple[int, ...]:

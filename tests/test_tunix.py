@@ -19,12 +19,11 @@ pytest.importorskip("tunix.models.qwen3.model")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from tunix.models.llama3 import model as llama3_model  # noqa: E402
 from tunix.models.llama3 import params as llama3_params  # noqa: E402
-from tunix.models.qwen3 import model as qwen3_model  # noqa: E402
 from tunix.models.qwen3 import params as qwen3_params  # noqa: E402
 
 import c3a_jax as c3a  # noqa: E402
+from c3a_jax.cli.tunix import model_config  # noqa: E402  (Hugging Face sizes in Tunix's terms)
 
 pytestmark = [pytest.mark.interop, pytest.mark.integration]
 
@@ -49,26 +48,12 @@ C3A = dict(
 )
 
 
-# The same sizes as Tunix's ModelConfig spells them (its Qwen3 and Llama3 configs share these).
-TUNIX_SIZES = dict(
-  num_layers=2,
-  vocab_size=64,
-  embed_dim=32,
-  hidden_dim=64,
-  num_heads=4,
-  head_dim=8,
-  num_kv_heads=2,
-  rope_theta=1_000_000,
-  norm_eps=1e-6,
-)
-
-
 def _qwen3(path):
-  return qwen3_params.create_model_from_safe_tensors(path, qwen3_model.ModelConfig(**TUNIX_SIZES))
+  return qwen3_params.create_model_from_safe_tensors(path, model_config("qwen3", SIZES, path))
 
 
 def _llama3(path):
-  return llama3_params.create_model_from_safe_tensors(path, llama3_model.ModelConfig(**TUNIX_SIZES))
+  return llama3_params.create_model_from_safe_tensors(path, model_config("llama3", SIZES, path))
 
 
 MODELS = {

@@ -42,7 +42,9 @@ def _checkpoint(exp: Experiment) -> str:
     raise ValueError(f"could not load model {name!r} ({hub._offline_hint(name)}): {e}") from None
 
 
-def _model_config(family: str, hf: dict[str, Any], path: str) -> Any:
+def model_config(family: str, hf: dict[str, Any], path: str) -> Any:
+  """Tunix's ``ModelConfig`` for ``family`` from a Hugging Face ``config.json`` (``hf``, read
+  from ``path``); a ValueError where Tunix would compute other logits than the checkpoint."""
   module = __import__(f"tunix.models.{family}.model", fromlist=["ModelConfig"])
   theta = hf.get("rope_theta", 10_000.0)
   if family == "qwen3" and theta != 1e6:
@@ -90,7 +92,7 @@ def load(exp: Experiment) -> tuple[Any, Any, str]:
   except ImportError:
     raise ValueError('model.library: tunix needs Tunix: pip install "c3a-jax[tunix]"') from None
   dtype = jnp.bfloat16 if exp.train.compute_dtype == "bfloat16" else None
-  model = params.create_model_from_safe_tensors(path, _model_config(family, hf, path), dtype=dtype)
+  model = params.create_model_from_safe_tensors(path, model_config(family, hf, path), dtype=dtype)
   return model, key_map, path
 
 

@@ -25,12 +25,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax.core import meta
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from c3a_jax._layout import C3A_LEAVES, rebox
-from c3a_jax._tree import unbox
+from c3a_jax._tree import is_box, unbox
 
 DATA, FSDP = "data", "fsdp"
 AXES = (DATA, FSDP)
@@ -95,9 +94,7 @@ def param_shardings(tree: Any, mesh: Mesh, *, fsdp: bool = True) -> Any:
     sharding = NamedSharding(mesh, spec_for(_leaf_name(path), np.shape(unbox(x)), mesh, fsdp=fsdp))
     return rebox(x, sharding)
 
-  return jax.tree_util.tree_map_with_path(
-    place, tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata)
-  )
+  return jax.tree_util.tree_map_with_path(place, tree, is_leaf=is_box)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
