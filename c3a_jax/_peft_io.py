@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -160,13 +160,14 @@ def save_adapter(
         )
       layers = [(layer_path(path, i, cfg), value[i]) for i in keep]
     for layer, v in layers:
-      peft_name = key_maps.apply(key_map, layer)
-      if name == C3A_KERNEL:
-        adapted.append(peft_name)
-        block_sizes[peft_name] = v.shape[-1]
-      elif name == "base_layer.bias":
+      if name == "base_layer.bias":
         v = v.reshape(-1)  # a multi-axis layer's bias, as its torch Linear holds it
-      tensors[f"{PREFIX}{peft_name}.{name}"] = np.ascontiguousarray(v)
+      peft_names = key_maps.apply(key_map, layer)
+      for peft_name, part in zip(peft_names, _split_rows(layer, name, v, peft_names), strict=True):
+        if name == C3A_KERNEL:
+          adapted.append(peft_name)
+          block_sizes[peft_name] = v.shape[-1]
+        tensors[f"{PREFIX}{peft_name}.{name}"] = np.ascontiguousarray(part)
   if out_in:
     raise ValueError(
       f"save_adapter: layers {out_in} store their kernel (out, in) (transformers' Conv1D, as in "
@@ -218,6 +219,25 @@ def save_adapter(
     raise
 
 
+def _split_rows(layer: str, name: str, value: np.ndarray, names: tuple[str, ...]) -> list:
+  """``value`` of ``layer`` cut by output rows into one part per PEFT name (a key_map split)."""
+  if len(names) == 1:
+    return [value]
+  if name not in (C3A_KERNEL, "base_layer.bias"):
+    raise ValueError(
+      f"save_adapter: key_map splits layer {layer!r} into {list(names)}, but only a C3A "
+      f"layer's c3a_kernel and bias split by output rows, not its {name!r}"
+    )
+  if value.shape[0] % len(names):
+    rows = f"{value.shape[0]} blocks of {value.shape[-1]} outputs"
+    raise ValueError(
+      f"save_adapter: key_map splits layer {layer!r} into {len(names)} parts {list(names)}, "
+      f"but its {rows if name == C3A_KERNEL else f'{value.shape[0]} outputs'} do not split "
+      "evenly; the block size must divide each part's width"
+    )
+  return np.split(value, len(names))
+
+
 def _check_tensor(where: str, path: str, name: str, value: np.ndarray, cfg: C3AConfig) -> None:
   """Refuses a tensor PEFT would read differently: PEFT drops tensors its config does not
   ask for without a word, so loading them here would make the two compute different models."""
@@ -248,17 +268,32 @@ def _check_tensor(where: str, path: str, name: str, value: np.ndarray, cfg: C3AC
     raise ValueError(f"{where}: with bias={cfg.bias!r}, PEFT would skip this bias of {path!r}")
 
 
-def _model_names(params: Mapping, key_map: KeyMap) -> dict[str, tuple[str, int | None]]:
-  """PEFT's name of every module of ``params`` -> (module path, None)."""
-  return {key_maps.apply(key_map, path): (path, None) for path, _ in _tree.modules(params)}
+class _Slot(NamedTuple):
+  """Where a PEFT module's tensors go: a module of the model, a layer of its stack (or None),
+  and the part of its output rows (of ``parts``, a key_map split)."""
+
+  path: str
+  index: int | None = None
+  part: int = 0
+  parts: int = 1
 
 
-def _layer_names(params: Mapping, key_map: KeyMap) -> dict[str, tuple[str, int]]:
+def _slots(key_map: KeyMap, path: str, index: int | None = None, name: str | None = None):
+  names = key_maps.apply(key_map, path if name is None else name)
+  return {n: _Slot(path, index, j, len(names)) for j, n in enumerate(names)}
+
+
+def _model_names(params: Mapping, key_map: KeyMap) -> dict[str, _Slot]:
+  """PEFT's name of every module of ``params`` -> where its tensors go."""
+  return {n: s for path, _ in _tree.modules(params) for n, s in _slots(key_map, path).items()}
+
+
+def _layer_names(params: Mapping, key_map: KeyMap) -> dict[str, _Slot]:
   """PEFT's name of each layer of every layer that may be a stack (a kernel of 3 or more axes)
-  -> (module path, stack index): the index inserted after any one segment, so that the name is
+  -> where its tensors go: the index inserted after any one segment, so that the name is
   found wherever the saver put it. Built only when a file names a module the model lacks: it
   is large (a DenseGeneral's leading axis is a width)."""
-  names: dict[str, tuple[str, int]] = {}
+  names: dict[str, _Slot] = {}
   for path, node in _tree.modules(params):
     shape = _tree.shape(node.get("kernel")) if is_linear(node) else ()
     if len(shape) < 3:
@@ -267,7 +302,8 @@ def _layer_names(params: Mapping, key_map: KeyMap) -> dict[str, tuple[str, int]]
     for at in range(1, len(parts) + 1):
       for i in range(shape[0]):
         layer = ".".join([*parts[:at], str(i), *parts[at:]])
-        names.setdefault(key_maps.apply(key_map, layer), (path, i))
+        for n, slot in _slots(key_map, path, i, layer).items():
+          names.setdefault(n, slot)
   return names
 
 
@@ -327,7 +363,8 @@ def load_adapter(
   adapter: Params = {}
   names = None if params is None else _model_names(params, key_map)
   expanded = False
-  slices: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+  # (module path, leaf) -> ({(stack index or None, part): tensor}, parts)
+  pieces: dict[tuple[str, str], tuple[dict, int]] = {}
   for key, value in tensors.items():
     where = f"{weights}: key {key!r}"
     if not key.startswith(PREFIX) or key.count(".") < 3:
@@ -337,7 +374,7 @@ def load_adapter(
     if "original_module" in parts:
       continue  # PEFT's frozen copy of a modules_to_save module (saved under bias="all")
     path = ".".join(p for p in parts if p not in ("base_layer", "modules_to_save"))
-    model_path, index, module = path, None, None
+    slot, module = _Slot(path), None
     if names is not None:
       if path not in names and not expanded:
         names = {**_layer_names(params, key_map), **names}  # a module's own name comes first
@@ -351,8 +388,8 @@ def load_adapter(
             f"{where} names module {path!r}, which the model does not have{mapped} "
             f"(no {e.args[0]!r})"
           ) from None
-      model_path, index = names.get(path, (path, None))
-      module = _tree.get(params, model_path)
+      slot = names.get(path, _Slot(path))
+      module = _tree.get(params, slot.path)
     _check_tensor(where, path, name, value, cfg)
     if name == C3A_KERNEL:
       b = block_size_for(path, cfg)
@@ -365,22 +402,19 @@ def load_adapter(
       name = _from_torch(name, value, module, where)
       if name == "kernel":
         value = _kernel_from_torch(value)
-    if index is None:
-      _tree.set_leaf(adapter, model_path, name, _like(value, module, name, None))
+    if slot.parts > 1 and name not in (C3A_KERNEL, "bias"):
+      raise ValueError(
+        f"{where}: key_map makes {path!r} part {slot.part + 1} of {slot.parts} of layer "
+        f"{slot.path!r}; only a c3a_kernel or a bias joins by output rows"
+      )
+    if slot.index is None and slot.parts == 1:
+      _tree.set_leaf(adapter, slot.path, name, _like(value, module, name, None))
     else:
-      slices.setdefault((model_path, name), {})[index] = _like(value, module, name, index)
-  for (path, name), got in slices.items():
-    module = _tree.get(params, path)
-    n_layers = _tree.shape(module["kernel"])[0]
-    # A layer the file leaves out is not adapted (PEFT's model): a zero C3A kernel, and the
-    # base's own weights for anything else.
-    fill = lambda i: (
-      np.zeros_like(next(iter(got.values())))
-      if name == C3A_KERNEL
-      else np.asarray(_tree.unbox(module[name]))[i]
-    )
-    layers = [got[i] if i in got else fill(i) for i in range(n_layers)]
-    _tree.set_leaf(adapter, path, name, jnp.stack(layers))
+      got = pieces.setdefault((slot.path, name), ({}, slot.parts))[0]
+      got[(slot.index, slot.part)] = value
+  for (path, name), (got, parts) in pieces.items():
+    leaf = _assemble(got, parts, name, _tree.get(params, path), f"{weights}: layer {path!r}")
+    _tree.set_leaf(adapter, path, name, leaf)
   if not any(name in C3A_LEAVES for _, name, _ in _tree.leaves(adapter)):
     raise ValueError(f"load_adapter: {weights} holds no c3a_kernel tensors; not a C3A adapter")
   if params is not None:
@@ -389,6 +423,37 @@ def load_adapter(
     except ValueError as e:
       raise ValueError(f"load_adapter({directory}): {e}") from None
   return adapter, cfg
+
+
+def _assemble(got: dict, parts: int, name: str, module: Mapping, where: str) -> jax.Array:
+  """A leaf from its PEFT pieces ``{(stack index or None, part): tensor}``: a layer's parts
+  joined by output rows (a key_map split), a stack's layers stacked. What the file leaves out
+  is unadapted, as in PEFT's model: a zero C3A kernel, the base's own values otherwise."""
+  shapes = {v.shape for v in got.values()}
+  if len(shapes) > 1:
+    raise ValueError(
+      f"{where}: its {parts} parts (a key_map split) or stacked layers have {name}s of "
+      f"shapes {sorted(shapes)}; they join only with one shape (one block size)"
+    )
+  stacked = next(iter(got))[0] is not None
+  own = None if name == C3A_KERNEL else np.asarray(_tree.unbox(module[name]))
+
+  def part(i: int | None, p: int) -> np.ndarray:
+    if (i, p) in got:
+      v = got[(i, p)]
+    elif own is None:
+      v = np.zeros_like(next(iter(got.values())))
+    else:
+      base = own if i is None else own[i]
+      v = np.split(base.reshape(-1) if name == "bias" else base, parts)[p]
+    return v.reshape(-1) if name == "bias" else v
+
+  def layer(i: int | None) -> jax.Array:
+    return _like(np.concatenate([part(i, p) for p in range(parts)]), module, name, i)
+
+  if not stacked:
+    return layer(None)
+  return jnp.stack([layer(i) for i in range(_tree.shape(module["kernel"])[0])])
 
 
 def _like(value: np.ndarray, module: Mapping | None, name: str, index: int | None) -> jax.Array:

@@ -413,6 +413,40 @@ def test_key_maps_name_layers_as_peft_does_both_ways(scanned, tmp_path):
     c3a.save_adapter(tmp_path / "bad", adapted, cfg, key_map=[("(", "x")])
 
 
+def test_a_key_map_splits_a_fused_layer_by_output_rows_and_joins_it_back(tmp_path):
+  # A fused k/v projection (Gemma's kv_einsum) is two PyTorch Linears in PEFT's model.
+  params = {"attn": {"kv": {"kernel": jnp.ones((16, 32))}}}
+  cfg = c3a.C3AConfig(block_size=8, target_modules=["kv"], init_weights="gaussian")
+  adapted = c3a.attach(params, cfg, jax.random.key(0))
+  fused = [(r"^attn\.kv$", ("attn.k_proj", "attn.v_proj"))]
+  c3a.save_adapter(tmp_path / "a", adapted, cfg, key_map=fused)
+  keys = safetensors.numpy.load_file(tmp_path / "a" / "adapter_model.safetensors")
+  full = np.asarray(ops.delta_weight(adapted["attn"]["kv"]["c3a_kernel"]))  # (in, out)
+  for i, name in enumerate(("k_proj", "v_proj")):
+    part = keys[f"base_model.model.attn.{name}.c3a_kernel"]
+    assert part.shape == (2, 2, 8)  # each torch Linear's own (d_out // b, d_in // b, b)
+    np.testing.assert_allclose(ops.delta_weight(part), full[:, 16 * i : 16 * (i + 1)], atol=1e-6)
+  assert c3a.C3AConfig.load(str(tmp_path / "a")).target_modules == ("attn.k_proj", "attn.v_proj")
+
+  loaded, _ = c3a.load_adapter(str(tmp_path / "a"), params, key_map=fused)
+  np.testing.assert_array_equal(
+    loaded["attn"]["kv"]["c3a_kernel"], adapted["attn"]["kv"]["c3a_kernel"]
+  )
+  # PEFT adapting v_proj alone: the k rows stay unadapted (zero).
+  del keys["base_model.model.attn.k_proj.c3a_kernel"]
+  safetensors.numpy.save_file(keys, str(tmp_path / "a" / "adapter_model.safetensors"))
+  loaded, _ = c3a.load_adapter(str(tmp_path / "a"), params, key_map=fused)
+  w = loaded["attn"]["kv"]["c3a_kernel"]
+  assert not w[:2].any()
+  np.testing.assert_array_equal(w[2:], adapted["attn"]["kv"]["c3a_kernel"][2:])
+
+  odd = c3a.attach(params, cfg.replace(block_size=16), jax.random.key(0))  # 2 blocks in 3 parts
+  with pytest.raises(ValueError, match=r"splits layer 'attn.kv' into 3 parts .* 2 blocks of 16"):
+    c3a.save_adapter(
+      tmp_path / "b", odd, cfg.replace(block_size=16), key_map=[(r"kv$", ("a", "b", "c"))]
+    )
+
+
 @pytest.mark.integration
 def test_vmapped_layers_get_a_stacked_kernel_each_member_its_slice():
   ensemble = nn.vmap(

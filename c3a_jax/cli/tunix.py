@@ -1,4 +1,5 @@
-"""A causal LM from a Hugging Face safetensors checkpoint, run by Tunix's NNX Qwen 3 or Llama 3.
+"""A causal LM from a Hugging Face safetensors checkpoint, run by Tunix's NNX Qwen 3, Llama 3
+or Gemma 3 (text).
 
 The runner trains params trees; an NNX model is read as one (:func:`c3a_jax._nnx.view`: its
 ``nnx.Param`` values by module path) and rebuilt from one inside each traced step, so every
@@ -22,10 +23,11 @@ from c3a_jax.cli import hub
 from c3a_jax.cli.experiment import Experiment
 from c3a_jax.cli.job import Job, Log
 
-# Hugging Face model_type -> (tunix module, its key map).
+# Hugging Face model_type -> (tunix package, its loader module, its key map).
 FAMILIES = {
-  "qwen3": ("qwen3", c3a.key_maps.TUNIX_QWEN3),
-  "llama": ("llama3", c3a.key_maps.TUNIX_LLAMA3),
+  "qwen3": ("qwen3", "params", c3a.key_maps.TUNIX_QWEN3),
+  "llama": ("llama3", "params", c3a.key_maps.TUNIX_LLAMA3),
+  "gemma3_text": ("gemma3", "params_safetensors", c3a.key_maps.TUNIX_GEMMA3),
 }
 
 
@@ -47,28 +49,69 @@ def model_config(family: str, hf: dict[str, Any], path: str) -> Any:
   from ``path``); a ValueError where Tunix would compute other logits than the checkpoint."""
   module = __import__(f"tunix.models.{family}.model", fromlist=["ModelConfig"])
   theta = hf.get("rope_theta", 10_000.0)
-  if family == "qwen3" and theta != 1e6:
-    # tunix 0.1.7's Qwen3 uses 1e6 whatever the config says: its logits would differ.
-    raise ValueError(f"{path}/config.json: rope_theta={theta}, but Tunix's Qwen3 uses 1e6 only")
-  if hf.get("rope_scaling"):
-    raise ValueError(
-      f"{path}/config.json: rope_scaling={hf['rope_scaling']} is not read by Tunix's "
-      f"{family} model here; its logits would differ from the checkpoint's"
+
+  def refuse(field: str, why: str) -> ValueError:
+    return ValueError(
+      f"{path}/config.json: {field}={hf.get(field)!r}, but Tunix's {family} {why}; its logits "
+      "would differ from the checkpoint's"
     )
+
+  if family == "qwen3" and theta != 1e6:
+    raise refuse("rope_theta", "uses 1e6 only")  # tunix 0.1.7's Qwen3 ignores the config's
+  if hf.get("rope_scaling"):
+    raise refuse("rope_scaling", "does not read it here")
+  heads = hf["num_attention_heads"]
+  head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
   sizes = dict(
     num_layers=hf["num_hidden_layers"],
-    vocab_size=hf["vocab_size"],
     embed_dim=hf["hidden_size"],
     hidden_dim=hf["intermediate_size"],
-    num_heads=hf["num_attention_heads"],
-    head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-    num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+    num_heads=heads,
+    head_dim=head_dim,
+    num_kv_heads=hf.get("num_key_value_heads", heads),
+  )
+  if family == "gemma3":
+    return module.ModelConfig(**sizes, **_gemma3(module, hf, head_dim, refuse))
+  tied = bool(hf.get("tie_word_embeddings", False))
+  sizes["use_tied_embedding" if family == "qwen3" else "weight_tying"] = tied
+  return module.ModelConfig(
+    **sizes,
+    vocab_size=hf["vocab_size"],
     rope_theta=int(theta),
     norm_eps=hf.get("rms_norm_eps", 1e-6),
   )
-  tied = bool(hf.get("tie_word_embeddings", False))
-  sizes["use_tied_embedding" if family == "qwen3" else "weight_tying"] = tied
-  return module.ModelConfig(**sizes)
+
+
+def _gemma3(module: Any, hf: dict[str, Any], head_dim: int, refuse) -> dict[str, Any]:
+  """Gemma 3's fields of Tunix's config; what Tunix's Gemma 3 fixes must be what it computes."""
+  scalar = hf.get("query_pre_attn_scalar", head_dim)
+  norms = module.QueryPreAttentionNormalisation
+  by = {
+    head_dim: norms.BY_ONE_OVER_SQRT_HEAD_DIM,
+    hf["hidden_size"] // hf["num_attention_heads"]: norms.BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS,
+  }
+  if scalar not in by:
+    raise refuse("query_pre_attn_scalar", f"scales queries by head_dim ({head_dim}) only")
+  if not hf.get("tie_word_embeddings", True):
+    raise refuse("tie_word_embeddings", "decodes with its input embedding")
+  if hf.get("rms_norm_eps", 1e-6) != 1e-6:
+    raise refuse("rms_norm_eps", "uses 1e-6")
+  for field in ("final_logit_softcapping", "attn_logit_softcapping"):
+    if hf.get(field) is not None:
+      raise refuse(field, "does not cap logits")
+  pattern = [p.name for p in module.GEMMA3_ATTENTION_PATTERN]
+  want = ["full_attention" if p == "GLOBAL" else "sliding_attention" for p in pattern]
+  layers = hf.get("layer_types") or []
+  if layers != [want[i % len(want)] for i in range(len(layers))]:
+    raise refuse("layer_types", f"repeats {want}")
+  return dict(
+    num_embed=hf["vocab_size"],
+    sliding_window_size=hf.get("sliding_window"),
+    local_base_frequency=int(hf.get("rope_local_base_freq", 10_000)),
+    global_base_frequency=int(hf.get("rope_theta", 1_000_000)),
+    query_pre_attn_norm=by[scalar],
+    param_dtype=jnp.float32,
+  )
 
 
 def load(exp: Experiment) -> tuple[Any, Any, str]:
@@ -79,7 +122,7 @@ def load(exp: Experiment) -> tuple[Any, Any, str]:
       hf = json.load(f)
   except (OSError, ValueError) as e:
     raise ValueError(f"model {exp.model.name!r}: no readable config.json in {path}: {e}") from None
-  family, key_map = FAMILIES.get(hf.get("model_type"), (None, None))
+  family, loader, key_map = FAMILIES.get(hf.get("model_type"), (None, None, None))
   if family is None:
     raise ValueError(
       f"model {exp.model.name!r} is a {hf.get('model_type')!r}; Tunix runs "
@@ -87,7 +130,7 @@ def load(exp: Experiment) -> tuple[Any, Any, str]:
     )
   try:
     params = __import__(
-      f"tunix.models.{family}.params", fromlist=["create_model_from_safe_tensors"]
+      f"tunix.models.{family}.{loader}", fromlist=["create_model_from_safe_tensors"]
     )
   except ImportError:
     raise ValueError('model.library: tunix needs Tunix: pip install "c3a-jax[tunix]"') from None
