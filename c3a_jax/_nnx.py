@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from c3a_jax import _context, _contraction, _layout, _tree, ops
+from c3a_jax import _context, _contraction, _layout, _merge_record, _tree, ops
 from c3a_jax._trace import Traced
 
 C3A_KERNEL = _layout.C3A_LEAVES[0]
@@ -311,7 +311,7 @@ class View:
       if name == "kernel" and _kind(module):
         attr = _kind(module).kernel
         if perm is not None:  # the view holds it in the layout rule's order
-          value = jnp.transpose(value, np.argsort(perm))
+          value = _merge_record.carry(value, jnp.transpose(value, np.argsort(perm)))
       else:
         attr = name
       getattr(module, attr)[...] = value
@@ -359,7 +359,7 @@ def view(model: nnx.Module) -> View:
         value = var[...]
         perm = permutation(module) if leaf == "kernel" else None
         if perm is not None:
-          value = jnp.transpose(value, perm)
+          value = _merge_record.carry(value, jnp.transpose(value, perm))
         node = tree
         for part in key.split(".") if key else ():
           node = node.setdefault(part, {})

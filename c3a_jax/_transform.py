@@ -31,9 +31,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from c3a_jax import _nnx, _tree, ops
+from c3a_jax import _merge_record, _nnx, _tree, ops
 from c3a_jax._config import C3AConfig
 from c3a_jax._labels import label
 from c3a_jax._layout import C3A_LEAVES, Layout, box_c3a, of_shapes, rebox
@@ -75,6 +76,7 @@ def attach(
     TypeError: ``params`` is not a mapping.
     ValueError: see :func:`c3a_jax.select`; errors name the layer, its shape and the block size.
   """
+  rng = _unplaced(rng)
   if _nnx.is_module(params):
     return _attach_nnx(params, cfg, rng)
   if isinstance(params, nnx.State):
@@ -98,6 +100,17 @@ def attach(
     name = C3A_KERNEL_OUT_IN if t.out_in else C3A_KERNEL
     module[name] = box_c3a(module["kernel"], _initial(rng, t, cfg), t.layout)
   return out
+
+
+def _unplaced(rng: jax.Array) -> jax.Array:
+  """``rng``'s value, on no device in particular: kernels drawn from a key committed to one
+  device would be committed there too, stranded away from the params they adapt."""
+  if isinstance(rng, jax.core.Tracer) or not isinstance(rng, jax.Array):
+    return rng
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    data = np.asarray(jax.random.key_data(rng))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(rng))
+  return jnp.asarray(np.asarray(rng))
 
 
 def _attach_nnx(module: Any, cfg: C3AConfig, rng: jax.Array) -> Any:
@@ -262,6 +275,7 @@ def merge(params: Mapping, *, safe: bool = False, dtype: Any = None) -> Params:
         )
       if concrete:
         note_rounding(lossy, path, kernel, merged, delta)
+        _merge_record.remember(merged, w)
       module["kernel"] = rebox(boxed, merged)
   warn_rounding(lossy, "merge", "merge(params, dtype=jnp.float32) keeps the deltas")
   return out
@@ -290,16 +304,25 @@ def warn_rounding(lossy: list, what: str, fix: str) -> None:
     )
 
 
-def unmerge(merged: Mapping, adapter: Mapping) -> Params:
+def unmerge(merged: Mapping, adapter: Mapping, *, check: bool = True) -> Params:
   """Undoes :func:`merge`: subtracts each C3A delta of ``adapter`` and puts its leaves back.
 
   For an NNX model, ``adapter`` is ``nnx.state(adapted, c3a.C3AParam)`` (or its pure dict), and
   the result is the adapted model.
+
+  Subtracting the wrong adapter, or from params never merged, would give wrong weights without
+  a sign. So ``merge`` remembers, for each kernel it returns (concrete arrays), the C3A kernel
+  it merged in, and ``unmerge`` refuses a layer merged with another C3A kernel, or whose kernel
+  ``merge`` did not return in this process (a copy, changed since, or saved and loaded back).
+  With ``check=False`` it subtracts without asking, for merged params known to fit the adapter.
+
+  Raises:
+    ValueError: a layer is missing, still adapted, or fails the check above (naming it).
   """
   if _nnx.is_module(merged):
     model = nnx.clone(merged)
     view = _nnx.view(model)
-    view.write(unmerge(view.tree, _nnx.tree_of(adapter)))
+    view.write(unmerge(view.tree, _nnx.tree_of(adapter), check=check))
     return model
   out = _tree.to_dict(merged)
   for path, name, w in _tree.leaves(adapter):
@@ -314,7 +337,28 @@ def unmerge(merged: Mapping, adapter: Mapping) -> Params:
     w = _tree.unbox(w)
     layout = _check_fits(path, module, name, w, "unmerge")
     kernel = _tree.unbox(module["kernel"])
+    if check:
+      _check_merged(path, kernel, w)
     delta = layout_delta(w, layout)
     restored = kernel.astype(ops.compute_dtype(kernel.dtype, delta.dtype)) - delta
     module["kernel"] = rebox(module["kernel"], restored.astype(kernel.dtype))
   return combine(adapter, out)
+
+
+def _check_merged(path: str, kernel: Any, w: Any) -> None:
+  merged_in = _merge_record.merged_with(kernel)
+  if merged_in is None:
+    inside = " (unmerge checks this outside jax.jit)" if isinstance(kernel, jax.core.Tracer) else ""
+    raise ValueError(
+      f"unmerge: the kernel of layer {path!r} is not one c3a.merge returned in this "
+      f"process{inside}, so subtracting this adapter may not give the base back (it may never "
+      "have been merged, or have been copied, changed, or saved and loaded). If it is the merge "
+      "of exactly this adapter, call unmerge(..., check=False)"
+    )
+  if isinstance(w, jax.core.Tracer) or not (
+    merged_in.shape == w.shape and bool(jnp.array_equal(merged_in, w))
+  ):
+    raise ValueError(
+      f"unmerge: layer {path!r} was merged with another C3A kernel than this adapter's; "
+      "subtracting this one would not give the base back (pass the adapter merge took)"
+    )

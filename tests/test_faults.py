@@ -172,9 +172,9 @@ def test_a_stopped_run_saves_a_checkpoint_and_resume_finishes(tmp_path, sig, sta
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
 def test_non_finite_config_values_are_refused(value):
-  with pytest.raises(ValueError, match=r"train.lr must be a finite number"):
+  with pytest.raises(ValueError, match=r"train.lr: Input should be a finite number"):
     Experiment.from_dict({}, overrides=[f"train.lr={value}"])
-  with pytest.raises(ValueError, match=r"train.weight_decay must be a finite number"):
+  with pytest.raises(ValueError, match=r"train.weight_decay: Input should be a finite number"):
     Experiment.from_dict({}, overrides=[f"train.weight_decay={value}"])
 
 
@@ -249,7 +249,7 @@ def test_config_errors_show_a_bounded_value():
   )
   value = yaml.safe_load(bomb)["i"]
   start = time.perf_counter()
-  with pytest.raises(ValueError, match=r"train.lr must be a float, got \[\[") as e:
+  with pytest.raises(ValueError, match=r"train.lr: Input should be a valid number, got \[\[") as e:
     Experiment.from_dict({"train": {"lr": value}})
   assert len(str(e.value)) < 200 and time.perf_counter() - start < 5
 
@@ -285,3 +285,96 @@ def test_resume_skips_a_corrupt_newest_checkpoint_with_a_warning(tmp_path, capsy
   records = [json.loads(line) for line in open(out / "metrics.jsonl")]
   steps = [r["step"] for r in records if r["split"] == "train"]
   assert steps == sorted(set(steps)) and steps[-1] == 25  # none twice: 20 was logged again
+
+
+def test_unmerge_refuses_another_adapter_and_params_never_merged():
+  import jax
+  import jax.numpy as jnp
+
+  import c3a_jax as c3a
+
+  params = {"fc": {"kernel": jax.random.normal(jax.random.key(0), (8, 8))}}
+  cfg = c3a.C3AConfig(block_size=4, target_modules=["fc"], init_weights="gaussian")
+  adapted = c3a.attach(params, cfg, jax.random.key(1))
+  other = c3a.split(c3a.attach(params, cfg, jax.random.key(2)))[0]
+  adapter = c3a.split(adapted)[0]
+  merged = c3a.merge(adapted)
+  with pytest.raises(ValueError, match="'fc' was merged with another C3A kernel"):
+    c3a.unmerge(merged, other)
+  with pytest.raises(ValueError, match="kernel of layer 'fc' is not one c3a.merge returned"):
+    c3a.unmerge(params, adapter)  # never merged
+  np.testing.assert_allclose(c3a.unmerge(merged, adapter)["fc"]["kernel"], params["fc"]["kernel"])
+  # Saved and loaded back, the record is gone: subtracting needs the caller's word.
+  loaded = jax.tree.map(jnp.array, merged)
+  with pytest.raises(ValueError, match=r"call unmerge\(\.\.\., check=False\)"):
+    c3a.unmerge(loaded, adapter)
+  restored = c3a.unmerge(loaded, adapter, check=False)
+  np.testing.assert_allclose(restored["fc"]["kernel"], params["fc"]["kernel"], atol=1e-6)
+
+
+@pytest.mark.parametrize("module", ["datasets", "transformers"])
+def test_a_missing_hub_package_names_the_extra_to_install(module, monkeypatch, tmp_path, capsys):
+  monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ModuleNotFoundError
+  (tmp_path / "train.csv").write_text("text,label\ngood,1\n")
+  argv = ["train", "task=seq_cls", f"data.name={tmp_path / 'train.csv'}", "model.name=roberta-base"]
+  assert cli.main([*argv, f"output_dir={tmp_path / 'run'}"]) == 2
+  err = capsys.readouterr().err
+  assert f"needs '{module}', which is not installed" in err
+  assert 'pip install "c3a-jax[cli]"' in err and "Traceback" not in err
+
+
+def test_a_bad_metrics_line_is_named_and_a_cut_off_last_line_dropped(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  good = '{"step": 10, "split": "train", "loss": 0.5}\n'
+  path.write_text(good + '{"step": 20, "spl\n')  # a crash mid-write
+  assert [r["step"] for r in runner._Metrics.resume(str(path), 20).records] == [10]
+  path.write_text(good + "garbage\n" + good)
+  with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON .*delete that line"):
+    runner._Metrics.resume(str(path), 20)
+  path.write_text('{"loss": 1}\n' + good)
+  with pytest.raises(ValueError, match=r"line 1 is not a metrics record"):
+    runner._Metrics.resume(str(path), 20)
+
+
+def _interrupt(*args, **kwargs):
+  raise KeyboardInterrupt
+
+
+def test_ctrl_c_at_startup_or_in_a_save_stops_with_one_line(tmp_path, monkeypatch, capsys):
+  from c3a_jax.cli import commands
+  from c3a_jax.training import Checkpointer
+
+  monkeypatch.setattr(commands, "_job", _interrupt)  # while the model and data load
+  assert cli.main(["train", "--quiet", f"output_dir={tmp_path / 'a'}"]) == 130
+  err = capsys.readouterr().err
+  assert "c3a-jax: interrupted" in err and "Traceback" not in err
+
+  # A second Ctrl-C lands inside the checkpoint save (the first one asked for that save).
+  monkeypatch.setattr(Checkpointer, "save", _interrupt)
+  exp = _exp(tmp_path / "b", mode="full", steps=4, batch_size=2, save_every=2, eval_every=100)
+  logs = []
+  with pytest.raises(SystemExit) as stop:
+    runner.run(exp, _toy_job([0, 1, 2, 1], [0, 2]), quiet=True, log=logs.append)
+  assert stop.value.code == 130
+  assert logs[-1].startswith("interrupted at step 2; a checkpoint cut short is never restored")
+
+
+def test_a_key_committed_to_another_device_does_not_strand_the_kernels():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  import c3a_jax as c3a
+
+  devices = jax.devices()
+  if len(devices) < 3:
+    pytest.skip("needs 3 devices (tests/conftest.py makes 8 host CPU devices)")
+  model = nn.Dense(8)
+  params = jax.device_put(
+    {"fc": model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]}, devices[2]
+  )
+  cfg = c3a.C3AConfig(block_size=4, target_modules=["fc"])
+  adapted = c3a.attach(params, cfg, jax.device_put(jax.random.key(1), devices[1]))
+  assert adapted["fc"]["c3a_kernel"].devices() != {devices[1]}
+  apply = jax.jit(c3a.wrap(lambda p, x: model.apply({"params": p["fc"]}, x)))
+  assert apply(adapted, jnp.ones((2, 8))).devices() == {devices[2]}  # with the params

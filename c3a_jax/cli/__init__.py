@@ -19,10 +19,10 @@ _APP_MODULES = ("yaml", "tqdm", "matplotlib", "sklearn")
 _HUB_MODULES = ("transformers", "datasets", "huggingface_hub", "PIL")
 
 
-def _missing(module: str) -> str:
+def _missing(module: str, needed_for: str = "the command line") -> str:
   return (
-    f"c3a-jax: error: the command line needs {module!r}, which is not installed; install "
-    'the app\'s dependencies with: pip install "c3a-jax[cli]"'
+    f"c3a-jax: error: {needed_for} needs {module!r}, which is not installed; install the app's "
+    'dependencies with: pip install "c3a-jax[cli]" (it includes the [hf] extra)'
   )
 
 
@@ -32,14 +32,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if importlib.util.find_spec(module) is None:
       print(_missing(module), file=sys.stderr)
       return 2
-  from c3a_jax.cli import commands
-
   try:
+    from c3a_jax.cli import commands
+
     return commands.main(argv)
+  except KeyboardInterrupt:  # Ctrl-C while loading models or data, or compiling: nothing to save
+    print("c3a-jax: interrupted (a run keeps its complete checkpoints)", file=sys.stderr)
+    return 130
   except ModuleNotFoundError as e:
     if (e.name or "").split(".")[0] not in _HUB_MODULES:
       raise
-    print(_missing(e.name), file=sys.stderr)
+    needed_for = "a Hugging Face model or dataset (every task but digits)"
+    print(_missing(e.name, needed_for), file=sys.stderr)
     return 2
 
 

@@ -169,6 +169,8 @@ def _plot(records: list[dict], path: str) -> None:
 
 
 def _read_metrics(path: str) -> list[dict]:
+  """The records of ``metrics.jsonl``; a ValueError naming the file and line of a bad one.
+  Only a cut-off last line (a crash mid-write) is dropped."""
   if not os.path.isfile(path):
     return []
   with open(path) as f:
@@ -176,10 +178,19 @@ def _read_metrics(path: str) -> list[dict]:
   records = []
   for i, line in enumerate(lines):
     try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      if i < len(lines) - 1:  # only a cut-off last line is expected
-        raise
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:
+        continue
+      raise ValueError(
+        f"{path}: line {i + 1} is not JSON ({e.msg}); restore or delete that line to resume"
+      ) from None
+    if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+      raise ValueError(
+        f"{path}: line {i + 1} is not a metrics record (a JSON object with an integer "
+        '"step"); restore or delete that line to resume'
+      )
+    records.append(record)
   return records
 
 
@@ -379,6 +390,12 @@ def _loop(
       _refuse_nonfinite(first_bad, step, saved)
       _checkpoint(ckpt, state, position, step, saved)
       signum = stopped()
+  except KeyboardInterrupt:  # a second signal: stop at once, even inside a step or a save
+    log(
+      f"interrupted at step {step}; a checkpoint cut short is never restored: --resume "
+      "continues from the newest complete one"
+    )
+    raise SystemExit(EXIT_STATUS[signal.SIGINT]) from None
   finally:
     ckpt.wait()
     ckpt.close()
