@@ -18,6 +18,11 @@ frozen time) / frozen time: what C3A adds to the layer it adapts.
     python benchmarks/layer.py            # default grid (~4 minutes on 2 cores)
     python benchmarks/layer.py --quick    # the two target shapes only
     python benchmarks/layer.py --full     # larger grid: 16k tokens, 4096x11008, b up to 4096
+    python benchmarks/layer.py --quick --dtype bfloat16   # activations and kernels in bf16
+
+With ``--dtype bfloat16`` the activations, the frozen kernel, the cotangent and LoRA's factors
+are bfloat16 and the C3A kernel float32, as in a bf16 training run; a bf16 Dense never folds
+(rounding W + delta to bf16 would lose the delta), so "in Dense" is x @ K + the delta.
 """
 
 from __future__ import annotations
@@ -67,11 +72,11 @@ FULL = [
 TARGETS = {(4096, 4096, 2048, 256): 0.2, (768, 768, 4096, 128): 0.5}
 
 
-def measure(d_in, d_out, tokens, b, repeats, strategies=STRATEGIES):
+def measure(d_in, d_out, tokens, b, repeats, strategies=STRATEGIES, dtype=jnp.float32):
   keys = jax.random.split(jax.random.key(0), 8)
-  x = jax.random.normal(keys[0], (tokens, d_in), jnp.float32)
-  kernel = jax.random.normal(keys[1], (d_in, d_out), jnp.float32) / d_in**0.5
-  g = jax.random.normal(keys[2], (tokens, d_out), jnp.float32)
+  x = jax.random.normal(keys[0], (tokens, d_in), dtype)
+  kernel = (jax.random.normal(keys[1], (d_in, d_out)) / d_in**0.5).astype(dtype)
+  g = jax.random.normal(keys[2], (tokens, d_out), dtype)
   w = jax.random.normal(keys[3], (d_out // b, d_in // b, b), jnp.float32)
   r_same = max(1, round(d_in * d_out / (b * (d_in + d_out))))
   fns = {
@@ -87,16 +92,20 @@ def measure(d_in, d_out, tokens, b, repeats, strategies=STRATEGIES):
     fns[s] = (lambda f: lambda: f(x, w, g))(f)
   folded = lambda x, k, w: ops.fold(x, w, jax.lax.stop_gradient(k))
   added = lambda x, k, w: x @ jax.lax.stop_gradient(k) + ops.block_circulant_matmul(x, w)
-  in_dense = ops.choose_strategy(x.shape, w.shape, with_base=True) == "fold"
+  in_dense = dtype == jnp.float32 and _folds(x.shape, w.shape)
   for name, f in (("in_dense", folded if in_dense else added), ("fold_in_dense", folded)):
     fns[name] = (lambda f: lambda: f(x, kernel, w, g))(fwd_bwd(f))
   for name, r in (("lora8", 8), ("lora_same", r_same)):
-    a = jax.random.normal(keys[4], (d_in, r)) / d_in**0.5
-    bb = jax.random.normal(keys[5], (r, d_out)) / r**0.5
+    a = (jax.random.normal(keys[4], (d_in, r)) / d_in**0.5).astype(dtype)
+    bb = (jax.random.normal(keys[5], (r, d_out)) / r**0.5).astype(dtype)
     f = fwd_bwd(lambda x, a, bb: (x @ a) @ bb)
     fns[name] = (lambda f, a, bb: lambda: f(x, a, bb, g))(f, a, bb)
   t = interleaved(fns, repeats)
   return t, r_same
+
+
+def _folds(x_shape, w_shape):
+  return ops.choose_strategy(x_shape, w_shape, with_base=True) == "fold"
 
 
 def main():
@@ -106,21 +115,24 @@ def main():
   grid.add_argument("--full", action="store_true")
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--json", help="also write the raw times here")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   args = p.parse_args()
+  dtype = jnp.dtype(args.dtype)
   load = wait_for_quiet()
   print(f"# machine: {machine()}\n# load when measuring: {load:.2f}\n", flush=True)
   shapes = QUICK if args.quick else FULL if args.full else DEFAULT
   rows, raw = [], []
   for d_in, d_out, tokens, b in shapes:
     repeats = args.repeats if d_in * d_out * tokens < 2**34 else max(3, args.repeats // 2)
-    t, r_same = measure(d_in, d_out, tokens, b, repeats)
+    t, r_same = measure(d_in, d_out, tokens, b, repeats, dtype=dtype)
     auto = ops.choose_strategy((tokens, d_in), (d_out // b, d_in // b, b))
     best = min(STRATEGIES[:-1], key=lambda s: t[s])
     target = TARGETS.get((d_in, d_out, tokens, b))
     rel = {k: v / t["frozen"] for k, v in t.items()}
     rel["in_dense"] -= 1.0
     rel["fold_in_dense"] -= 1.0
-    in_dense = ops.choose_strategy((tokens, d_in), (d_out // b, d_in // b, b), with_base=True)
+    folds = dtype == jnp.float32 and _folds((tokens, d_in), (d_out // b, d_in // b, b))
+    in_dense = "fold" if folds else auto
     verdict = (
       ""
       if target is None
@@ -177,8 +189,8 @@ def main():
     "target",
   ]
   print(
-    "\nAdapter forward+backward time / frozen matmul forward+backward (medians of "
-    f"{args.repeats}, interleaved):\n"
+    f"\nAdapter forward+backward time / frozen matmul forward+backward, {args.dtype} (medians "
+    f"of {args.repeats}, interleaved):\n"
   )
   print(markdown_table(header, rows))
   if args.json:

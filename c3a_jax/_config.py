@@ -18,6 +18,7 @@ import json
 import numbers
 import os
 import re
+import reprlib
 import warnings
 from typing import Any
 
@@ -26,6 +27,18 @@ from c3a_jax._io import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 BIAS = ("none", "all", "c3a_only")
+# Errors show values through this: a value may be huge (a YAML alias bomb's repr runs to
+# billions of strings).
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
+
+
+def brief(value: Any, limit: int = 120) -> str:
+  """``repr(value)`` bounded to ``limit`` characters, for error messages."""
+  text = _REPR.repr(value)
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # PEFT bookkeeping that is read and written but means nothing to c3a-jax.
 _PEFT_EXTRAS = {"peft_type": "C3A", "auto_mapping": None, "revision": None, "inference_mode": True}
 _PEFT_IGNORED = {"peft_version", "target_parameters"}
@@ -54,7 +67,7 @@ def _strs(value: Any, field: str, *, allow_str: bool) -> str | tuple[str, ...] |
     isinstance(v, str) for v in value
   ):
     kinds = "a list of module names, a regex string" if allow_str else "a list of module names"
-    raise ValueError(f"C3AConfig.{field} must be {kinds} or None, got {value!r}")
+    raise ValueError(f"C3AConfig.{field} must be {kinds} or None, got {brief(value)}")
   # Sorted for sets (PEFT stores target_modules as a set); dict.fromkeys dedups, keeping order.
   return tuple(dict.fromkeys(sorted(value) if isinstance(value, (set, frozenset)) else value))
 
@@ -62,7 +75,7 @@ def _strs(value: Any, field: str, *, allow_str: bool) -> str | tuple[str, ...] |
 def _positive_int(value: Any, field: str) -> int:
   # numbers.Integral takes numpy's integers too (np.int64(16) from a computed size).
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-    raise ValueError(f"C3AConfig.{field} must be a positive integer, got {value!r}")
+    raise ValueError(f"C3AConfig.{field} must be a positive integer, got {brief(value)}")
   return int(value)
 
 
@@ -114,7 +127,7 @@ class C3AConfig:
     if not isinstance(self.block_size_pattern, dict):
       raise ValueError(
         "C3AConfig.block_size_pattern must be a dict {name or regex: block_size}, "
-        f"got {self.block_size_pattern!r}"
+        f"got {brief(self.block_size_pattern)}"
       )
     for key in self.block_size_pattern:
       _check_regex(key, "block_size_pattern key")
@@ -131,7 +144,7 @@ class C3AConfig:
     set_("modules_to_save", _strs(self.modules_to_save, "modules_to_save", allow_str=False))
     if self.task_type is not None and self.task_type not in TASK_TYPES:
       raise ValueError(
-        f"C3AConfig.task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}"
+        f"C3AConfig.task_type must be one of {TASK_TYPES} or None, got {brief(self.task_type)}"
       )
     if self.task_type in TASK_HEADS:
       set_(
@@ -152,12 +165,12 @@ class C3AConfig:
         if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
           raise ValueError(
             "C3AConfig.layers_to_transform must be a non-negative int or a list "
-            f"of them, got {self.layers_to_transform!r}"
+            f"of them, got {brief(self.layers_to_transform)}"
           )
       elif isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
         raise ValueError(
           "C3AConfig.layers_to_transform must be a non-negative int or a list of "
-          f"them, got {layers!r}"
+          f"them, got {brief(layers)}"
         )
       set_("layers_to_transform", layers)
     if isinstance(self.target_modules, str) and (
@@ -165,16 +178,16 @@ class C3AConfig:
     ):
       raise ValueError(
         "C3AConfig.layers_to_transform and layers_pattern need target_modules as a "
-        f"list of names, not the regex string {self.target_modules!r}"
+        f"list of names, not the regex string {brief(self.target_modules)}"
       )
     if self.bias not in BIAS:
-      raise ValueError(f"C3AConfig.bias must be one of {BIAS}, got {self.bias!r}")
+      raise ValueError(f"C3AConfig.bias must be one of {BIAS}, got {brief(self.bias)}")
     if not any(
       self.init_weights is v if isinstance(v, bool) else self.init_weights == v
       for v in ops.INIT_WEIGHTS
     ):
       raise ValueError(
-        f"C3AConfig.init_weights must be one of {ops.INIT_WEIGHTS}, got {self.init_weights!r}"
+        f"C3AConfig.init_weights must be one of {ops.INIT_WEIGHTS}, got {brief(self.init_weights)}"
       )
 
   def __hash__(self) -> int:
@@ -199,12 +212,12 @@ class C3AConfig:
     """Builds a config from adapter_config.json fields; ``source`` names the origin in errors."""
     if d.get("peft_type", "C3A") != "C3A":
       raise ValueError(
-        f"{source}: peft_type is {d['peft_type']!r}, not 'C3A'; this is not a C3A adapter"
+        f"{source}: peft_type is {brief(d['peft_type'])}, not 'C3A'; this is not a C3A adapter"
       )
     names = {f.name for f in dataclasses.fields(cls)}
     if "strategy" in d:
       warnings.warn(
-        f"{source}: ignoring strategy={d['strategy']!r}, which c3a-jax 0.1 stored in "
+        f"{source}: ignoring strategy={brief(d['strategy'])}, which c3a-jax 0.1 stored in "
         "the adapter config; pass it to c3a.intercept(strategy=...) instead (in a "
         "CLI config: train.strategy)",
         stacklevel=2,
@@ -247,4 +260,4 @@ def _check_regex(pattern: str, field: str) -> None:
   try:
     re.compile(pattern)
   except re.error as e:
-    raise ValueError(f"C3AConfig.{field} {pattern!r} is not a valid regex: {e}") from None
+    raise ValueError(f"C3AConfig.{field} {brief(pattern)} is not a valid regex: {e}") from None

@@ -4,6 +4,14 @@
 never merged, either of which would give wrong weights without a sign. Entries are keyed by the
 merged array's identity and held weakly, so one lives as long as its kernel does; a transpose
 that only relays a kernel out (an NNX einsum's view) carries the entry over.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from c3a_jax import _merge_record
+  >>> merged, w = jnp.ones((4, 4)), jnp.ones((1, 1, 4))
+  >>> _merge_record.remember(merged, w)
+  >>> _merge_record.merged_with(merged) is w, _merge_record.merged_with(jnp.ones((4, 4)))
+  (True, None)
 """
 
 from __future__ import annotations

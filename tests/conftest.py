@@ -46,3 +46,15 @@ def shared_fixtures():
   if not os.path.isdir(SHARED_FIXTURES):
     pytest.skip("../shared/fixtures is absent (fresh clone)")
   return SHARED_FIXTURES
+
+
+@pytest.fixture
+def alias_bomb():
+  """A YAML alias bomb: 9 levels of 9 references, 9**9 strings when printed whole."""
+  import yaml
+
+  bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}" + f", *{chr(97 + i)}" * 8 + "]\n"
+    for i in range(8)
+  )
+  return yaml.safe_load(bomb)["i"]

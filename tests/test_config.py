@@ -1,13 +1,20 @@
-"""C3AConfig: PEFT's fields and defaults, validation, adapter_config.json."""
+"""C3AConfig: PEFT's fields and defaults, validation, adapter_config.json; the CLI's experiment
+config around it."""
 
+import dataclasses
+import glob
 import json
 import os
+import re
+import time
 
 import numpy as np
+import pydantic
 import pytest
 
 import c3a_jax as c3a
-from c3a_jax import C3AConfig
+from c3a_jax import C3AConfig, cli
+from c3a_jax.cli.experiment import Experiment
 
 
 def test_defaults_are_peft_defaults():
@@ -155,3 +162,112 @@ def test_numpy_integers_are_accepted_as_sizes():
   assert cfg.block_size == 16 and type(cfg.block_size) is int
   assert cfg.block_size_pattern == {"q": 8} and type(cfg.block_size_pattern["q"]) is int
   assert json.loads(json.dumps(cfg.to_dict()))["block_size"] == 16  # still serialisable
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI's experiment config (c3a_jax.cli.experiment): pydantic sections around C3AConfig.
+
+TRAIN_KEYS = "batch_size, compute_dtype, eval_every, grad_accum, head_lr, keep_checkpoints"
+SEQ_CLS = {"task": "seq_cls", "model": {"name": "m"}, "data": {"name": "d"}}
+
+
+@pytest.mark.parametrize(
+  "config,message",
+  [
+    ({"train": {"lr": float("nan")}}, "train.lr: Input should be a finite number, got nan"),
+    ({"train": {"weight_decay": float("-inf")}}, "train.weight_decay: .* finite number, got -inf"),
+    ({"train": {"lr": True}}, "train.lr: Input should be a valid number, got True"),
+    ({"train": {"steps": True}}, "train.steps: Input should be a valid integer, got True"),
+    ({"train": {"batch_size": 1.5}}, "train.batch_size: Input should be a valid integer, got 1.5"),
+    ({"data": {"max_length": "64"}}, "data.max_length: Input should be a valid integer, got '64'"),
+    ({"model": {"from_pt": 1}}, "model.from_pt: Input should be a valid boolean, got 1"),
+    ({"train": {"seed": 2**32}}, "train.seed: Input should be less than 4294967296, got 4294"),
+    ({"data": {"max_eval_examples": 0}}, "data.max_eval_examples: .* greater than or equal to 1"),
+    ({"train": {"warmup_steps": -1}}, "train.warmup_steps: .* greater than or equal to 0"),
+    ({"train": {"lr_c3a": 1}}, rf"unknown key train.lr_c3a \(train has: {TRAIN_KEYS}, "),
+    ({"dataset": {}}, r"unknown key dataset \(the top level has: c3a, data, model, output_dir,"),
+    ({"train": [1, 2]}, r"train: Input should be a valid dictionary .*, got \[1, 2\]"),
+    ({"c3a": "big"}, "c3a: Input should be a valid dictionary, got 'big'"),
+    (
+      {"train": {"mode": "lora"}},
+      "train.mode: Input should be 'c3a', 'head' or 'full', got 'lora'",
+    ),
+    ({"c3a": {"rank": 8}}, r"c3a: .* keyword argument 'rank' \(c3a has: block_size, block_size_"),
+    ({"c3a": {"block_size": -2}}, "c3a: C3AConfig.block_size must be a positive integer, got -2"),
+    ({"train": {"strategy": "fastest"}}, "train.strategy: strategy='fastest' is not one of"),
+    ({"train": {"grad_accum": 3}}, "train.grad_accum=3 must divide train.batch_size=32"),
+    ({**SEQ_CLS, "data": {}}, "task 'seq_cls' needs data.name"),
+    ({**SEQ_CLS, "model": {"name": "m", "library": "tunix"}}, "'tunix' runs causal LMs"),
+    ({"train": {"steps": 0, "lr": -1}}, r"train.steps: .*, got 0 \(and 1 more\)"),
+  ],
+)
+def test_experiment_errors_are_one_line_naming_file_key_and_value(config, message):
+  with pytest.raises(ValueError) as e:
+    Experiment.from_dict(config, source="exp.yaml")
+  text = str(e.value)
+  assert text.startswith("exp.yaml: ") and "\n" not in text and len(text) < 400, text
+  assert re.search(message, text), text
+
+
+def test_experiment_reads_what_yaml_writes():
+  overrides = ["train.lr=3e-1", "train.head_lr=2", "train.seed=4294967295", "data.num_labels=null"]
+  exp = Experiment.from_dict({}, overrides)
+  assert exp.train.lr == 0.3 and exp.train.head_lr == 2.0 and type(exp.train.head_lr) is float
+  assert exp.train.seed == 2**32 - 1 and exp.data.num_labels is None
+  with pytest.warns(DeprecationWarning, match="train.strategy: strategy='merged' is deprecated"):
+    assert Experiment.from_dict({"train": {"strategy": "merged"}}).train.strategy == "fold"
+  assert (
+    Experiment.from_dict({"train": {"batch_size": 8, "grad_accum": 4}}).train.eval_batch_size == 2
+  )
+  with pytest.raises(pydantic.ValidationError, match="frozen"):
+    exp.train.lr = 1.0
+
+
+@pytest.mark.parametrize("where", ["train.lr", "train", "task", "c3a", "data.max_length"])
+def test_experiment_errors_show_an_alias_bomb_briefly_and_fast(where, alias_bomb):
+  *sections, leaf = where.split(".")
+  config = node = {}
+  for section in sections:
+    node = node.setdefault(section, {})
+  node[leaf] = alias_bomb
+  start = time.perf_counter()
+  with pytest.raises(ValueError, match=rf"^config: {where}: Input should be .*, got \[\[") as e:
+    Experiment.from_dict(config)
+  assert len(str(e.value)) < 250 and time.perf_counter() - start < 5
+
+
+def test_an_alias_bomb_inside_the_c3a_section_is_shown_bounded(alias_bomb):
+  start = time.perf_counter()  # C3AConfig's own errors bound their values too
+  with pytest.raises(ValueError, match=r"config: c3a: C3AConfig.layers_to_transform .*\[\[") as e:
+    Experiment.from_dict({"c3a": {"layers_to_transform": alias_bomb}})
+  assert len(str(e.value)) < 400 and time.perf_counter() - start < 5
+
+
+def test_every_shipped_config_loads_and_round_trips():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  paths = sorted(glob.glob(os.path.join(root, "configs", "*.yaml")))
+  assert len(paths) >= 10
+  for path in paths:
+    exp = Experiment.load(path)
+    d = exp.to_dict()
+    assert list(d) == ["task", "model", "data", "c3a", "train", "output_dir"], path
+    assert "peft_type" not in d["c3a"] and isinstance(d["train"], dict)
+    assert Experiment.from_dict(d) == exp, path
+
+
+def test_train_help_lists_every_config_key_with_its_type_and_default(capsys):
+  with pytest.raises(SystemExit) as stop:
+    cli.main(["train", "--help"])
+  assert stop.value.code == 0
+  lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+  expected = {"task": "digits", "output_dir": "runs/c3a-digits"}
+  for name in ("model", "data", "train"):
+    section = Experiment.model_fields[name].annotation
+    expected |= {f"{name}.{k}": f.default for k, f in section.model_fields.items()}
+  for f in dataclasses.fields(C3AConfig):
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    expected[f"c3a.{f.name}"] = default
+  for key, default in expected.items():
+    assert f" = {default!r}" in lines[key], lines.get(key)
+  assert "float = 0.1  C3A's learning rate" in lines["train.lr"]
+  assert "int = 1000  optimizer steps" in lines["train.steps"]

@@ -1,5 +1,12 @@
-"""Faults a user or a cluster causes: nothing a user owns is deleted, runs do not collide, and a
-stopped run saves and resumes. (The run directory's rules are in c3a_jax/cli/rundir.py.)"""
+"""Faults a user or a cluster causes: nothing a user owns is deleted, runs do not collide, a
+stopped run saves and resumes, and bad input is one clear line. (The run directory's rules are
+in c3a_jax/cli/rundir.py; the README's Reliability section lists the guarantees.)
+
+Faults tested beside the code they concern: kill -9 inside a save and corrupt checkpoints
+(test_checkpoint.py); adapters PEFT would read differently, DistilBERT's adapted head
+(test_peft_io.py); float64 under x64 (test_ops.py, test_transform.py); a lossy bfloat16 merge,
+merge(safe=True) on NaN, attach(None) (test_transform.py); config types and ranges, numpy block
+sizes (test_config.py)."""
 
 import json
 import os
@@ -239,19 +246,6 @@ def test_summaries_and_metrics_are_strict_json():
   text = runner.strict_json({"eval_loss": float("nan"), "acc": 0.5, "x": {"y": float("inf")}})
   assert json.loads(text) == {"eval_loss": None, "acc": 0.5, "x": {"y": None}}
   assert "NaN" not in text and "Infinity" not in text
-
-
-def test_config_errors_show_a_bounded_value():
-  # A YAML alias bomb: 9 levels of 9 references expand to 9**9 strings when printed.
-  bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}" + f", *{chr(97 + i)}" * 8 + "]\n"
-    for i in range(8)
-  )
-  value = yaml.safe_load(bomb)["i"]
-  start = time.perf_counter()
-  with pytest.raises(ValueError, match=r"train.lr: Input should be a valid number, got \[\[") as e:
-    Experiment.from_dict({"train": {"lr": value}})
-  assert len(str(e.value)) < 200 and time.perf_counter() - start < 5
 
 
 def test_a_damaged_digits_cache_is_named(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 # What the [cli] extra installs and the library never imports: the app's own modules, checked
 # before anything runs, and the Hugging Face ones, needed only for hub models and datasets.
-_APP_MODULES = ("yaml", "tqdm", "matplotlib", "sklearn")
+_APP_MODULES = ("yaml", "pydantic", "tqdm", "matplotlib", "sklearn")
 _HUB_MODULES = ("transformers", "datasets", "huggingface_hub", "PIL")
 
 

@@ -12,13 +12,12 @@ C3A against head-only and full fine-tuning.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from collections.abc import Sequence
 
-from c3a_jax.cli.experiment import Experiment
+from c3a_jax.cli.experiment import Experiment, fields_help
 
 # The offline default: C3A on the digits MLP's hidden layers, the paper's large C3A learning rate.
 DIGITS_DEFAULT = {
@@ -71,10 +70,10 @@ def train(args: argparse.Namespace) -> int:
   if exp.task == "digits" and exp.train.mode == "c3a":
     # The comparison the default job exists for: same data and steps, other trainable sets.
     for mode, lr in (("head", exp.train.head_lr), ("full", exp.train.head_lr)):
-      other = dataclasses.replace(
-        exp,
-        output_dir=os.path.join(exp.output_dir, "baselines", mode),
-        train=dataclasses.replace(exp.train, mode=mode, lr=lr or exp.train.lr),
+      # model_copy skips validation: these values come from the validated config.
+      train = exp.train.model_copy(update={"mode": mode, "lr": lr or exp.train.lr})
+      other = exp.model_copy(
+        update={"output_dir": os.path.join(exp.output_dir, "baselines", mode), "train": train}
       )
       summaries.append(runner.run(other, job, overwrite=True, quiet=args.quiet, log=_log))
   _print_table(summaries)
@@ -206,7 +205,12 @@ def parser() -> argparse.ArgumentParser:
   """The ``c3a-jax`` argument parser and its subcommands."""
   p = argparse.ArgumentParser(prog="c3a-jax", description=__doc__.split("\n\n")[0])
   sub = p.add_subparsers(dest="command", required=True)
-  t = sub.add_parser("train", help="fine-tune (no config: the offline digits default)")
+  t = sub.add_parser(
+    "train",
+    help="fine-tune (no config: the offline digits default)",
+    epilog=fields_help(),
+    formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog is a table
+  )
   t.add_argument("--config", help="YAML experiment config (see configs/)")
   group = t.add_mutually_exclusive_group()
   group.add_argument("--resume", action="store_true", help="continue the run in output_dir")

@@ -11,115 +11,177 @@ Example:
   Traceback (most recent call last):
   ...
   ValueError: config: unknown key train.lr_c3a (train has: batch_size, compute_dtype, ...)
+
+The sections are pydantic models. Pydantic v2 has each check a config needs built in (unknown
+keys refused, NaN and infinity refused, ranges, literals, strict ints that take no bool, errors
+located by key) and is small, ubiquitous and well maintained. OmegaConf's structured configs
+check types but no ranges or finiteness; tyro and draccus generate whole command lines, which
+would replace the ``key=value`` overrides (YAML values) that run directories and docs use.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import reprlib
 import types
 import typing
 import warnings
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
+import pydantic
 import yaml
+from pydantic import Field
+from pydantic_core import PydanticKnownError
 
 from c3a_jax import C3AConfig, ops
+from c3a_jax._config import brief as _brief
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
+def _not_bool(value: Any) -> Any:
+  # Lax floats parse 3e-1, which PyYAML reads as a string (its floats need a dot), but they
+  # also take True as 1.0: no bool is a rate.
+  if isinstance(value, bool):
+    raise PydanticKnownError("float_type")
+  return value
+
+
+_INT_LIMIT = 2**32  # seeds and counts go to numpy and JAX as 32-bit values
+Count = Annotated[int, Field(ge=1, lt=_INT_LIMIT)]
+NonNegativeInt = Annotated[int, Field(ge=0, lt=_INT_LIMIT)]
+NonNegativeFloat = Annotated[float, Field(ge=0, strict=False), pydantic.BeforeValidator(_not_bool)]
+
+
+class _Section(pydantic.BaseModel):
+  # Strict: an int field takes no bool, no 1.5 and no "3"; floats relax it (NonNegativeFloat).
+  model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
+
+
+class ModelSpec(_Section):
   """The base model: a Hugging Face hub name or local directory, run by transformers' Flax
   models or (``library: tunix``, causal LMs) by Tunix's NNX Qwen 3 / Llama 3."""
 
-  name: str | None = None
-  from_pt: bool = False  # load PyTorch weights (model.safetensors / pytorch_model.bin)
-  revision: str | None = None
-  library: Literal["transformers", "tunix"] = "transformers"
+  name: str | None = Field(None, description="a hub name or a local model directory")
+  from_pt: bool = Field(
+    False, description="load PyTorch weights (model.safetensors / pytorch_model.bin)"
+  )
+  revision: str | None = Field(None, description="the hub revision: a branch, tag or commit")
+  library: Literal["transformers", "tunix"] = Field(
+    "transformers", description="transformers' Flax models, or Tunix's NNX LLMs (causal_lm)"
+  )
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSpec:
+class DataSpec(_Section):
   """A ``datasets`` name (with ``subset``), a ``save_to_disk`` directory, or a CSV/JSON file."""
 
-  name: str | None = None
-  subset: str | None = None
-  train_split: str = "train"
-  eval_split: str | None = "validation"
-  text_column: str = "text"
-  text_pair_column: str | None = None
-  label_column: str = "label"
-  image_column: str = "image"
-  prompt_template: str | None = None  # causal LM: e.g. "### Instruction:\n{instruction}\n..."
-  max_length: int = 128
-  num_labels: int | None = None
-  max_train_examples: int | None = None
-  max_eval_examples: int | None = None
+  name: str | None = Field(
+    None, description="a datasets name, a save_to_disk directory, or a CSV/JSON file"
+  )
+  subset: str | None = Field(None, description="the dataset's configuration, e.g. glue's sst2")
+  train_split: str = Field("train", description="the split to train on")
+  eval_split: str | None = Field(
+    "validation", description="the split (with a data file: the file) to evaluate on; null: none"
+  )
+  text_column: str = Field("text", description="the text column")
+  text_pair_column: str | None = Field(None, description="the second text of pair tasks")
+  label_column: str = Field("label", description="the class id column")
+  image_column: str = Field("image", description="the image column (image_cls)")
+  prompt_template: str | None = Field(
+    None, description='causal LM: e.g. "### Instruction:\\n{instruction}\\n..." over columns'
+  )
+  max_length: Count = Field(128, description="tokens per example (truncated or padded)")
+  num_labels: NonNegativeInt | None = Field(
+    None, description="classes (null or 0: read from the data)"
+  )
+  max_train_examples: Count | None = Field(None, description="train on at most this many")
+  max_eval_examples: Count | None = Field(None, description="evaluate on at most this many")
 
-  def __post_init__(self):
-    for key in ("max_train_examples", "max_eval_examples", "max_length"):
-      if getattr(self, key) is not None and getattr(self, key) < 1:
-        raise ValueError(f"data.{key} must be at least 1, got {getattr(self, key)!r}")
 
-
-@dataclasses.dataclass(frozen=True)
-class TrainSpec:
+class TrainSpec(_Section):
   """Optimisation: ``lr`` is C3A's (PEFT's 1/d_in scale wants ~1e-1), ``head_lr`` the head's."""
 
-  mode: Literal["c3a", "head", "full"] = "c3a"
-  steps: int = 1000
-  batch_size: int = 32
-  lr: float = 1e-1
-  head_lr: float | None = None
-  weight_decay: float = 0.0
-  warmup_steps: int = 0
-  grad_accum: int = 1
-  compute_dtype: Literal["float32", "bfloat16"] = "float32"
-  eval_every: int = 200
-  save_every: int = 200
-  keep_checkpoints: int = 3
-  log_every: int = 10
-  seed: int = 0
-  strategy: str = "auto"  # how the C3A delta is computed (c3a_jax.ops.STRATEGIES): same values
+  mode: Literal["c3a", "head", "full"] = Field(
+    "c3a", description="what trains: the C3A adapter, the head alone, or every weight"
+  )
+  steps: Count = Field(1000, description="optimizer steps")
+  batch_size: Count = Field(32, description="examples per step")
+  lr: NonNegativeFloat = Field(0.1, description="C3A's learning rate (PEFT's scale wants ~1e-1)")
+  head_lr: NonNegativeFloat | None = Field(
+    None, description="the learning rate of the head and of head/full modes (null: lr)"
+  )
+  weight_decay: NonNegativeFloat = Field(0.0, description="AdamW's weight decay")
+  warmup_steps: NonNegativeInt = Field(0, description="steps of linear learning-rate warmup")
+  grad_accum: Count = Field(1, description="micro-batches per step; must divide batch_size")
+  compute_dtype: Literal["float32", "bfloat16"] = Field(
+    "float32", description="the dtype the model computes in"
+  )
+  eval_every: Count = Field(200, description="steps between evaluations")
+  save_every: Count = Field(200, description="steps between checkpoints")
+  keep_checkpoints: Count = Field(3, description="checkpoints kept (the newest)")
+  log_every: Count = Field(10, description="steps between log lines")
+  seed: NonNegativeInt = Field(0, description="the seed of initialisation and data order")
+  strategy: str = Field(
+    "auto", description=f"how the C3A delta is computed: {' | '.join(ops.STRATEGIES)}"
+  )
 
   @property
   def eval_batch_size(self) -> int:
     """Evaluation runs in micro-batches: no more memory than a training micro-step."""
     return self.batch_size // self.grad_accum
 
-  def __post_init__(self):
-    for key in (
-      "steps",
-      "batch_size",
-      "grad_accum",
-      "eval_every",
-      "save_every",
-      "keep_checkpoints",
-      "log_every",
-    ):
-      if getattr(self, key) < 1:
-        raise ValueError(f"train.{key} must be at least 1, got {getattr(self, key)!r}")
-    object.__setattr__(self, "strategy", ops.check_strategy(self.strategy, "train.strategy"))
+  @pydantic.field_validator("strategy")
+  @classmethod
+  def _known_strategy(cls, strategy: str) -> str:
+    return ops.check_strategy(strategy, "train.strategy")  # a deprecated name warns, mapped
+
+  @pydantic.model_validator(mode="after")
+  def _micro_batches(self) -> TrainSpec:
     if self.batch_size % self.grad_accum:
       raise ValueError(
         f"train.grad_accum={self.grad_accum} must divide train.batch_size="
         f"{self.batch_size} (each step splits the batch into micro-batches)"
       )
+    return self
 
 
-@dataclasses.dataclass(frozen=True)
-class Experiment:
+_C3A_FIELDS = ", ".join(f.name for f in dataclasses.fields(C3AConfig))
+
+
+def _c3a_config(value: Any) -> C3AConfig:
+  """A ``c3a`` mapping as a C3AConfig, which validates itself."""
+  if isinstance(value, C3AConfig):
+    return value
+  if not isinstance(value, dict):  # pydantic's own error would ask for a C3AConfig instance
+    raise PydanticKnownError("dict_type")
+  try:
+    return C3AConfig(**value)
+  except TypeError as e:  # an unknown key
+    raise ValueError(f"c3a: {e} (c3a has: {_C3A_FIELDS})") from None
+  except ValueError as e:
+    raise ValueError(f"c3a: {e}") from None
+
+
+class Experiment(_Section):
   """Everything a run needs; ``c3a`` holds C3AConfig's fields (PEFT's names)."""
 
-  task: Literal["digits", "seq_cls", "causal_lm", "image_cls"] = "digits"
+  task: Literal["digits", "seq_cls", "causal_lm", "image_cls"] = Field(
+    "digits", description="the offline digits default, or a hub model's task"
+  )
   model: ModelSpec = ModelSpec()
   data: DataSpec = DataSpec()
-  # PEFT's defaults: the model type's targets, block 256 (frozen, so one instance is safe).
-  c3a: C3AConfig = C3AConfig()  # noqa: RUF009
+  # PEFT's defaults: the model type's targets, block 256.
+  c3a: Annotated[C3AConfig, pydantic.BeforeValidator(_c3a_config)] = C3AConfig()
   train: TrainSpec = TrainSpec()
-  output_dir: str = "runs/c3a-digits"
+  output_dir: str = Field("runs/c3a-digits", description="the run directory")
+
+  @pydantic.model_validator(mode="after")
+  def _runnable(self) -> Experiment:
+    if self.task != "digits" and not self.model.name:
+      raise ValueError(f"task {self.task!r} needs model.name (a hub name or a path)")
+    if self.model.library == "tunix" and self.task != "causal_lm":
+      raise ValueError("model.library 'tunix' runs causal LMs; set task: causal_lm")
+    if self.task != "digits" and not self.data.name:
+      raise ValueError(f"task {self.task!r} needs data.name (a dataset or a file)")
+    return self
 
   @classmethod
   def from_dict(
@@ -130,33 +192,11 @@ class Experiment:
       raise ValueError(
         f"{source}: the top level must be a mapping of sections, got {type(d).__name__}"
       )
-    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
-    for item in overrides:
-      key, sep, value = item.partition("=")
-      if not sep or not key:
-        raise ValueError(f"override {item!r} is not key=value (e.g. train.lr=0.3)")
-      *parents, leaf = key.split(".")
-      node = d
-      for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-          raise ValueError(f"override {item!r}: {p} is not a section")
-      try:
-        node[leaf] = yaml.safe_load(value)
-      except yaml.YAMLError as e:
-        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(
-          f"override {item!r}: {_brief(value)} is not a YAML value ({problem}); quote strings, "
-          "e.g. data.name='my data'"
-        ) from None
-    exp = _build(cls, upgrade(d, source), source, "")
-    if exp.task != "digits" and not exp.model.name:
-      raise ValueError(f"{source}: task {exp.task!r} needs model.name (a hub name or a path)")
-    if exp.model.library == "tunix" and exp.task != "causal_lm":
-      raise ValueError(f"{source}: model.library 'tunix' runs causal LMs; set task: causal_lm")
-    if exp.task != "digits" and not exp.data.name:
-      raise ValueError(f"{source}: task {exp.task!r} needs data.name (a dataset or a file)")
-    return exp
+    d = upgrade(_overridden(d, overrides), source)
+    try:
+      return cls.model_validate(d)
+    except pydantic.ValidationError as e:
+      raise ValueError(f"{source}: {_message(e)}") from None
 
   @classmethod
   def load(cls, path: str, overrides: tuple[str, ...] | list[str] = ()) -> Experiment:
@@ -172,19 +212,37 @@ class Experiment:
 
   def to_dict(self) -> dict:
     """The config as plain data, as ``config.yaml`` holds it (C3A's PEFT bookkeeping left out)."""
-    out = {}
-    for f in dataclasses.fields(self):
-      value = getattr(self, f.name)
-      if isinstance(value, C3AConfig):
-        value = {
-          k: v
-          for k, v in value.to_dict().items()
-          if k not in ("peft_type", "auto_mapping", "revision", "inference_mode")
-        }
-      elif dataclasses.is_dataclass(value):
-        value = dataclasses.asdict(value)
-      out[f.name] = value
+    out = self.model_dump()
+    out["c3a"] = {  # in place: config.yaml keeps the fields' order
+      k: v
+      for k, v in self.c3a.to_dict().items()
+      if k not in ("peft_type", "auto_mapping", "revision", "inference_mode")
+    }
     return out
+
+
+def _overridden(d: dict, overrides: tuple[str, ...] | list[str]) -> dict:
+  """``d`` with ``dotted.key=value`` overrides set (values parsed as YAML); ``d`` is unchanged."""
+  d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"override {item!r} is not key=value (e.g. train.lr=0.3)")
+    *parents, leaf = key.split(".")
+    node = d
+    for p in parents:
+      node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"override {item!r}: {p} is not a section")
+    try:
+      node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+      problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+      raise ValueError(
+        f"override {item!r}: {_brief(value)} is not a YAML value ({problem}); quote strings, "
+        "e.g. data.name='my data'"
+      ) from None
+  return d
 
 
 # c3a-jax 0.1's strategies that 0.2 renamed or removed, and what computes the same now.
@@ -217,74 +275,78 @@ def upgrade(d: dict, source: str) -> dict:
   return {**d, "c3a": c3a, "train": train}
 
 
-def _build(cls: type, d: Any, source: str, prefix: str) -> Any:
-  if not isinstance(d, dict):
-    raise ValueError(f"{source}: {prefix[:-1]} must be a mapping, got {_brief(d)}")
-  if cls is C3AConfig:
-    try:
-      return C3AConfig(**d)
-    except TypeError as e:
-      known = ", ".join(f.name for f in dataclasses.fields(C3AConfig))
-      raise ValueError(f"{source}: {prefix[:-1]}: {e} (c3a has: {known})") from None
-    except ValueError as e:
-      raise ValueError(f"{source}: {e}") from None
-  hints = typing.get_type_hints(cls)
-  names = [f.name for f in dataclasses.fields(cls)]
-  for key in d:
-    if key not in names:
-      where = prefix[:-1] or "the top level"
-      raise ValueError(
-        f"{source}: unknown key {prefix}{key} ({where} has: {', '.join(sorted(names))})"
-      )
-  kwargs = {}
-  for key, value in d.items():
-    hint = hints[key]
-    if dataclasses.is_dataclass(hint) or hint is C3AConfig:
-      kwargs[key] = _build(hint, value, source, f"{prefix}{key}.")
+def _message(error: pydantic.ValidationError) -> str:
+  """Pydantic's first error as one bounded line: the dotted key, what is valid, the value.
+
+  Not ``str(error)``: that spans lines, and it reprs each whole value first (a YAML alias bomb's
+  takes hours).
+  """
+  errors = error.errors(include_url=False)
+  first, more = errors[0], len(errors) - 1
+  loc = tuple(map(str, first["loc"]))
+  if first["type"] == "extra_forbidden":
+    text = _unknown_key(loc)
+  elif first["type"] == "value_error":  # this module's own checks name their keys
+    text = str(first["ctx"]["error"])
+  else:
+    text = f"{'.'.join(loc)}: {first['msg']}, got {_brief(first['input'])}"
+  return text[:400] + (f" (and {more} more)" if more else "")
+
+
+def _unknown_key(loc: tuple[str, ...]) -> str:
+  *section, _ = loc
+  model: Any = Experiment
+  for name in section:
+    model = model.model_fields[name].annotation
+  where = ".".join(section) or "the top level"
+  known = ", ".join(sorted(model.model_fields))
+  return f"unknown key {'.'.join(loc)} ({where} has: {known})"
+
+
+def fields_help() -> str:
+  """Every config key with its type, default and meaning: ``c3a-jax train --help``'s epilog."""
+  rows = list(_schema())
+  width = max(len(key) for key, *_ in rows)
+  return "\n".join(
+    [
+      "config keys (set in the YAML file or as key=value), with type = default and meaning;",
+      "c3a's are PEFT's C3AConfig fields (help(c3a_jax.C3AConfig)):",
+      *(
+        f"  {key:<{width}}  {hint} = {default!r}  {meaning}".rstrip()
+        for key, hint, default, meaning in rows
+      ),
+    ]
+  )
+
+
+def _schema() -> typing.Iterator[tuple[str, str, Any, str]]:
+  """(dotted key, type, default, meaning) of every config field, in a config's order."""
+  for name, field in Experiment.model_fields.items():
+    section = field.annotation
+    if section is C3AConfig:  # a stdlib dataclass, documented in its docstring
+      hints = typing.get_type_hints(C3AConfig)
+      for f in dataclasses.fields(C3AConfig):
+        yield f"{name}.{f.name}", _type_name(hints[f.name]), _default(f), ""
+    elif isinstance(section, type) and issubclass(section, pydantic.BaseModel):
+      for key, f in section.model_fields.items():
+        yield f"{name}.{key}", _type_name(f.annotation), f.default, f.description or ""
     else:
-      kwargs[key] = _check(value, hint, f"{prefix}{key}", source)
-  try:
-    return cls(**kwargs)
-  except ValueError as e:
-    raise ValueError(f"{source}: {e}") from None
+      yield name, _type_name(section), field.default, field.description or ""
 
 
-_MAX_INT = 2**32
-# Error messages show values through this: a YAML alias bomb expands to billions of strings.
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
+def _default(f: dataclasses.Field) -> Any:
+  return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def _brief(value: Any) -> str:
-  text = _REPR.repr(value)
-  return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _check(value: Any, hint: Any, key: str, source: str) -> Any:
-  """Validates ``value`` against a simple type hint, with an error naming the key."""
+def _type_name(hint: Any) -> str:
+  """``int | None``, ``'c3a' | 'head'``: a type hint as a config file's reader thinks of it."""
   origin, args = typing.get_origin(hint), typing.get_args(hint)
-  if origin in (Union, types.UnionType):  # Optional[X] and X | None
-    if value is None and type(None) in args:
-      return None
-    hint = next(a for a in args if a is not type(None))
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
+  if origin is Annotated:
+    return _type_name(args[0])
   if origin is Literal:
-    if value not in args:
-      raise ValueError(f"{source}: {key} must be one of {args}, got {_brief(value)}")
-    return value
-  if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-    try:
-      value = float(value)  # YAML reads 3e-1 (no dot) as a string
-    except ValueError:
-      raise ValueError(f"{source}: {key} must be a number, got {_brief(value)}") from None
-  if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-    raise ValueError(f"{source}: {key} must be an integer, got {_brief(value)}")
-  if not isinstance(value, hint):
-    raise ValueError(f"{source}: {key} must be a {hint.__name__}, got {_brief(value)}")
-  if hint is float and not math.isfinite(value):  # NaN would pass every comparison below
-    raise ValueError(f"{source}: {key} must be a finite number, got {_brief(value)}")
-  if hint in (int, float) and value < 0:
-    raise ValueError(f"{source}: {key} must not be negative, got {_brief(value)}")
-  if hint is int and value >= _MAX_INT:  # seeds go to numpy and JAX as 32-bit values
-    raise ValueError(f"{source}: {key} must be below 2**32, got {_brief(value)}")
-  return value
+    return " | ".join(map(repr, args))
+  if origin in (Union, types.UnionType):
+    return " | ".join(map(_type_name, args))
+  if hint is type(None):
+    return "None"
+  return str(hint) if origin else hint.__name__
