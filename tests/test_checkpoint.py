@@ -82,6 +82,7 @@ def test_keeps_the_last_n_and_never_writes_the_base(tmp_path):
   assert size < base_bytes / 2
 
 
+@pytest.mark.integration
 def test_restore_onto_another_mesh(tmp_path):
   step, state, base = setup(toy.MLP())
   mesh = c3a.training.make_mesh(data=4, fsdp=2)
@@ -145,6 +146,7 @@ KILLED_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_a_save_killed_midway_loses_nothing_already_saved(tmp_path):
   proc = subprocess.run(
     [sys.executable, "-c", KILLED_SAVE, str(tmp_path)],

@@ -248,6 +248,7 @@ def test_summaries_and_metrics_are_strict_json():
   assert "NaN" not in text and "Infinity" not in text
 
 
+@pytest.mark.integration
 def test_a_damaged_digits_cache_is_named(tmp_path, monkeypatch):
   from c3a_jax.cli import digits
 
@@ -372,3 +373,14 @@ def test_a_key_committed_to_another_device_does_not_strand_the_kernels():
   assert adapted["fc"]["c3a_kernel"].devices() != {devices[1]}
   apply = jax.jit(c3a.wrap(lambda p, x: model.apply({"params": p["fc"]}, x)))
   assert apply(adapted, jnp.ones((2, 8))).devices() == {devices[2]}  # with the params
+
+
+def test_unsafe_yaml_and_a_list_for_a_config_are_one_line(tmp_path, capsys):
+  bad = ["train.lr=!!python/object/apply:os.system ['echo pwned']"]
+  with pytest.raises(ValueError, match=r"override .train.lr=!!python/object.*is not a YAML value"):
+    Experiment.from_dict({}, overrides=bad)  # safe_load: nothing is constructed or run
+  (tmp_path / "config.yaml").write_text("- train\n- lr\n")
+  assert cli.main(["train", "--config", str(tmp_path / "config.yaml")]) == 2
+  err = capsys.readouterr().err
+  assert "config.yaml: the top level must be a mapping of sections, got list" in err
+  assert "Traceback" not in err

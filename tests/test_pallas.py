@@ -44,6 +44,7 @@ def test_values_and_gradients_match_dense_reference(m, n, b):
   )
 
 
+@pytest.mark.integration
 def test_several_token_tiles():
   """Several token tiles, the last one padded: the per-tile kernel gradients must add up."""
   rng = np.random.default_rng(3)

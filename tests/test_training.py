@@ -44,6 +44,7 @@ def test_single_device_training_learns_and_touches_only_the_adapter():
   assert jax.tree.structure(state.params) == jax.tree.structure(adapter)
 
 
+@pytest.mark.integration
 def test_one_tree_pattern_equals_split_pattern():
   tx = toy.tx()
   step = jax.jit(c3a.make_train_step(toy.loss_fn(), tx))
@@ -218,6 +219,7 @@ def test_compiled_memory_and_throughput():
   assert meter.tokens_per_s == pytest.approx(32 / meter.step_time, rel=1.0)
 
 
+@pytest.mark.integration
 def test_remat_model_trains_like_the_plain_one():
   import flax.linen as nn
 

@@ -188,6 +188,7 @@ def test_property_attach_then_wrap_equals_merge(case):
   np.testing.assert_allclose(y, ym, atol=2e-6 * scale * d_in**0.5, rtol=1e-5)
 
 
+@pytest.mark.integration
 @given(layer_and_block(), st.sampled_from([jnp.float32, jnp.bfloat16]))
 def test_property_merge_then_unmerge_restores(case, dtype):
   d_in, d_out, b, seed = case
