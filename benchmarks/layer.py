@@ -69,7 +69,7 @@ FULL = [
   (4096, 11008, 2048, 128),
   (768, 768, 8, 128),
 ]
-TARGETS = {(4096, 4096, 2048, 256): 0.2, (768, 768, 4096, 128): 0.5}
+TARGETS = {(4096, 4096, 2048, 256): 0.1, (768, 768, 4096, 128): 0.3}  # issue 12
 
 
 def measure(d_in, d_out, tokens, b, repeats, strategies=STRATEGIES, dtype=jnp.float32):
@@ -90,7 +90,7 @@ def measure(d_in, d_out, tokens, b, repeats, strategies=STRATEGIES, dtype=jnp.fl
     else:
       f = fwd_bwd(lambda x, w, s=s: ops.block_circulant_matmul(x, w, strategy=s))
     fns[s] = (lambda f: lambda: f(x, w, g))(f)
-  folded = lambda x, k, w: ops.fold(x, w, jax.lax.stop_gradient(k))
+  folded = lambda x, k, w: ops.fold(x, w, jax.lax.stop_gradient(k)).astype(x.dtype)
   added = lambda x, k, w: x @ jax.lax.stop_gradient(k) + ops.block_circulant_matmul(x, w)
   in_dense = dtype == jnp.float32 and _folds(x.shape, w.shape)
   for name, f in (("in_dense", folded if in_dense else added), ("fold_in_dense", folded)):
