@@ -12,10 +12,12 @@ checkpoints and counters; :mod:`c3a_jax.cli` the ``c3a-jax`` command.
 import warnings as _warnings
 
 from c3a_jax import key_maps, ops, training
+from c3a_jax._adapters import replace_slot, stack_adapters, weighted_sum
 from c3a_jax._config import C3AConfig
 from c3a_jax._hf_merge import merge_checkpoint
 from c3a_jax._intercept import intercept, wrap
 from c3a_jax._labels import labels
+from c3a_jax._lora_export import LoraExport, to_lora
 from c3a_jax._nnx import C3AParam, register_layer
 from c3a_jax._optim import optimizer
 from c3a_jax._peft_io import load_adapter, save_adapter
@@ -29,6 +31,7 @@ __version__ = "0.2.0"
 __all__ = [
   "C3AConfig",
   "C3AParam",
+  "LoraExport",
   "Summary",
   "Target",
   "TrainState",
@@ -44,12 +47,16 @@ __all__ = [
   "ops",
   "optimizer",
   "register_layer",
+  "replace_slot",
   "save_adapter",
   "select",
   "split",
+  "stack_adapters",
   "summary",
+  "to_lora",
   "training",
   "unmerge",
+  "weighted_sum",
   "wrap",
 ]
 

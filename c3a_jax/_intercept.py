@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax import nnx
 
-from c3a_jax import _context, _contraction, ops
+from c3a_jax import _context, _contraction, _slots, ops
 from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._trace import stores_out_in
 from c3a_jax._tree import unbox
@@ -77,23 +77,20 @@ def _interceptor(next_fun, args, kwargs, context):
     )
   w = unbox(module.get_variable("params", name))
   x = args[0] if args else kwargs["inputs"]
+  index = _slots.index_for(path, w)
   if out_in:
     y = next_fun(*args, **kwargs)
+    if index is not None:
+      return y + ops.mixed_matmul(x.astype(y.dtype), w, index)
     return y + ops.block_circulant_matmul(x.astype(y.dtype), w, strategy=_context.strategy.get())
   try:
     c = _contraction.of_module(module, args, kwargs)
   except ValueError as e:
     raise ValueError(f"layer {path!r} holds a C3A kernel, but: {e}") from None
-  if w.ndim != 3 or w.shape != (c.d_out // w.shape[-1], c.d_in // w.shape[-1], w.shape[-1]):
-    raise ValueError(
-      f"layer {path!r} holds a C3A kernel of shape {w.shape}, but its call contracts a "
-      f"kernel {c.shape} (d_in={c.d_in}, d_out={c.d_out}), which needs (d_out // b, d_in // b, b)"
-      + (
-        "; a stacked C3A kernel is sliced by the nn.scan / nn.vmap that stacks its layer"
-        if w.ndim > 3
-        else ""
-      )
-    )
+  _slots.check_fits(path, w, c, index is not None)
+  if index is not None:
+    y = next_fun(*args, **kwargs)
+    return y + c.from_rows(_slots.mixed_rows(path, c.to_rows(x).astype(y.dtype), w, index))
   rows = c.to_rows(x)
   strategy = _context.strategy.get()
   foldable = _foldable(module, x)
@@ -142,7 +139,7 @@ def _folded(module: nn.Module, c: _contraction.Contraction, x: Any, w: Any) -> A
 
 
 @contextlib.contextmanager
-def intercept(strategy: ops.Strategy = "auto") -> Iterator[None]:
+def intercept(strategy: ops.Strategy = "auto", *, adapter_index: Any = None) -> Iterator[None]:
   """Within this context, Flax Dense layers holding a C3A kernel add its delta.
 
   Args:
@@ -150,13 +147,21 @@ def intercept(strategy: ops.Strategy = "auto") -> Iterator[None]:
       results. ``"auto"`` and ``"fold"`` fold the delta into a float32 Dense's kernel
       (:func:`c3a_jax.ops.fold`; ``"auto"`` only with enough tokens); every other layer, and
       every other strategy, adds ``block_circulant_matmul(x, w, strategy)`` to its output.
+    adapter_index: for params holding a set of adapters (:func:`c3a_jax.stack_adapters`), an
+      integer array with one entry per row of the batch: the slot of row ``r``'s adapter, or
+      ``-1`` for the base model. Each row computes exactly what its adapter alone would
+      (:func:`c3a_jax.ops.mixed_matmul`; ``strategy`` does not apply to such layers).
 
   Re-entrant: nested ``intercept()`` (e.g. a ``wrap``-ped function called inside one) adds
-  each delta once; the innermost ``strategy`` applies.
+  each delta once; the innermost ``strategy`` applies, and the innermost ``adapter_index``
+  that is given.
   """
   # A warning names the caller's `with`: past check_strategy, this generator, contextlib.
   strategy = ops.check_strategy(strategy, "intercept", stacklevel=4)
   strategy_token = _context.strategy.set(strategy)
+  index_token = None
+  if adapter_index is not None:
+    index_token = _context.adapter_index.set(jnp.asarray(adapter_index))
   try:
     if _context.active.get():
       yield
@@ -169,6 +174,8 @@ def intercept(strategy: ops.Strategy = "auto") -> Iterator[None]:
       _context.active.reset(token)
   finally:
     _context.strategy.reset(strategy_token)
+    if index_token is not None:
+      _context.adapter_index.reset(index_token)
 
 
 def wrap(fn: F, *, strategy: ops.Strategy = "auto") -> F:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from c3a_jax import _context, _contraction, _layout, _merge_record, _tree, ops
+from c3a_jax import _context, _contraction, _layout, _merge_record, _slots, _tree, ops
 from c3a_jax._trace import Traced
 
 C3A_KERNEL = _layout.C3A_LEAVES[0]
@@ -190,14 +190,14 @@ def contraction(layer: nnx.Module, args: tuple, kwargs: dict) -> _contraction.Co
 def _adapted_call(self, *args, **kwargs):
   c = contraction(self, args, kwargs)
   w = self.c3a_kernel[...]
-  b = w.shape[-1]
-  if w.shape != (c.d_out // b, c.d_in // b, b):
-    raise ValueError(
-      f"{type(self).__name__} holds a C3A kernel of shape {w.shape}, but its call contracts a "
-      f"kernel {c.shape} (d_in={c.d_in}, d_out={c.d_out}), which needs (d_out // b, d_in // b, b)"
-      + ("; a stacked C3A kernel is sliced by the nnx.scan over it" if w.ndim > 3 else "")
-    )
+  name = type(self).c3a_base.__name__
+  index = _slots.index_for(name, w)
+  _slots.check_fits(name, w, c, index is not None)
   x = args[0] if args else next(iter(kwargs.values()))
+  if index is not None:
+    y = type(self).c3a_base.__call__(self, *args, **kwargs)
+    delta = _slots.mixed_rows(name, c.to_rows(x).astype(y.dtype), w, index)
+    return y + c.from_rows(delta).astype(y.dtype)
   strategy = _context.strategy.get()
   foldable = _foldable(self, x)
   if strategy == "auto" and foldable:

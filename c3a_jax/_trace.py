@@ -84,7 +84,9 @@ def trace(forward: Callable[[Any], Any], params: Mapping) -> dict[str, Traced]:
 
   try:
     with nn.intercept_methods(record):
-      jax.eval_shape(forward, params)
+      # A fresh function each call: jax caches traces by function, and a cached trace would
+      # not run the model (nor this interceptor) again.
+      jax.eval_shape(lambda p: forward(p), params)
   except Exception as e:
     raise ValueError(
       f"forward (the function c3a traces to learn each layer's axes) failed on the params: "

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import zlib
@@ -184,7 +185,7 @@ def combine(adapter: Mapping, base: Mapping) -> Params:
         f"module {e.args[0]!r}"
       ) from None
     if name in C3A_LEAVES:
-      _check_fits(path, module, name, value, "combine")
+      _check_fits(path, module, name, value, "combine", slots_ok=True)
     elif name in module:
       if _tree.shape(module[name]) != _tree.shape(value):
         raise ValueError(
@@ -201,20 +202,45 @@ def combine(adapter: Mapping, base: Mapping) -> Params:
   return out
 
 
-def _check_fits(path: str, module: Mapping, name: str, w: Any, what: str) -> Layout:
-  """How C3A kernel ``w`` lies over ``module``'s kernel; a ValueError if it does not fit."""
+def _check_fits(
+  path: str, module: Mapping, name: str, w: Any, what: str, *, slots_ok: bool = False
+) -> Layout:
+  """How C3A kernel ``w`` lies over ``module``'s kernel; a ValueError if it does not fit.
+  ``slots_ok``: ``w`` may be a set of adapters (a slot axis before ``(m, n, b)``)."""
   kernel = module.get("kernel")
   if kernel is None or len(_tree.shape(kernel)) < 2:
     raise ValueError(
       f"{what}: {path}.{name} of shape {_tree.shape(w)} needs a layer with a kernel of 2 or "
       f"more axes, but {path!r} holds {sorted(module)}"
     )
-  return of_shapes(
-    _tree.shape(kernel),
-    _tree.shape(w),
-    where=f"{what}: {path}.{name}",
-    out_in=name == C3A_KERNEL_OUT_IN,
+  fit = functools.partial(
+    of_shapes, _tree.shape(kernel), where=f"{what}: {path}.{name}", out_in=name == C3A_KERNEL_OUT_IN
   )
+  shape = _tree.shape(w)
+  try:
+    return fit(shape)
+  except ValueError:
+    layout = _fits_as_set(fit, shape)
+    if layout is None:
+      raise
+  if slots_ok:
+    return layout
+  raise ValueError(
+    f"{what}: {path}.{name} of shape {shape} is a set of {shape[-4]} adapters "
+    f"(c3a.stack_adapters); {what} takes one adapter: pick slot k with "
+    "jax.tree.map(lambda w: w[..., k, :, :, :], adapters), or join them with c3a.weighted_sum"
+  )
+
+
+def _fits_as_set(fit: Callable[[tuple], Layout], shape: tuple[int, ...]) -> Layout | None:
+  """The layout of a C3A kernel ``shape`` read as a set of adapters (a slot axis before
+  ``(m, n, b)``), or None if it does not fit as one either."""
+  if len(shape) < 4:
+    return None
+  try:
+    return fit((*shape[:-4], *shape[-3:]))
+  except ValueError:
+    return None
 
 
 # The share of a delta's norm a low-precision merge may round away without a warning.

@@ -22,6 +22,7 @@ from c3a_jax.ops._fold import fold
 from c3a_jax.ops._init import INIT_WEIGHTS, InitWeights, init
 from c3a_jax.ops._kernel import compute_dtype, delta_weight
 from c3a_jax.ops._matmul import block_circulant_matmul
+from c3a_jax.ops._mixed import mixed_matmul
 from c3a_jax.ops._strategy import STRATEGIES, Strategy, check_strategy, choose_strategy
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
   "delta_weight",
   "fold",
   "init",
+  "mixed_matmul",
 ]
