@@ -65,3 +65,8 @@ def test_tunix_qwix_benchmark():
     "1",
   )
   assert "| c3a auto |" in out and "| lora8 |" in out and "Target: c3a step" in out
+
+
+def test_mixed_adapters_benchmark():
+  out = run("mixed.py", *TINY, "--adapters", "2")
+  assert "| mixed (2 adapters) |" in out and "Target: mixed / one" in out
