@@ -72,15 +72,19 @@ def weighted_sum(adapters: Mapping[str, tuple[Any, float]]) -> Any:
 
 
 def replace_slot(adapters: Any, slot: int, adapter: Any) -> Any:
-  """``adapters`` (a set from :func:`stack_adapters`) with slot ``slot`` holding ``adapter``
-  instead: a hot swap, same shapes, so nothing jitted over the set retraces. A layer the new
-  adapter does not adapt gets zeros in that slot.
+  """``adapters`` (a set from :func:`stack_adapters`, alone or combined with the base, or an
+  NNX model holding one) with slot ``slot`` holding ``adapter`` instead: a hot swap, same
+  shapes, so nothing jitted over the set retraces. A layer the new adapter does not adapt gets
+  zeros in that slot.
 
   Raises:
     ValueError: ``slot`` out of range, or ``adapter`` adapts a layer the set does not, or with
       another shape.
   """
-  held = _kernels("set", adapters, "replace_slot")
+  if _nnx.is_module(adapters):
+    held = _kernels("set", adapters, "replace_slot")
+  else:  # the set alone, or combined with the base
+    held = {(p, n): v for p, n, v in _tree.leaves(adapters) if n in C3A_LEAVES}
   new = _kernels("adapter", adapter, "replace_slot")
   for key in new.keys() - held.keys():
     raise ValueError(f"replace_slot: the adapter adapts layer {key[0]!r}, which the set does not")
