@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -34,8 +35,8 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from c3a_jax import _nnx, _tree, key_maps
-from c3a_jax._config import C3AConfig
+from c3a_jax import _lora_export, _nnx, _tree, key_maps
+from c3a_jax._config import CONFIG_NAME, C3AConfig
 from c3a_jax._io import atomic_write, current_umask
 from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._targets import (
@@ -88,8 +89,13 @@ def _from_torch(name: str, value: np.ndarray, module: Mapping | None, key: str) 
 
 
 def save_adapter(
-  directory: str, params: Mapping, cfg: C3AConfig, *, key_map: KeyMap | None = None
-) -> None:
+  directory: str,
+  params: Mapping,
+  cfg: C3AConfig,
+  *,
+  key_map: KeyMap | None = None,
+  as_lora: int | None = None,
+) -> dict[str, float] | None:
   """Writes the trainable part of ``params`` as a PEFT C3A adapter into ``directory``.
 
   ``params`` is the full tree, the adapter from :func:`c3a_jax.split`, or an adapted NNX
@@ -102,14 +108,31 @@ def save_adapter(
   either, the saved ``target_modules`` lists the PEFT names, and ``block_size_pattern`` the
   block size of each layer that differs from ``block_size``.
 
+  ``as_lora=r`` writes a PEFT LoRA adapter instead, for serving stacks that take LoRA only:
+  each C3A layer's delta as its best rank-``r`` ``lora_A``/``lora_B`` (a truncated SVD, see
+  :func:`c3a_jax.to_lora`; each part of a ``key_map`` split its own), ``lora_alpha = r`` so that
+  PEFT's scale is 1, every layer named in ``target_modules``, ``modules_to_save`` and trained
+  biases as for C3A (``bias="c3a_only"`` is LoRA's ``"lora_only"``). It returns each PEFT
+  layer's relative error ``||delta - B A||_F / ||delta||_F``, and warns naming the worst layer
+  where one is above 1e-3. One ``r`` serves all layers: a layer of full rank
+  ``min(d_in, d_out)`` below ``r`` gets zero columns past it (exact).
+
+  Returns:
+    With ``as_lora``, ``{PEFT layer name: relative error}``; else None.
+
   Raises:
     ValueError: if ``params`` holds no C3A kernel, a kernel disagrees with ``cfg``'s block size,
       a layer stores its kernel ``(out, in)`` (GPT-2's Conv1D): PEFT's C3A supports
       ``torch.nn.Linear`` only and would misread it, or a layer both holds a C3A kernel and
       trains fully as ``modules_to_save`` (DistilBERT's ``pre_classifier`` under
-      ``all-linear`` and ``SEQ_CLS``), which PEFT cannot load.
+      ``all-linear`` and ``SEQ_CLS``), which PEFT cannot load; with ``as_lora``, a rank that
+      is not a positive integer or is above every layer's full rank.
   """
   key_map = key_maps.check(key_map, "save_adapter")
+  if as_lora is not None:
+    as_lora = _lora_export.check_rank(as_lora, "save_adapter(as_lora=...)")
+  errors: dict[str, float] = {}
+  full_ranks: list[int] = []
   if _nnx.is_module(params):
     params = _nnx.view(params).tree
   adapter, _ = split(params, cfg)
@@ -167,6 +190,14 @@ def save_adapter(
         if name == C3A_KERNEL:
           adapted.append(peft_name)
           block_sizes[peft_name] = v.shape[-1]
+          if as_lora is not None:
+            # PEFT's LoRA weights are torch's (out, in) Linear layout: A (r, in), B (out, r).
+            f = _lora_export.factorize(part, as_lora)
+            errors[peft_name] = f.error
+            full_ranks.append(f.full_rank)
+            tensors[f"{PREFIX}{peft_name}.lora_A.weight"] = np.ascontiguousarray(f.a.T)
+            tensors[f"{PREFIX}{peft_name}.lora_B.weight"] = np.ascontiguousarray(f.b.T)
+            continue
         tensors[f"{PREFIX}{peft_name}.{name}"] = np.ascontiguousarray(part)
   if out_in:
     raise ValueError(
@@ -200,23 +231,37 @@ def save_adapter(
       "save_adapter: the C3A layer sits at the params root, so it has no module "
       "name for PEFT; nest the params under the layer's name"
     )
-  if os.path.exists(directory):
+  if as_lora is not None:
+    _lora_export.check_useful(as_lora, full_ranks, "save_adapter(as_lora=...)")
+    lora_cfg = _lora_export.lora_config(cfg, as_lora, adapted)
+
+  def write(into: str) -> None:
     # Each file is replaced atomically; the config goes last, as it is what readers open first.
-    atomic_write(os.path.join(directory, WEIGHTS_NAME), safetensors.numpy.save(tensors))
-    cfg.save(directory)
-    return
-  # A new directory appears whole: built beside its final place, then renamed.
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.")
-  try:
-    atomic_write(os.path.join(tmp, WEIGHTS_NAME), safetensors.numpy.save(tensors))
-    cfg.save(tmp)
-    os.chmod(tmp, 0o777 & ~current_umask())
-    os.rename(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    atomic_write(os.path.join(into, WEIGHTS_NAME), safetensors.numpy.save(tensors))
+    if as_lora is None:
+      cfg.save(into)
+    else:
+      data = json.dumps(lora_cfg, indent=2, sort_keys=True).encode()
+      atomic_write(os.path.join(into, CONFIG_NAME), data)
+
+  if os.path.exists(directory):
+    write(directory)
+  else:
+    # A new directory appears whole: built beside its final place, then renamed.
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.")
+    try:
+      write(tmp)
+      os.chmod(tmp, 0o777 & ~current_umask())
+      os.rename(tmp, directory)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  if as_lora is None:
+    return None
+  _lora_export.warn_lossy(errors, as_lora, "save_adapter(as_lora=...)")
+  return errors
 
 
 def _split_rows(layer: str, name: str, value: np.ndarray, names: tuple[str, ...]) -> list:

@@ -155,3 +155,32 @@ def test_a_jitted_step_takes_any_adapter_and_a_slot_swaps_in_place(three):
   np.testing.assert_array_equal(swapped["out"]["c3a_kernel"][0], adapters[0]["out"]["c3a_kernel"])
   with pytest.raises(ValueError, match="slot 2 is not one of the set's 2 slots"):
     c3a.replace_slot(stacked, 2, adapters[2])
+
+
+def test_the_cli_evaluates_a_set_of_adapters_as_each_alone():
+  from c3a_jax.cli import runner
+  from c3a_jax.cli.job import Job
+
+  dense = nn.Dense(4)
+  x = np.asarray(jax.random.normal(jax.random.key(3), (7, 16)))
+  base = {"fc": dense.init(jax.random.key(4), x)["params"]}
+  cfg = c3a.C3AConfig(block_size=4, target_modules=["fc"], init_weights="gaussian")
+  adapters = [_loud(c3a.split(c3a.attach(base, cfg, jax.random.key(i)))[0]) for i in (5, 6)]
+  labels = np.array([0, 1, 2, 0, 1, 2, 0])
+  job = Job(
+    logits_fn=lambda p, b, rng, train: dense.apply({"params": p["fc"]}, b["x"]),
+    params=base,
+    train_data={"x": x, "labels": labels},
+    eval_data={"x": x, "labels": labels},
+  )
+  mixed = runner.evaluate_mixed(
+    job, c3a.combine(c3a.stack_adapters(dict(a=adapters[0], b=adapters[1])), base), 2, 4
+  )
+  for got, adapter in zip(mixed, adapters, strict=True):
+    want = runner.evaluate(job, c3a.combine(adapter, base), 4)
+    assert got == pytest.approx(want, rel=1e-5)
+  assert mixed[0] != pytest.approx(mixed[1])
+
+
+def _loud(adapter):
+  return jax.tree.map(lambda w: w * 100.0, adapter)

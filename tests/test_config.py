@@ -131,6 +131,7 @@ def test_public_api_names():
     "unmerge",
     "save_adapter",
     "load_adapter",
+    "to_lora",
     "summary",
     "labels",
     "select",

@@ -3,6 +3,7 @@
     c3a-jax train [--config FILE] [--resume | --overwrite] [key=value ...]
     c3a-jax eval RUN_DIR
     c3a-jax merge RUN_DIR OUT_DIR [--overwrite]
+    c3a-jax export-lora RUN_DIR OUT_DIR --rank R [--overwrite]
     c3a-jax suggest-block-size MODEL [--rank 8] [--target-modules query,value]
 
 With no config, ``train`` runs the offline default: the digits task (c3a_jax.cli.digits),
@@ -144,21 +145,36 @@ def _same_or_inside(path: str, other: str) -> bool:
   return path == other or path.startswith(other + os.sep)
 
 
-def _check_merge_target(out_dir: str, run_dir: str, exp: Experiment, *, overwrite: bool) -> None:
-  """Refuses an OUT_DIR whose files the merged model would overwrite: the base model's own
+_WRITES = {
+  "merge": (
+    "the merged model",
+    "would replace the base, and the adapter would then be applied twice",
+  ),
+  "export-lora": (
+    "the LoRA adapter",
+    "would mix adapter files into the base's, and transformers' Auto classes would then load "
+    "the directory as the adapter",
+  ),
+}
+
+
+def _check_merge_target(
+  out_dir: str, run_dir: str, exp: Experiment, *, overwrite: bool, command: str = "merge"
+) -> None:
+  """Refuses an OUT_DIR whose files ``command``'s output would overwrite: the base model's own
   directory and the run directory always, any other non-empty directory without --overwrite."""
+  what, why = _WRITES[command]
   base = exp.model.name
   if base and os.path.isdir(base) and _same_or_inside(out_dir, base):
     raise ValueError(
-      f"merge: {out_dir} is the base model's directory ({base}); writing the merged model "
-      "there would replace the base, and the adapter would then be applied twice. "
-      "Choose another OUT_DIR"
+      f"{command}: {out_dir} is the base model's directory ({base}); writing {what} "
+      f"there {why}. Choose another OUT_DIR"
     )
   if _same_or_inside(out_dir, run_dir):
-    raise ValueError(f"merge: {out_dir} is inside the run directory {run_dir}; choose another")
+    raise ValueError(f"{command}: {out_dir} is inside the run directory {run_dir}; choose another")
   if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
     raise ValueError(
-      f"merge: {out_dir} is not empty; pass --overwrite to write the merged model into it "
+      f"{command}: {out_dir} is not empty; pass --overwrite to write {what} into it "
       "(files of the same names are replaced, nothing else is deleted)"
     )
 
@@ -186,6 +202,39 @@ def merge(args: argparse.Namespace) -> int:
   else:
     job.save_merged(merged, args.out_dir)
   print(f"merged model written to {args.out_dir}")
+  return 0
+
+
+def export_lora(args: argparse.Namespace) -> int:
+  """``c3a-jax export-lora RUN_DIR OUT_DIR --rank R``: the adapter as a PEFT LoRA adapter
+  (each layer's delta truncated to rank R), with each layer's relative error."""
+  import warnings
+
+  import c3a_jax as c3a
+  from c3a_jax._lora_export import describe
+
+  exp, params = _load_run(args.run_dir)
+  if exp.train.mode != "c3a":
+    raise ValueError(
+      f"export-lora: {args.run_dir} is a train.mode={exp.train.mode} run; it holds no C3A "
+      "adapter to export"
+    )
+  _check_merge_target(
+    args.out_dir, args.run_dir, exp, overwrite=args.overwrite, command="export-lora"
+  )
+  job = _job(exp)
+  with warnings.catch_warnings():
+    # The table below names every layer's error; the library's warning would repeat it.
+    warnings.filterwarnings("ignore", message=r"save_adapter\(as_lora=\.\.\.\): the rank-")
+    errors = c3a.save_adapter(
+      args.out_dir, params(job), exp.c3a, key_map=job.key_map, as_lora=args.rank
+    )
+  width = max(len("layer"), *map(len, errors))
+  print(f"{'layer':<{width}}  relative error")
+  for name, error in errors.items():
+    print(f"{name:<{width}}  {error:>14.6f}")
+  print(f"rank {args.rank}: {describe(errors)}")
+  print(f"LoRA adapter written to {args.out_dir}")
   return 0
 
 
@@ -233,6 +282,18 @@ def parser() -> argparse.ArgumentParser:
     "--overwrite", action="store_true", help="write into a non-empty OUT_DIR (deletes nothing)"
   )
   m.set_defaults(fn=merge)
+  x = sub.add_parser(
+    "export-lora", help="save the adapter as a PEFT LoRA adapter of a given rank, for serving"
+  )
+  x.add_argument("run_dir")
+  x.add_argument("out_dir")
+  x.add_argument(
+    "--rank", type=int, required=True, help="the LoRA rank (min(d_in, d_out) is exact)"
+  )
+  x.add_argument(
+    "--overwrite", action="store_true", help="write into a non-empty OUT_DIR (deletes nothing)"
+  )
+  x.set_defaults(fn=export_lora)
   s = sub.add_parser(
     "suggest-block-size", help="block sizes near a LoRA rank's parameter budget, for a model"
   )

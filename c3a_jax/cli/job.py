@@ -45,16 +45,24 @@ class Job:
     self, params: Any, batch: Batch, rng: jax.Array | None, train: bool
   ) -> tuple[jax.Array, dict]:
     """Mean loss and metrics (accuracy) of ``batch``."""
+    losses, correct, counts = self.row_stats(params, batch, rng, train)
+    denom = jnp.maximum(counts.sum(), 1.0)
+    return losses.sum() / denom, {"accuracy": correct.sum() / denom}
+
+  def row_stats(
+    self, params: Any, batch: Batch, rng: jax.Array | None = None, train: bool = False
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per example: summed loss, correct predictions, and what was scored (1 for a class;
+    the tokens under ``loss_mask`` for ``"lm"``)."""
     logits = self.logits_fn(params, batch, rng, train).astype(jnp.float32)
     if self.kind == "classify":
       labels = batch["labels"]
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-      return loss, {"accuracy": (logits.argmax(-1) == labels).mean()}
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      return losses, (logits.argmax(-1) == labels).astype(jnp.float32), jnp.ones_like(losses)
     targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
-    denom = jnp.maximum(mask.sum(), 1.0)
-    loss = (losses * mask).sum() / denom
-    return loss, {"accuracy": ((logits[:, :-1].argmax(-1) == targets) * mask).sum() / denom}
+    correct = (logits[:, :-1].argmax(-1) == targets) * mask
+    return (losses * mask).sum(-1), correct.sum(-1), mask.sum(-1)
 
   @property
   def num_train(self) -> int:
@@ -68,15 +76,27 @@ class Job:
     return logits.shape[-1]
 
   @functools.cached_property
-  def eval_step(self) -> Callable[[Any, Batch], tuple[jax.Array, dict]]:
-    """``(params, batch) -> (loss, metrics)``, jitted once per job, under the interceptor."""
+  def eval_stats(self) -> Callable[[Any, Batch], tuple[jax.Array, ...]]:
+    """``(params, batch) -> row_stats``, jitted once per job, under the interceptor."""
 
     @jax.jit
-    def step(params, batch):
+    def stats(params, batch):
       with intercept():
-        return self.loss(params, batch, None, False)
+        return self.row_stats(params, batch)
 
-    return step
+    return stats
+
+  @functools.cached_property
+  def mixed_eval_stats(self) -> Callable[[Any, Batch, Any], tuple[jax.Array, ...]]:
+    """``(params, batch, index) -> row_stats`` for params holding a set of adapters, row ``r``
+    through adapter ``index[r]``; jitted once per job."""
+
+    @jax.jit
+    def stats(params, batch, index):
+      with intercept(adapter_index=index):
+        return self.row_stats(params, batch)
+
+    return stats
 
 
 def batches(data: Batch, batch_size: int, seed: int, start: int = 0) -> Iterator[Batch]:

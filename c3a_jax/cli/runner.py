@@ -195,15 +195,38 @@ def _read_metrics(path: str) -> list[dict]:
 
 
 def evaluate(job: Job, params: Any, batch_size: int) -> dict[str, float]:
-  """Mean loss and accuracy over ``job.eval_data`` (adapted params, under the interceptor)."""
-  totals, n = {}, 0
-  for batch in eval_batches(job.eval_data, batch_size):
+  """Loss and accuracy over ``job.eval_data`` (adapted params, under the interceptor): means
+  over examples (over scored tokens for a causal LM)."""
+  return _scored(job.eval_data, job.eval_stats, params, batch_size, adapters=None)[0]
+
+
+def evaluate_mixed(job: Job, params: Any, adapters: int, batch_size: int) -> list[dict]:
+  """:func:`evaluate` for each adapter of a set (``c3a.stack_adapters``) at once: every eval
+  batch repeated once per adapter, copy ``k`` through adapter ``k``, in one mixed batch of
+  about ``batch_size`` rows."""
+  return _scored(job.eval_data, job.mixed_eval_stats, params, batch_size, adapters)
+
+
+def _scored(
+  data: dict, stats: Callable, params: Any, batch_size: int, adapters: int | None
+) -> list[dict]:
+  """Per adapter (one without ``adapters``): loss and accuracy summed over rows, then means."""
+  k = adapters or 1
+  totals = np.zeros((k, 3))
+  for batch in eval_batches(data, max(1, batch_size // k)):
     size = len(next(iter(batch.values())))
-    loss, metrics = job.eval_step(params, batch)
-    for k, v in {"loss": loss, **metrics}.items():
-      totals[k] = totals.get(k, 0.0) + float(v) * size
-    n += size
-  return {k: v / n for k, v in totals.items()}
+    index = np.repeat(np.arange(k), size)
+    if adapters is None:
+      values = stats(params, batch)
+    else:
+      values = stats(params, {name: np.concatenate([v] * k) for name, v in batch.items()}, index)
+    for i, value in enumerate(values):
+      totals[:, i] += np.bincount(index, np.asarray(value, np.float64), minlength=k)
+  counts = np.maximum(totals[:, 2], 1.0)
+  return [
+    {"loss": loss / n, "accuracy": acc / n}
+    for (loss, acc, _), n in zip(totals, counts, strict=True)
+  ]
 
 
 @contextlib.contextmanager
