@@ -407,7 +407,7 @@ def test_a_max_length_beyond_the_models_positions_is_refused(tmp_path, bert_dir,
 
 
 @pytest.mark.integration
-def test_causal_lm_with_a_prompt_template(tmp_path):
+def test_causal_lm_with_a_prompt_template(tmp_path, capsys):
   d = tmp_path / "llama"
   d.mkdir()
   config = transformers.LlamaConfig(**dict(tiny.LLAMA, vocab_size=32))
@@ -420,7 +420,7 @@ def test_causal_lm_with_a_prompt_template(tmp_path):
     "model": {"name": str(d)},
     "data": {
       "name": str(data),
-      "eval_split": None,
+      "eval_split": str(data),
       "max_length": 12,
       "prompt_template": "{instruction} {output}",
     },
@@ -441,6 +441,19 @@ def test_causal_lm_with_a_prompt_template(tmp_path):
   adapter, saved = c3a.load_adapter(str(tmp_path / "run" / "adapter"))
   assert saved.block_size_pattern == {"down_proj": 8}
   assert adapter["model"]["layers"]["0"]["mlp"]["down_proj"]["c3a_kernel"].shape[-1] == 8
+  # A second run on the same model and data; eval scores both in mixed batches, each as alone.
+  other = tmp_path / "other"
+  assert train("--config", str(path), f"output_dir={other}", "train.seed=1", "train.lr=2.0") == 0
+  alone = {}
+  for run in (tmp_path / "run", other):
+    capsys.readouterr()
+    assert cli.main(["eval", str(run)]) == 0
+    alone[str(run)] = json.loads(capsys.readouterr().out)
+  assert cli.main(["eval", str(tmp_path / "run"), str(other)]) == 0
+  both = json.loads(capsys.readouterr().out)
+  assert both.keys() == alone.keys() and alone[str(other)] != alone[str(tmp_path / "run")]
+  for run, scores in alone.items():
+    assert both[run] == pytest.approx(scores, rel=1e-3)  # bfloat16 activations
 
 
 @pytest.mark.integration

@@ -92,15 +92,55 @@ def _print_table(summaries: list[dict]) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-  """``c3a-jax eval RUN_DIR``: loss and accuracy of a finished run, as JSON."""
+  """``c3a-jax eval RUN_DIR [RUN_DIR ...]``: loss and accuracy of finished runs, as JSON.
+
+  Several C3A runs of one model and one dataset are scored together: each eval batch goes
+  through all their adapters at once, as a mixed batch (``c3a.stack_adapters``).
+  """
+  import c3a_jax as c3a
   from c3a_jax.cli import runner
 
-  exp, params = _load_run(args.run_dir)
+  runs = {d: _load_run(d) for d in dict.fromkeys(args.run_dirs)}
+  (first, (exp, params)), *others = runs.items()
+  for run_dir, (other, _) in others:
+    for field in ("task", "model", "data"):
+      if getattr(other, field) != getattr(exp, field):
+        raise ValueError(
+          f"{run_dir}: its {field} differs from {first}'s; runs evaluated together share the "
+          "model and the data"
+        )
   job = _job(exp)
   if job.eval_data is None:
-    raise ValueError(f"{args.run_dir}: the config has no eval split (data.eval_split)")
-  print(json.dumps(runner.evaluate(job, params(job), exp.train.eval_batch_size), indent=2))
+    raise ValueError(f"{first}: the config has no eval split (data.eval_split)")
+  if not others:
+    print(json.dumps(runner.evaluate(job, params(job), exp.train.eval_batch_size), indent=2))
+    return 0
+  adapters = {d: _adapter(d, e, job) for d, (e, _) in runs.items()}
+  try:
+    stacked = c3a.stack_adapters(adapters)
+  except ValueError as e:
+    raise ValueError(
+      f"{e}. Runs that train a head or biases (modules_to_save, bias) are evaluated one at a time"
+    ) from None
+  scores = runner.evaluate_mixed(
+    job, c3a.combine(stacked, job.params), len(adapters), exp.train.eval_batch_size
+  )
+  print(json.dumps(dict(zip(adapters, scores, strict=True)), indent=2))
   return 0
+
+
+def _adapter(run_dir: str, exp: Experiment, job) -> dict:
+  """The C3A adapter a finished run saved."""
+  import c3a_jax as c3a
+
+  if exp.train.mode != "c3a":
+    raise ValueError(f"{run_dir} trained {exp.train.mode!r}, not a C3A adapter")
+  if not os.path.isdir(os.path.join(run_dir, "adapter")):
+    raise FileNotFoundError(
+      f"{run_dir} holds no adapter/: the run did not finish; continue it with "
+      "c3a-jax train --resume"
+    )
+  return c3a.load_adapter(os.path.join(run_dir, "adapter"), job.params, key_map=job.key_map)[0]
 
 
 def _load_run(run_dir: str):
@@ -116,15 +156,7 @@ def _load_run(run_dir: str):
 
   def params(job):
     if exp.train.mode == "c3a":
-      if not os.path.isdir(os.path.join(run_dir, "adapter")):
-        raise FileNotFoundError(
-          f"{run_dir} holds no adapter/: the run did not finish; continue it with "
-          "c3a-jax train --resume"
-        )
-      adapter, _ = c3a.load_adapter(
-        os.path.join(run_dir, "adapter"), job.params, key_map=job.key_map
-      )
-      return c3a.combine(adapter, job.params)
+      return c3a.combine(_adapter(run_dir, exp, job), job.params)
     path = os.path.join(run_dir, "params.msgpack")
     if not os.path.isfile(path):
       raise FileNotFoundError(
@@ -272,8 +304,8 @@ def parser() -> argparse.ArgumentParser:
     help="config overrides, e.g. train.lr=0.3 c3a.block_size=128",
   )
   t.set_defaults(fn=train)
-  e = sub.add_parser("eval", help="evaluate a finished run")
-  e.add_argument("run_dir")
+  e = sub.add_parser("eval", help="evaluate finished runs (several C3A runs: in mixed batches)")
+  e.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
   e.set_defaults(fn=evaluate)
   m = sub.add_parser("merge", help="fold the adapter into the model and save it")
   m.add_argument("run_dir")
