@@ -554,6 +554,7 @@ def test_labels_of_seq_cls_model():
   assert {k: v for k, v in labels.items() if v != "frozen"} == expected
 
 
+@pytest.mark.integration
 def test_gradients_reach_trainable_leaves_and_match_merged_model():
   cfg, params, _, loss_plain, grad = _train_setup()
   g = flat(grad(params))

@@ -173,6 +173,7 @@ def layer_and_block(draw):
   return n * b, m * b, b, draw(st.integers(0, 2**16))
 
 
+@pytest.mark.integration
 @given(layer_and_block())
 def test_property_attach_then_wrap_equals_merge(case):
   d_in, d_out, b, seed = case
