@@ -184,3 +184,38 @@ def test_the_cli_evaluates_a_set_of_adapters_as_each_alone():
 
 def _loud(adapter):
   return jax.tree.map(lambda w: w * 100.0, adapter)
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return jnp.tanh(nn.Dense(16, name="fc")(x)), None
+
+
+class _Scanned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return scan(name="layers")(x, None)[0]
+
+
+def test_a_set_over_a_scanned_stack_keeps_the_layer_axis_first():
+  model = _Scanned()
+  x = X[:4, :, :16]
+  base = model.init(jax.random.key(7), x)["params"]
+  cfg = c3a.C3AConfig(block_size=4, target_modules=["fc"], init_weights="gaussian")
+  forward = lambda p: model.apply({"params": p}, x)
+  a, b = (
+    _loud(c3a.split(c3a.attach(base, cfg, jax.random.key(i), forward=forward))[0]) for i in (8, 9)
+  )
+  both = c3a.combine(c3a.stack_adapters({"a": a, "b": b}), base)
+  assert both["layers"]["fc"]["c3a_kernel"].shape == (3, 2, 4, 4, 4)  # (L, K, m, n, b)
+  index = jnp.array([1, 0, -1, 1])
+  with c3a.intercept(adapter_index=index):
+    y = jax.jit(model.apply)({"params": both}, x)
+  run = jax.jit(c3a.wrap(model.apply))
+  alone = [run({"params": c3a.combine(ad, base)}, x) for ad in (a, b)]
+  plain = model.apply({"params": base}, x)
+  assert not np.allclose(alone[0], alone[1], atol=1e-3)
+  for r, k in enumerate(index.tolist()):  # three layers deep: float32 order effects grow
+    np.testing.assert_allclose(y[r], (plain if k < 0 else alone[k])[r], atol=2e-4)
