@@ -86,12 +86,18 @@ def replace_slot(adapters: Any, slot: int, adapter: Any) -> Any:
   else:  # the set alone, or combined with the base
     held = {(p, n): v for p, n, v in _tree.leaves(adapters) if n in C3A_LEAVES}
   new = _kernels("adapter", adapter, "replace_slot")
-  for key in new.keys() - held.keys():
-    raise ValueError(f"replace_slot: the adapter adapts layer {key[0]!r}, which the set does not")
+  extra = sorted(path for path, _ in new.keys() - held.keys())
+  if extra:
+    raise ValueError(f"replace_slot: the adapter adapts layers {extra}, which the set does not")
   out = _tree.to_dict(adapters) if not _nnx.is_module(adapters) else None
   joined = {}
   for key, stacked in held.items():
     shape = _tree.shape(stacked)
+    if len(shape) < 4:
+      raise ValueError(
+        f"replace_slot: layer {key[0]!r} holds one C3A kernel {shape}, not a set of them "
+        "(c3a.stack_adapters)"
+      )
     if not -shape[-4] <= slot < shape[-4]:
       raise ValueError(f"replace_slot: slot {slot} is not one of the set's {shape[-4]} slots")
     w = _tree.unbox(new[key]) if key in new else jnp.zeros(shape[:-4] + shape[-3:])

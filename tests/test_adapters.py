@@ -155,6 +155,10 @@ def test_a_jitted_step_takes_any_adapter_and_a_slot_swaps_in_place(three):
   np.testing.assert_array_equal(swapped["out"]["c3a_kernel"][0], adapters[0]["out"]["c3a_kernel"])
   with pytest.raises(ValueError, match="slot 2 is not one of the set's 2 slots"):
     c3a.replace_slot(stacked, 2, adapters[2])
+  with pytest.raises(
+    ValueError, match=r"layer 'heads' holds one C3A kernel \(4, 4, 4\), not a set"
+  ):
+    c3a.replace_slot(adapters[0], 0, adapters[2])
 
 
 def test_the_cli_evaluates_a_set_of_adapters_as_each_alone():
