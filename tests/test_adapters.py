@@ -226,19 +226,14 @@ def test_a_set_over_a_scanned_stack_keeps_the_layer_axis_first():
 
 
 def test_a_set_over_an_nnx_scan_stack():
-  @nnx.vmap(in_axes=0, out_axes=0)
-  def make(key):
-    return nnx.Linear(16, 16, rngs=nnx.Rngs(key))
+  from tests.test_nnx import linear_stack
+  from tests.test_nnx import run_stack as run
 
-  stack = make(jax.random.split(jax.random.key(0), 3))
+  stack = linear_stack()
   cfg = c3a.C3AConfig(block_size=4, target_modules=".*", init_weights="gaussian")
   a, b = (c3a.attach(stack, cfg, jax.random.key(i)) for i in (1, 2))
   both = c3a.stack_adapters({"a": a, "b": b})
   assert both.c3a_kernel.shape == (3, 2, 4, 4, 4)  # (L, K, m, n, b): nnx.scan slices L
-
-  @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-  def run(layer, x):
-    return jnp.tanh(layer(x))
 
   x = X[:3, 0]
   index = jnp.array([1, -1, 0])

@@ -208,19 +208,27 @@ def test_nnx_layers_c3a_cannot_adapt_are_refused_at_attach():
     c3a.attach(nnx.Linear(8, 8, rngs=rngs), cfg.replace(block_size=3), jax.random.key(0))
 
 
-def test_nnx_scan_over_stacked_layers():
+def linear_stack(layers: int = 3) -> nnx.Linear:
+  """``layers`` stacked ``nnx.Linear(16, 16)`` (``nnx.vmap``), for :func:`run_stack`."""
+
   @nnx.vmap(in_axes=0, out_axes=0)
   def make(key):
     return nnx.Linear(16, 16, rngs=nnx.Rngs(key))
 
-  stack = make(jax.random.split(jax.random.key(0), 3))
+  return make(jax.random.split(jax.random.key(0), layers))
+
+
+@nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+def run_stack(layer, x):
+  return jnp.tanh(layer(x))
+
+
+def test_nnx_scan_over_stacked_layers():
+  stack = linear_stack()
   cfg = c3a.C3AConfig(block_size=4, target_modules=".*", init_weights="gaussian")
   adapted = c3a.attach(stack, cfg, jax.random.key(1))
   assert adapted.c3a_kernel.shape == (3, 4, 4, 4)
-
-  @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-  def run(layer, x):
-    return jnp.tanh(layer(x))
+  run = run_stack
 
   x = jax.random.normal(jax.random.key(2), (2, 16))
   want = x
