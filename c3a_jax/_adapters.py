@@ -89,7 +89,6 @@ def replace_slot(adapters: Any, slot: int, adapter: Any) -> Any:
   extra = sorted(path for path, _ in new.keys() - held.keys())
   if extra:
     raise ValueError(f"replace_slot: the adapter adapts layers {extra}, which the set does not")
-  out = _tree.to_dict(adapters) if not _nnx.is_module(adapters) else None
   joined = {}
   for key, stacked in held.items():
     shape = _tree.shape(stacked)
@@ -108,11 +107,7 @@ def replace_slot(adapters: Any, slot: int, adapter: Any) -> Any:
       )
     value = _tree.unbox(stacked).at[..., slot, :, :, :].set(w)
     joined[key] = rebox(stacked, value)
-  if out is None:
-    return _into_model(adapters, joined, "replace_slot")
-  for (path, name), value in joined.items():
-    _tree.set_leaf(out, path, name, value)
-  return out
+  return _written(adapters, joined, "replace_slot")
 
 
 def _per_layer(
@@ -140,9 +135,15 @@ def _per_layer(
       for name in trees
     ]
     joined[key] = _rebox(like, join(values), slot)
-  if models:
-    return _into_model(models[0], joined, what)
-  out: Params = {}
+  return _written(models[0] if models else {}, joined, what)
+
+
+def _written(into: Any, joined: dict[tuple[str, str], Any], what: str) -> Any:
+  """A copy of ``into`` (an adapted NNX model, or a params tree) holding the ``joined``
+  kernels."""
+  if _nnx.is_module(into):
+    return _into_model(into, joined, what)
+  out: Params = _tree.to_dict(into)
   for (path, name), value in joined.items():
     _tree.set_leaf(out, path, name, value)
   return out
@@ -151,10 +152,9 @@ def _per_layer(
 def _kernels(name: str, adapter: Any, what: str) -> dict[tuple[str, str], Any]:
   """``adapter``'s C3A kernels by (layer path, leaf); a ValueError for anything else."""
   if _nnx.is_module(adapter):
-    view = _nnx.view(adapter)
     return {
-      (path, C3A_KERNEL): (_tree.get(view.tree, path) if path else view.tree)[C3A_KERNEL]
-      for path, layer in view.modules.items()
+      (path, C3A_KERNEL): layer.c3a_kernel[...]
+      for path, layer in _nnx.view(adapter).modules.items()
       if isinstance(getattr(layer, C3A_KERNEL, None), _nnx.C3AParam)
     }
   if isinstance(adapter, nnx.State) or not isinstance(adapter, Mapping):

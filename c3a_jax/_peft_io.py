@@ -313,7 +313,7 @@ def _check_tensor(where: str, path: str, name: str, value: np.ndarray, cfg: C3AC
     raise ValueError(f"{where}: with bias={cfg.bias!r}, PEFT would skip this bias of {path!r}")
 
 
-class _Slot(NamedTuple):
+class _Place(NamedTuple):
   """Where a PEFT module's tensors go: a module of the model, a layer of its stack (or None),
   and the part of its output rows (of ``parts``, a key_map split)."""
 
@@ -323,22 +323,22 @@ class _Slot(NamedTuple):
   parts: int = 1
 
 
-def _slots(key_map: KeyMap, path: str, index: int | None = None, name: str | None = None):
+def _places(key_map: KeyMap, path: str, index: int | None = None, name: str | None = None):
   names = key_maps.apply(key_map, path if name is None else name)
-  return {n: _Slot(path, index, j, len(names)) for j, n in enumerate(names)}
+  return {n: _Place(path, index, j, len(names)) for j, n in enumerate(names)}
 
 
-def _model_names(params: Mapping, key_map: KeyMap) -> dict[str, _Slot]:
+def _model_names(params: Mapping, key_map: KeyMap) -> dict[str, _Place]:
   """PEFT's name of every module of ``params`` -> where its tensors go."""
-  return {n: s for path, _ in _tree.modules(params) for n, s in _slots(key_map, path).items()}
+  return {n: s for path, _ in _tree.modules(params) for n, s in _places(key_map, path).items()}
 
 
-def _layer_names(params: Mapping, key_map: KeyMap) -> dict[str, _Slot]:
+def _layer_names(params: Mapping, key_map: KeyMap) -> dict[str, _Place]:
   """PEFT's name of each layer of every layer that may be a stack (a kernel of 3 or more axes)
   -> where its tensors go: the index inserted after any one segment, so that the name is
   found wherever the saver put it. Built only when a file names a module the model lacks: it
   is large (a DenseGeneral's leading axis is a width)."""
-  names: dict[str, _Slot] = {}
+  names: dict[str, _Place] = {}
   for path, node in _tree.modules(params):
     shape = _tree.shape(node.get("kernel")) if is_linear(node) else ()
     if len(shape) < 3:
@@ -347,8 +347,8 @@ def _layer_names(params: Mapping, key_map: KeyMap) -> dict[str, _Slot]:
     for at in range(1, len(parts) + 1):
       for i in range(shape[0]):
         layer = ".".join([*parts[:at], str(i), *parts[at:]])
-        for n, slot in _slots(key_map, path, i, layer).items():
-          names.setdefault(n, slot)
+        for n, place in _places(key_map, path, i, layer).items():
+          names.setdefault(n, place)
   return names
 
 
@@ -419,7 +419,7 @@ def load_adapter(
     if "original_module" in parts:
       continue  # PEFT's frozen copy of a modules_to_save module (saved under bias="all")
     path = ".".join(p for p in parts if p not in ("base_layer", "modules_to_save"))
-    slot, module = _Slot(path), None
+    place, module = _Place(path), None
     if names is not None:
       if path not in names and not expanded:
         names = {**_layer_names(params, key_map), **names}  # a module's own name comes first
@@ -433,8 +433,8 @@ def load_adapter(
             f"{where} names module {path!r}, which the model does not have{mapped} "
             f"(no {e.args[0]!r})"
           ) from None
-      slot = names.get(path, _Slot(path))
-      module = _tree.get(params, slot.path)
+      place = names.get(path, _Place(path))
+      module = _tree.get(params, place.path)
     _check_tensor(where, path, name, value, cfg)
     if name == C3A_KERNEL:
       b = block_size_for(path, cfg)
@@ -447,16 +447,16 @@ def load_adapter(
       name = _from_torch(name, value, module, where)
       if name == "kernel":
         value = _kernel_from_torch(value)
-    if slot.parts > 1 and name not in (C3A_KERNEL, "bias"):
+    if place.parts > 1 and name not in (C3A_KERNEL, "bias"):
       raise ValueError(
-        f"{where}: key_map makes {path!r} part {slot.part + 1} of {slot.parts} of layer "
-        f"{slot.path!r}; only a c3a_kernel or a bias joins by output rows"
+        f"{where}: key_map makes {path!r} part {place.part + 1} of {place.parts} of layer "
+        f"{place.path!r}; only a c3a_kernel or a bias joins by output rows"
       )
-    if slot.index is None and slot.parts == 1:
-      _tree.set_leaf(adapter, slot.path, name, _like(value, module, name, None))
+    if place.index is None and place.parts == 1:
+      _tree.set_leaf(adapter, place.path, name, _like(value, module, name, None))
     else:
-      got = pieces.setdefault((slot.path, name), ({}, slot.parts))[0]
-      got[(slot.index, slot.part)] = value
+      got = pieces.setdefault((place.path, name), ({}, place.parts))[0]
+      got[(place.index, place.part)] = value
   for (path, name), (got, parts) in pieces.items():
     leaf = _assemble(got, parts, name, _tree.get(params, path), f"{weights}: layer {path!r}")
     _tree.set_leaf(adapter, path, name, leaf)

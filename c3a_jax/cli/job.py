@@ -76,23 +76,12 @@ class Job:
     return logits.shape[-1]
 
   @functools.cached_property
-  def eval_stats(self) -> Callable[[Any, Batch], tuple[jax.Array, ...]]:
-    """``(params, batch) -> row_stats``, jitted once per job, under the interceptor."""
+  def eval_stats(self) -> Callable[..., tuple[jax.Array, ...]]:
+    """``(params, batch, index=None) -> row_stats``, jitted once per job, under the
+    interceptor; ``index`` gives each row's adapter where the params hold a set of them."""
 
     @jax.jit
-    def stats(params, batch):
-      with intercept():
-        return self.row_stats(params, batch)
-
-    return stats
-
-  @functools.cached_property
-  def mixed_eval_stats(self) -> Callable[[Any, Batch, Any], tuple[jax.Array, ...]]:
-    """``(params, batch, index) -> row_stats`` for params holding a set of adapters, row ``r``
-    through adapter ``index[r]``; jitted once per job."""
-
-    @jax.jit
-    def stats(params, batch, index):
+    def stats(params, batch, index=None):
       with intercept(adapter_index=index):
         return self.row_stats(params, batch)
 

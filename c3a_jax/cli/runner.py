@@ -197,29 +197,25 @@ def _read_metrics(path: str) -> list[dict]:
 def evaluate(job: Job, params: Any, batch_size: int) -> dict[str, float]:
   """Loss and accuracy over ``job.eval_data`` (adapted params, under the interceptor): means
   over examples (over scored tokens for a causal LM)."""
-  return _scored(job.eval_data, job.eval_stats, params, batch_size, adapters=None)[0]
+  return _scored(job, params, batch_size, adapters=None)[0]
 
 
 def evaluate_mixed(job: Job, params: Any, adapters: int, batch_size: int) -> list[dict]:
   """:func:`evaluate` for each adapter of a set (``c3a.stack_adapters``) at once: every eval
   batch repeated once per adapter, copy ``k`` through adapter ``k``, in one mixed batch of
   about ``batch_size`` rows."""
-  return _scored(job.eval_data, job.mixed_eval_stats, params, batch_size, adapters)
+  return _scored(job, params, batch_size, adapters)
 
 
-def _scored(
-  data: dict, stats: Callable, params: Any, batch_size: int, adapters: int | None
-) -> list[dict]:
+def _scored(job: Job, params: Any, batch_size: int, adapters: int | None) -> list[dict]:
   """Per adapter (one without ``adapters``): loss and accuracy summed over rows, then means."""
   k = adapters or 1
   totals = np.zeros((k, 3))
-  for batch in eval_batches(data, max(1, batch_size // k)):
-    size = len(next(iter(batch.values())))
-    index = np.repeat(np.arange(k), size)
-    if adapters is None:
-      values = stats(params, batch)
-    else:
-      values = stats(params, {name: np.concatenate([v] * k) for name, v in batch.items()}, index)
+  for batch in eval_batches(job.eval_data, max(1, batch_size // k)):
+    index = np.repeat(np.arange(k), len(next(iter(batch.values()))))
+    if adapters is not None:
+      batch = {name: np.concatenate([v] * k) for name, v in batch.items()}
+    values = job.eval_stats(params, batch, None if adapters is None else index)
     for i, value in enumerate(values):
       totals[:, i] += np.bincount(index, np.asarray(value, np.float64), minlength=k)
   counts = np.maximum(totals[:, 2], 1.0)

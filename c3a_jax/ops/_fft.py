@@ -18,7 +18,12 @@ def apply(x: jax.Array, w: jax.Array) -> jax.Array:
   m, n, b = w.shape
   dtype = compute_dtype(x.dtype, w.dtype)
   xf = jnp.fft.rfft(x.astype(dtype).reshape(-1, n, b), axis=-1)
-  # The 1/d_in scale goes on the small kernel spectrum, not the (tokens, d_out) output.
-  wf = jnp.conj(jnp.fft.rfft(w.astype(dtype), axis=-1)) / (n * b)
-  yf = jnp.einsum("tjf,ijf->tif", xf, wf)
+  yf = jnp.einsum("tjf,ijf->tif", xf, kernel_spectrum(w, dtype))
   return jnp.fft.irfft(yf, n=b, axis=-1).reshape(-1, m * b)
+
+
+def kernel_spectrum(w: jax.Array, dtype) -> jax.Array:
+  """``(..., m, n, F)``: what each input block's spectrum is multiplied by, conj(rfft(w)) /
+  d_in (PEFT's product; the 1/d_in scale on the small kernel spectrum, not the output)."""
+  n, b = w.shape[-2:]
+  return jnp.conj(jnp.fft.rfft(w.astype(dtype), axis=-1)) / (n * b)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from c3a_jax.ops import _fft
 from c3a_jax.ops._kernel import compute_dtype
 
 
@@ -53,13 +54,14 @@ def mixed_matmul(x: jax.Array, w: jax.Array, index: jax.Array) -> jax.Array:
       f"(K, m, n, b) expect n*b = {n * b}"
     )
   if not isinstance(index, jax.core.Tracer):
-    bad = np.asarray(index)[(np.asarray(index) < -1) | (np.asarray(index) >= k)]
+    host = np.asarray(index)
+    bad = host[(host < -1) | (host >= k)]
     if bad.size:
       raise ValueError(f"mixed_matmul: adapter_index holds {bad.tolist()}; valid: -1 to {k - 1}")
   dtype = compute_dtype(x.dtype, w.dtype)
   lead = x.shape[:-1]
   xf = jnp.fft.rfft(x.astype(dtype).reshape(x.shape[0], -1, n, b), axis=-1)
-  wf = jnp.conj(jnp.fft.rfft(w.astype(dtype), axis=-1)) / (n * b)
+  wf = _fft.kernel_spectrum(w, dtype)
   valid = (index >= 0) & (index < k)
   # -1 rows get a zero spectrum; any other invalid index a NaN one.
   fill = jnp.where(index == -1, 0.0, jnp.nan).astype(wf.dtype)
