@@ -58,6 +58,14 @@ def interleaved(
   fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
 ) -> dict[str, float]:
   """Median seconds of each ``fn()``, run round-robin so that load drifts hit all alike."""
+  return {k: statistics.median(v) for k, v in rounds(fns, repeats, warmup).items()}
+
+
+def rounds(
+  fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+  """Seconds of each ``fn()`` in each of ``repeats`` round-robin rounds (jax outputs waited
+  for; a ``None`` output, e.g. a PyTorch step, needs no wait)."""
   for fn in fns.values():
     for _ in range(warmup):
       jax.block_until_ready(fn())
@@ -67,7 +75,19 @@ def interleaved(
       t = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - t)
-  return {k: statistics.median(v) for k, v in times.items()}
+  return times
+
+
+def ratios(times: dict[str, list[float]], base: str) -> dict[str, float]:
+  """Median over rounds of each function's time / ``base``'s time in the same round.
+
+  On a shared machine the load of other tenants drifts between rounds; a ratio of times
+  taken seconds apart sees the same load, so its median is steadier than a ratio of medians.
+  """
+  return {
+    k: statistics.median(a / b for a, b in zip(v, times[base], strict=True))
+    for k, v in times.items()
+  }
 
 
 def fwd_bwd(f: Callable[..., jax.Array]) -> Callable[..., Any]:
@@ -86,6 +106,11 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def print_row(row: list[Any]) -> None:
+  """One table row as it is measured, floats to 3 places: long runs show progress."""
+  print(" ".join(str(round(v, 3) if isinstance(v, float) else v) for v in row), flush=True)
 
 
 def _adding_interceptor(leaf: str, delta: Callable[..., jax.Array]):

@@ -93,11 +93,11 @@ def _interceptor(next_fun, args, kwargs, context):
     return y + c.from_rows(_slots.mixed_rows(path, c.to_rows(x).astype(y.dtype), w, index))
   rows = c.to_rows(x)
   strategy = _context.strategy.get()
-  foldable = _foldable(module, x)
-  if strategy == "auto" and foldable:
+  fold_dtype = _fold_dtype(module, x)
+  if strategy == "auto" and fold_dtype is not None:
     strategy = ops.choose_strategy(rows.shape, w.shape, with_base=True)
-  if strategy == "fold" and foldable:
-    return _folded(module, c, x, w)
+  if strategy == "fold" and fold_dtype is not None:
+    return _folded(module, c, x, w).astype(fold_dtype)
   y = next_fun(*args, **kwargs)
   # Cast x as the layer casts its inputs, so the delta sees what the base matmul saw.
   return y + c.from_rows(ops.block_circulant_matmul(rows.astype(y.dtype), w, strategy=strategy))
@@ -112,18 +112,19 @@ def _holds_c3a(tree: Any) -> bool:
   return any(k in C3A_LEAVES or _holds_c3a(v) for k, v in tree.items())
 
 
-def _foldable(module: nn.Module, x: Any) -> bool:
-  """A plain float32 layer: its kernel can absorb the delta (``"fold"``) without rounding."""
+def _fold_dtype(module: nn.Module, x: Any) -> Any:
+  """The dtype a plain layer computes in, if its kernel can absorb the delta (``"fold"``)
+  without rounding (:func:`c3a_jax.ops.can_fold`); else None."""
   if (
     type(module).__call__ not in _PLAIN_CALLS
     or getattr(module, "dot_general", None) is not None
     or getattr(module, "dot_general_cls", None) is not None
     or getattr(module, "preferred_element_type", None) is not None
   ):
-    return False
+    return None
   kernel = unbox(module.get_variable("params", "kernel"))
-  dtype = module.dtype or jnp.result_type(x, kernel)
-  return jnp.dtype(dtype) == jnp.float32
+  dtype = jnp.dtype(module.dtype or jnp.result_type(x, kernel))
+  return dtype if ops.can_fold(dtype) else None
 
 
 def _folded(module: nn.Module, c: _contraction.Contraction, x: Any, w: Any) -> Any:
@@ -144,8 +145,9 @@ def intercept(strategy: ops.Strategy = "auto", *, adapter_index: Any = None) -> 
 
   Args:
     strategy: how the delta is computed, one of ``c3a_jax.ops.STRATEGIES``; all give equal
-      results. ``"auto"`` and ``"fold"`` fold the delta into a float32 Dense's kernel
-      (:func:`c3a_jax.ops.fold`; ``"auto"`` only with enough tokens); every other layer, and
+      results. ``"auto"`` and ``"fold"`` fold the delta into a float32 Dense's kernel, and on
+      CPU a bfloat16 one's (:func:`c3a_jax.ops.fold`, :func:`c3a_jax.ops.can_fold`;
+      ``"auto"`` only with enough tokens); every other layer, and
       every other strategy, adds ``block_circulant_matmul(x, w, strategy)`` to its output.
     adapter_index: for params holding a set of adapters (:func:`c3a_jax.stack_adapters`), an
       integer array with one entry per row of the batch: the slot of row ``r``'s adapter, or

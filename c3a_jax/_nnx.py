@@ -199,11 +199,11 @@ def _adapted_call(self, *args, **kwargs):
     delta = _slots.mixed_rows(name, c.to_rows(x).astype(y.dtype), w, index)
     return y + c.from_rows(delta).astype(y.dtype)
   strategy = _context.strategy.get()
-  foldable = _foldable(self, x)
-  if strategy == "auto" and foldable:
+  fold_dtype = _fold_dtype(self, x)
+  if strategy == "auto" and fold_dtype is not None:
     strategy = ops.choose_strategy((*x.shape[: len(c.free)], c.d_in), w.shape, with_base=True)
-  if strategy == "fold" and foldable:
-    return _folded(self, c, x, w)
+  if strategy == "fold" and fold_dtype is not None:
+    return _folded(self, c, x, w, fold_dtype)
   y = type(self).c3a_base.__call__(self, *args, **kwargs)
   rows = c.to_rows(x).astype(y.dtype)
   delta = ops.block_circulant_matmul(rows, w, strategy=strategy)
@@ -215,8 +215,9 @@ _PLAIN = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 _EXACT_EINSUM = ("tunix.models.",)
 
 
-def _foldable(layer: nnx.Module, x: Any) -> bool:
-  """A float32 layer whose call c3a can rewrite as ``x @ (kernel + delta)`` (``"fold"``)."""
+def _fold_dtype(layer: nnx.Module, x: Any) -> Any:
+  """The dtype of a layer whose call c3a can rewrite as ``x @ (kernel + delta)`` (``"fold"``,
+  :func:`c3a_jax.ops.can_fold`); else None."""
   base = type(layer).c3a_base
   if base in _PLAIN:
     # Only the stock arithmetic: no injected dot_general / einsum_op / promotion.
@@ -227,24 +228,25 @@ def _foldable(layer: nnx.Module, x: Any) -> bool:
       "preferred_element_type": (None,),
     }
     if any(getattr(layer, a, None) not in ok for a, ok in stock.items()):
-      return False
+      return None
   elif not (base.__name__ == "Einsum" and base.__module__.startswith(_EXACT_EINSUM)):
-    return False
+    return None
   kernel = getattr(layer, _kind(layer).kernel)[...]
-  dtype = getattr(layer, "dtype", None) or jnp.result_type(x, kernel)
-  return jnp.dtype(dtype) == jnp.float32 and kernel.dtype == jnp.float32
+  dtype = jnp.dtype(getattr(layer, "dtype", None) or jnp.result_type(x, kernel))
+  return dtype if ops.can_fold(dtype) and ops.can_fold(kernel.dtype) else None
 
 
-def _folded(layer: nnx.Module, c: _contraction.Contraction, x: Any, w: Any) -> Any:
-  """The layer's own call with ``kernel + delta`` for its kernel (:func:`c3a_jax.ops.fold`)."""
-  kernel = getattr(layer, _kind(layer).kernel)[...]
+def _folded(layer: nnx.Module, c: _contraction.Contraction, x: Any, w: Any, dtype: Any) -> Any:
+  """The layer's own call, in ``dtype``, with ``kernel + delta`` for its kernel
+  (:func:`c3a_jax.ops.fold`)."""
+  kernel = getattr(layer, _kind(layer).kernel)[...].astype(dtype)
   bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
-  x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
   precision = getattr(layer, "precision", None)
-  y = c.from_rows(ops.fold(c.to_rows(x), w, c.flat_kernel(kernel), precision=precision))
+  rows = ops.fold(c.to_rows(x.astype(dtype)), w, c.flat_kernel(kernel), precision=precision)
+  y = c.from_rows(rows)
   if bias is not None:
-    y += jnp.reshape(bias.astype(jnp.float32), c.bias_shape())
-  return y
+    y += jnp.reshape(bias.astype(dtype), c.bias_shape())
+  return y.astype(dtype)
 
 
 _ADAPTED: dict[type, type] = {}

@@ -80,6 +80,26 @@ def test_gradients_match_dense_reference(m, n, b, strategy, jit):
   np.testing.assert_allclose(gw, kernel_grad_reference(x, w, g), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("tokens", [1, 8, 11])
+def test_kernel_grad_alone_matches_reference(monkeypatch, backend, tokens):
+  """The fold's kernel gradient: on CPU 4 tokens at a time (a scan over whole chunks, then the
+  rest), elsewhere over the whole arrays; bfloat16 activations cast where used."""
+  from c3a_jax.ops import _kernel_grad
+
+  m, n, b = 3, 2, 6
+  monkeypatch.setattr(_kernel_grad, "_CHUNK_BYTES", 4 * 4 * n * b)
+  rng = np.random.default_rng(tokens)
+  w = rng.normal(size=(m, n, b)).astype(np.float32)
+  x = rng.normal(size=(tokens, n * b)).astype(np.float32)
+  g = rng.normal(size=(tokens, m * b)).astype(np.float32)
+  f = jax.jit(lambda x, g, w: _kernel_grad.kernel_grad(x, g, w, backend=backend))
+  np.testing.assert_allclose(f(x, g, w), kernel_grad_reference(x, w, g), rtol=1e-4, atol=1e-5)
+  xb = jnp.asarray(x, jnp.bfloat16)
+  want = kernel_grad_reference(np.asarray(xb, np.float32), w, g)
+  np.testing.assert_allclose(f(xb, g, w), want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_low_precision_and_token_counts(strategy):
   x, w, _ = _case(3, 2, 8)
@@ -203,24 +223,37 @@ def test_nested_intercept_innermost_strategy_applies(monkeypatch):
   assert seen == ["freq_major", "dense"]
 
 
-def test_interceptor_folds_float32_dense_only(monkeypatch):
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_interceptor_folds_float32_and_cpu_bfloat16(monkeypatch, backend):
   """ "auto" folds the delta into a plain float32 Dense (values and every gradient, the base
-  kernel's included, as the additive path); a bfloat16 Dense keeps the additive path."""
+  kernel's included, as the additive path); a bfloat16 Dense only on CPU, where XLA runs its
+  matmul in float32 anyway (``backend`` stands for where ``ops.can_fold`` thinks it runs)."""
   calls = []
-  real = ops.fold
-  monkeypatch.setattr(ops, "fold", lambda *a, **k: calls.append(1) or real(*a, **k))
+  real_fold, real_can_fold = ops.fold, ops.can_fold
+  monkeypatch.setattr(ops, "fold", lambda *a, **k: calls.append(1) or real_fold(*a, **k))
+  monkeypatch.setattr(ops, "can_fold", lambda dtype: real_can_fold(dtype, backend))
   x = jax.random.normal(jax.random.key(0), (3, 5, 16))
-  for dtype, folds in ((jnp.float32, True), (jnp.bfloat16, False)):
-    model = nn.Dense(12, dtype=dtype)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    folds = dtype == jnp.float32 or backend == "cpu"
+    model = nn.Dense(12, dtype=dtype, param_dtype=dtype)
     params = dict(model.init(jax.random.key(1), x)["params"])
     params["c3a_kernel"] = jax.random.normal(jax.random.key(2), (3, 4, 4))
-    loss = lambda p, x, s: jnp.sum(jnp.sin(c3a.wrap(model.apply, strategy=s)({"params": p}, x)))
+    apply = lambda p, x, s: c3a.wrap(model.apply, strategy=s)({"params": p}, x)
+    loss = lambda p, x, s: jnp.sum(jnp.sin(apply(p, x, s)))
     calls.clear()
+    y = jax.jit(apply, static_argnums=2)(params, x, "auto")
     got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, "auto")
-    assert bool(calls) == folds
+    assert bool(calls) == folds and y.dtype == dtype
+    # The layer's arithmetic in float64, rounded once to its dtype.
+    xd, kernel = (np.asarray(jnp.asarray(a, dtype), np.float64) for a in (x, params["kernel"]))
+    exact = xd @ (kernel + dense_reference(np.asarray(params["c3a_kernel"])).T)
+    exact += np.asarray(params["bias"], np.float64)
+    tol = 1e-5 if dtype == jnp.float32 else 2**-8
+    np.testing.assert_allclose(np.asarray(y, np.float64), exact, rtol=tol, atol=tol)
     want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, "fft")
-    tol = 1e-5 if folds else 5e-2
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      assert a.dtype == b.dtype
       np.testing.assert_allclose(
         np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol
       )

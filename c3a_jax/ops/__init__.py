@@ -23,7 +23,13 @@ from c3a_jax.ops._init import INIT_WEIGHTS, InitWeights, init
 from c3a_jax.ops._kernel import compute_dtype, delta_weight
 from c3a_jax.ops._matmul import block_circulant_matmul
 from c3a_jax.ops._mixed import mixed_matmul
-from c3a_jax.ops._strategy import STRATEGIES, Strategy, check_strategy, choose_strategy
+from c3a_jax.ops._strategy import (
+  STRATEGIES,
+  Strategy,
+  can_fold,
+  check_strategy,
+  choose_strategy,
+)
 
 __all__ = [
   "INIT_WEIGHTS",
@@ -31,6 +37,7 @@ __all__ = [
   "InitWeights",
   "Strategy",
   "block_circulant_matmul",
+  "can_fold",
   "check_strategy",
   "choose_strategy",
   "compute_dtype",

@@ -5,8 +5,7 @@ as ``x @ W'`` with ``W' = W + delta``, the forward and the input gradient ride o
 layer's own matmuls (``x @ W'`` and ``g @ W'.T``), so the adapter adds only building ``delta``
 (``d_in * d_out`` elements, no flops to speak of) and its kernel gradient. That gradient is not
 taken through ``W'`` (which would be the full ``x.T @ g`` matmul a frozen layer never pays
-for) but as C3A's correlation summed over tokens: DFT matmuls (``"freq_major"``) up to
-``b = 256``, FFTs beyond.
+for) but as C3A's correlation of spectra summed over tokens (``_kernel_grad``).
 
 ``W'`` is not kept for the backward pass (one ``(d_in, d_out)`` buffer per adapted layer) but
 rebuilt there, once the layer's gradient has arrived.
@@ -19,13 +18,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from c3a_jax.ops import _fft, _freq_major
 from c3a_jax.ops._kernel import delta_weight, kernel_shape
+from c3a_jax.ops._kernel_grad import kernel_grad
 from c3a_jax.ops._spectral import after
-
-# Above this block size the kernel gradient's transforms are FFTs, below it DFT matmuls
-# (benchmarks/RESULTS.md: a (b, b) DFT matmul per block costs more than an FFT for large b).
-_DFT_MAX_B = 256
 
 
 def fold(
@@ -38,11 +33,13 @@ def fold(
   """``x @ (kernel + delta_weight(w))`` in float32; ``kernel=None``: ``x @ delta_weight(w)``.
 
   The interceptor computes a plain float32 ``flax.linen.Dense`` this way under ``"auto"`` when
-  the tokens are enough to pay for building ``W'`` twice (:func:`choose_strategy`). Lower
-  precision layers never fold: rounding ``W + delta`` to bfloat16 would lose the small delta.
+  the tokens are enough to pay for building ``W'`` twice (:func:`choose_strategy`); on CPU a
+  bfloat16 one too, whose matmul XLA:CPU runs in float32 anyway (:func:`can_fold`). On
+  accelerators lower precision layers never fold: rounding ``W + delta`` to bfloat16 would
+  lose the small delta.
 
   Args:
-    x: ``(..., d_in)`` activations; computed in float32.
+    x: ``(..., d_in)`` activations, any float dtype; computed in float32.
     w: ``(m, n, b)`` C3A kernel with ``n * b = d_in``.
     kernel: ``(d_in, d_out)`` frozen Dense kernel, or None.
     precision: passed to the matmuls, as ``flax.linen.Dense(precision=...)``.
@@ -69,20 +66,22 @@ def fold(
       f"({n * b}, {m * b})"
     )
   lead = x.shape[:-1]
-  x2 = x.reshape(-1, n * b).astype(jnp.float32)
-  if kernel is not None:
-    kernel = kernel.astype(jnp.float32)
-  return _fold(x2, w, kernel, precision).reshape(*lead, m * b)
+  # x and the kernel keep their dtypes (the backward pass keeps x) and are cast where used.
+  return _fold(x.reshape(-1, n * b), w, kernel, precision).reshape(*lead, m * b)
 
 
 def _weight(w, kernel):
   delta = delta_weight(w)
-  return delta if kernel is None else kernel + delta
+  return delta if kernel is None else kernel.astype(jnp.float32) + delta
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fold(x, w, kernel, precision):
-  return jnp.matmul(x, _weight(w, kernel), precision=precision)
+  return jnp.matmul(_f32(x), _weight(w, kernel), precision=precision)
 
 
 def _fold_fwd(x, w, kernel, precision):
@@ -95,15 +94,11 @@ def _fold_bwd(precision, residuals, g):
   # Rebuilt after g arrives: left free, XLA would reuse the forward's W', holding every
   # adapted layer's until the backward pass.
   dx = jnp.matmul(g, _weight(after(w, g), kernel).T, precision=precision)
-  if w.shape[-1] <= _DFT_MAX_B:
-    dw = _freq_major.kernel_grad(x, g, w)  # ties x's spectrum to g itself
-  else:
-    # Only the kernel gradient of the FFT path is used; XLA drops its forward.
-    x_late = after(x, g)
-    _, vjp = jax.vjp(lambda w: _fft.apply(x_late, w), w)
-    dw = vjp(g)[0]
-  dkernel = None if kernel is None else jnp.matmul(x.T, g, precision=precision)
-  return dx, dw.astype(w.dtype), dkernel
+  dw = kernel_grad(x, g, w)
+  dkernel = None
+  if kernel is not None:
+    dkernel = jnp.matmul(_f32(x).T, g, precision=precision).astype(kernel.dtype)
+  return dx.astype(x.dtype), dw.astype(w.dtype), dkernel
 
 
 _fold.defvjp(_fold_fwd, _fold_bwd)

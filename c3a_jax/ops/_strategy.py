@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 
 from c3a_jax.ops._kernel import kernel_shape
 
@@ -49,6 +50,27 @@ def check_strategy(strategy: str, where: str, *, stacklevel: int = 3) -> Strateg
   return strategy
 
 
+def can_fold(dtype: Any, backend: str | None = None) -> bool:
+  """Whether a Dense computing in ``dtype`` on ``backend`` can take ``"fold"`` without rounding.
+
+  float32 everywhere. bfloat16 and float16 on CPU only: XLA:CPU runs their matmuls as float32
+  ones (it converts the operands; the results are bit-identical), so the float32 ``W + delta``
+  rounds nothing the base layer does not, and costs no more. On accelerators a low-precision
+  matmul is native: ``W + delta`` in bfloat16 would round the small delta away, and a float32
+  matmul would be slower than the layer's own.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from c3a_jax import ops
+    >>> ops.can_fold(jnp.bfloat16, backend="cpu"), ops.can_fold(jnp.bfloat16, backend="gpu")
+    (True, False)
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float32:
+    return True
+  return dtype in (jnp.bfloat16, jnp.float16) and (backend or jax.default_backend()) == "cpu"
+
+
 def choose_strategy(
   x_shape: tuple[int, ...],
   w_shape: tuple[int, int, int],
@@ -62,10 +84,11 @@ def choose_strategy(
   ``with_base`` only. The thresholds come from ``benchmarks/layer.py`` (see
   benchmarks/RESULTS.md).
 
-  ``with_base=True`` says the delta goes into a float32 Dense whose kernel can absorb it (the
-  interceptor's case): then ``"fold"``, which leaves the adapter only the delta's build
-  (two passes over a ``(d_in, d_out)`` matrix) and its kernel gradient, unless the tokens are
-  too few to pay for the build: fewer than ``d_in * d_out / (2 * (d_in + d_out))``.
+  ``with_base=True`` says the delta goes into a Dense whose kernel can absorb it (the
+  interceptor's case, :func:`can_fold`): then ``"fold"``, which leaves the adapter only the
+  delta's build (two passes over a ``(d_in, d_out)`` matrix) and its kernel gradient, unless
+  the tokens are too few to pay for the build: fewer than
+  ``d_in * d_out / (2 * (d_in + d_out))``.
 
   Example:
     >>> from c3a_jax import ops

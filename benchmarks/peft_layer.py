@@ -1,0 +1,132 @@
+"""Against PEFT, layer by layer: what C3A adds to one adapted linear layer, in each framework.
+
+For each (d_in, d_out, tokens, block size) it times, interleaved in one process, forward +
+backward of:
+  torch frozen   nn.Linear, weight frozen, dL/dx;
+  PEFT C3A       the same layer wrapped by PEFT's C3A (dL/dx and dL/dc3a_kernel);
+  jax frozen     x @ K, K frozen, dL/dx;
+  c3a-jax        the adapted Dense as c3a.intercept runs it under "auto" (the fold where the
+                 tokens pay for it: x @ (K + delta); else x @ K + the delta);
+and prints each adapter's extra over its own framework's frozen layer (the median over rounds
+of each round's ratio), and their ratio (the target of issue 12: c3a-jax's extra <= 1/5 of
+PEFT's). Both frameworks use every core.
+
+    python benchmarks/peft_layer.py                     # the two LLM-width shapes (~3 minutes)
+    python benchmarks/peft_layer.py --dtype bfloat16    # activations and frozen weights in bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import fwd_bwd, machine, markdown_table, print_row, ratios, rounds, wait_for_quiet
+
+from c3a_jax import ops
+
+SHAPES = [(768, 768, 4096, 128), (4096, 4096, 2048, 256)]
+
+
+def torch_fns(d_in, d_out, tokens, b, dtype):
+  """(frozen step, PEFT C3A step): forward + backward of one linear layer in PyTorch."""
+  import peft
+  import torch
+
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  tdtype = getattr(torch, dtype)
+  base = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, dtype=tdtype))
+  base.requires_grad_(False)
+  adapted = peft.get_peft_model(
+    torch.nn.Sequential(torch.nn.Linear(d_in, d_out, dtype=tdtype)),
+    peft.C3AConfig(block_size=b, target_modules=["0"], init_weights="xavier_uniform"),
+  )
+  x = torch.randn(tokens, d_in, dtype=tdtype, requires_grad=True)
+  g = torch.randn(tokens, d_out, dtype=tdtype)
+
+  def step(model):
+    def run():
+      x.grad = None
+      model.zero_grad(set_to_none=True)
+      model(x).backward(g)
+
+    return run
+
+  return step(base), step(adapted)
+
+
+def jax_fns(d_in, d_out, tokens, b, dtype):
+  """(frozen step, c3a-jax step), as benchmarks/layer.py times them."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(keys[0], (tokens, d_in), dtype)
+  kernel = (jax.random.normal(keys[1], (d_in, d_out)) / d_in**0.5).astype(dtype)
+  g = jax.random.normal(keys[2], (tokens, d_out), dtype)
+  w = jax.random.normal(keys[3], (d_out // b, d_in // b, b), jnp.float32)
+  frozen = fwd_bwd(lambda x, k: x @ jax.lax.stop_gradient(k))
+  folds = ops.can_fold(dtype) and ops.choose_strategy(x.shape, w.shape, with_base=True) == "fold"
+  if folds:
+    adapted = lambda x, k, w: ops.fold(x, w, jax.lax.stop_gradient(k)).astype(x.dtype)
+  else:
+    adapted = lambda x, k, w: x @ jax.lax.stop_gradient(k) + ops.block_circulant_matmul(x, w)
+  adapted = fwd_bwd(adapted)
+  return (lambda: frozen(x, kernel, g)), (lambda: adapted(x, kernel, w, g)), folds
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--repeats", type=int, default=7)
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  args = p.parse_args()
+  load = wait_for_quiet()
+  print(f"# machine: {machine()}\n# load when measuring: {load:.2f}\n", flush=True)
+  rows = []
+  for d_in, d_out, tokens, b in SHAPES:
+    t_frozen, t_peft = torch_fns(d_in, d_out, tokens, b, args.dtype)
+    j_frozen, j_c3a, folds = jax_fns(d_in, d_out, tokens, b, jnp.dtype(args.dtype))
+    repeats = args.repeats if d_in * d_out * tokens < 2**34 else max(3, args.repeats // 2)
+    times = rounds({"torch": t_frozen, "peft": t_peft, "jax": j_frozen, "c3a": j_c3a}, repeats)
+    t = {k: statistics.median(v) for k, v in times.items()}
+    peft_extra = ratios(times, "torch")["peft"] - 1
+    c3a_extra = ratios(times, "jax")["c3a"] - 1
+    rows.append(
+      [
+        f"{d_in}x{d_out}",
+        tokens,
+        b,
+        f"{t['torch'] * 1e3:.1f}",
+        f"{t['jax'] * 1e3:.1f}",
+        peft_extra,
+        c3a_extra,
+        "fold" if folds else "auto",
+        c3a_extra / peft_extra,
+        "met" if c3a_extra <= peft_extra / 5 else "NOT met",
+      ]
+    )
+    print_row(rows[-1])
+  header = [
+    "layer",
+    "tokens",
+    "b",
+    "torch frozen ms",
+    "jax frozen ms",
+    "PEFT C3A extra",
+    "c3a-jax extra",
+    "c3a-jax path",
+    "c3a-jax / PEFT",
+    "target <= 0.2",
+  ]
+  print(
+    f"\nExtra over each framework's frozen layer, fwd + bwd, {args.dtype} (median of "
+    f"{args.repeats} interleaved rounds' ratios):\n"
+  )
+  print(markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+  main()
