@@ -22,6 +22,10 @@ import os
 import statistics
 import sys
 
+# PyTorch's OpenMP threads otherwise spin for a while after each step, taking the cores from
+# the JAX run timed right after it; set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import jax
 import jax.numpy as jnp
 

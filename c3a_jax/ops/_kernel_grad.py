@@ -79,23 +79,23 @@ def _whole(x, g, w):
 def _chunked_correlation(x, g, n, b, rows):
   """``(F, 2n, 2m)``: ``[Re X, Im X]^T [Re G, Im G]`` per frequency, summed over tokens,
   ``rows`` tokens at a time."""
-  tokens = x.shape[0]
-  whole = tokens // rows * rows
+  tokens, m = x.shape[0], g.shape[1] // b
+  chunks = tokens // rows
 
   def correlate(x, g):
-    return jnp.einsum("tjf,tif->fji", _parts(x, n, b), _parts(g, g.shape[1] // b, b))
+    return jnp.einsum("tjf,tif->fji", _parts(x, n, b), _parts(g, m, b))
 
-  total = 0.0
-  if whole:
+  def step(k, total):
+    # Sliced in the loop: slicing the whole chunks up front would copy x and g.
+    start = k * rows
+    chunk = (jax.lax.dynamic_slice_in_dim(z, start, rows) for z in (x, g))
+    return total + correlate(*chunk)
 
-    def step(acc, xg):
-      return acc + correlate(*xg), None
-
-    chunks = (z[:whole].reshape(whole // rows, rows, -1) for z in (x, g))
-    m = g.shape[1] // b
-    total, _ = jax.lax.scan(step, jnp.zeros((b // 2 + 1, 2 * n, 2 * m)), tuple(chunks))
-  if whole < tokens:
-    total = total + correlate(x[whole:], g[whole:])
+  if not chunks:
+    return correlate(x, g)
+  total = jax.lax.fori_loop(0, chunks, step, jnp.zeros((b // 2 + 1, 2 * n, 2 * m)))
+  if chunks * rows < tokens:
+    total = total + correlate(x[chunks * rows :], g[chunks * rows :])
   return total
 
 
