@@ -104,6 +104,29 @@ def test_nnx_layers_equal_the_reference(name):
   np.testing.assert_allclose(getattr(restored, weight)[...], kernel, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_nnx_bfloat16_linear_folds_on_cpu_only(monkeypatch, backend):
+  """A bfloat16 nnx.Linear folds where XLA runs its matmul in float32 (CPU), returns bfloat16,
+  and equals the layer's arithmetic in float64 rounded once; elsewhere it adds the delta."""
+  from c3a_jax import ops
+
+  calls = []
+  real_fold, real_can_fold = ops.fold, ops.can_fold
+  monkeypatch.setattr(ops, "fold", lambda *a, **k: calls.append(1) or real_fold(*a, **k))
+  monkeypatch.setattr(ops, "can_fold", lambda dtype: real_can_fold(dtype, backend))
+  layer = nnx.Linear(16, 12, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  cfg = c3a.C3AConfig(block_size=4, target_modules=".*", init_weights="gaussian")
+  adapted = c3a.attach(layer, cfg, jax.random.key(2))
+  x = jax.random.normal(jax.random.key(1), (40, 16), jnp.bfloat16)
+  with c3a.intercept():
+    y = adapted(x)
+  assert bool(calls) == (backend == "cpu") and y.dtype == jnp.bfloat16
+  f64 = lambda a: np.asarray(a, np.float64)
+  delta = dense_reference(np.asarray(adapted.c3a_kernel[...])).T
+  want = f64(x) @ (f64(adapted.kernel[...]) + delta) + f64(adapted.bias[...])
+  np.testing.assert_allclose(f64(y), want, rtol=2**-7, atol=2**-7)
+
+
 class Decoder(nnx.Module):
   """Tunix-style: a list of layers with einsum attention and Linear MLPs, then a head."""
 

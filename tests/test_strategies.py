@@ -83,8 +83,8 @@ def test_gradients_match_dense_reference(m, n, b, strategy, jit):
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 @pytest.mark.parametrize("tokens", [1, 8, 11])
 def test_kernel_grad_alone_matches_reference(monkeypatch, backend, tokens):
-  """The fold's kernel gradient: on CPU 4 tokens at a time (a scan over whole chunks, then the
-  rest), elsewhere over the whole arrays; bfloat16 activations cast where used."""
+  """The fold's kernel gradient: on CPU in chunks of about 4 tokens (uneven where 4 does not
+  divide), elsewhere over the whole arrays; bfloat16 activations cast where used."""
   from c3a_jax.ops import _kernel_grad
 
   m, n, b = 3, 2, 6

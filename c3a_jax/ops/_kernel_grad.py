@@ -16,6 +16,8 @@ matmuls up to ``b = 256`` (matrix units; TPUs' FFT is slow), FFTs beyond.
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 
@@ -26,9 +28,11 @@ from c3a_jax.ops._spectral import after, kernel_spectrum
 # matmuls (a (b, b) DFT matmul per block costs more than an FFT for large b).
 _DFT_MAX_B = 256
 
-# Bytes of float32 activations per chunk on CPU: a chunk's x, g and their spectra stay in a
-# core's L2 and the shared L3 (benchmarks/RESULTS.md section 5 sweeps it).
+# Bytes of float32 activations per chunk on CPU, so that a chunk's x, g and their spectra stay
+# in cache (0.25-2 MiB measured alike, benchmarks/RESULTS.md section 5); at most _MAX_CHUNKS
+# chunks, unrolled, which bounds what the compiler sees.
 _CHUNK_BYTES = 2**20
+_MAX_CHUNKS = 16
 
 
 def kernel_grad(
@@ -78,24 +82,16 @@ def _whole(x, g, w):
 
 def _chunked_correlation(x, g, n, b, rows):
   """``(F, 2n, 2m)``: ``[Re X, Im X]^T [Re G, Im G]`` per frequency, summed over tokens,
-  ``rows`` tokens at a time."""
+  about ``rows`` tokens at a time."""
   tokens, m = x.shape[0], g.shape[1] // b
-  chunks = tokens // rows
-
-  def correlate(x, g):
-    return jnp.einsum("tjf,tif->fji", _parts(x, n, b), _parts(g, m, b))
-
-  def step(k, total):
-    # Sliced in the loop: slicing the whole chunks up front would copy x and g.
-    start = k * rows
-    chunk = (jax.lax.dynamic_slice_in_dim(z, start, rows) for z in (x, g))
-    return total + correlate(*chunk)
-
-  if not chunks:
-    return correlate(x, g)
-  total = jax.lax.fori_loop(0, chunks, step, jnp.zeros((b // 2 + 1, 2 * n, 2 * m)))
-  if chunks * rows < tokens:
-    total = total + correlate(x[chunks * rows :], g[chunks * rows :])
+  chunks = min(_MAX_CHUNKS, -(-tokens // rows))
+  bounds = [tokens * k // chunks for k in range(chunks + 1)]
+  total = jnp.zeros((b // 2 + 1, 2 * n, 2 * m))
+  for start, stop in itertools.pairwise(bounds):
+    # Each chunk waits for the sum so far: one chunk's spectra alive at a time. (A loop op
+    # would need x and g whole, in its own layout: a copy of each per layer in a model.)
+    xs, gs = (after(z[start:stop], total) for z in (x, g))
+    total = total + jnp.einsum("tjf,tif->fji", _parts(xs, n, b), _parts(gs, m, b))
   return total
 
 
