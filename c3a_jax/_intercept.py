@@ -5,9 +5,9 @@ is the base model; under :func:`intercept` every ``nn.Dense``, ``nn.DenseGeneral
 ``nn.Einsum`` (and transformers' ``FlaxConv1D``) whose scope holds a C3A kernel returns
 ``y + delta(x)``: the input's contracted axes flattened to rows, ``block_circulant_matmul``,
 and the rows laid out as the layer's output (:mod:`c3a_jax._contraction`). A plain float32
-layer under ``strategy="auto"`` (or ``"fold"``) computes the same sum with
-``kernel + delta`` for its kernel (:func:`c3a_jax.ops.fold`), so that the adapter rides on the
-layer's own matmuls. Inside ``nn.scan`` / ``nn.vmap`` each layer sees its slice of a stacked
+layer (GPT-2's Conv1D too) under ``strategy="auto"`` (or ``"fold"``) computes the same sum
+with ``kernel + delta`` for its kernel (:func:`c3a_jax.ops.fold`), so that the adapter rides
+on the layer's own matmuls. Inside ``nn.scan`` / ``nn.vmap`` each layer sees its slice of a stacked
 C3A kernel.
 
 Example:
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -79,10 +80,13 @@ def _interceptor(next_fun, args, kwargs, context):
   x = args[0] if args else kwargs["inputs"]
   index = _slots.index_for(path, w)
   if out_in:
+    strategy = _context.strategy.get()
+    if index is None and _conv1d_folds(module, x, w, strategy):
+      return _folded_conv1d(module, x, w)
     y = next_fun(*args, **kwargs)
     if index is not None:
       return y + ops.mixed_matmul(x.astype(y.dtype), w, index)
-    return y + ops.block_circulant_matmul(x.astype(y.dtype), w, strategy=_context.strategy.get())
+    return y + ops.block_circulant_matmul(x.astype(y.dtype), w, strategy=strategy)
   try:
     c = _contraction.of_module(module, args, kwargs)
   except ValueError as e:
@@ -137,6 +141,26 @@ def _folded(module: nn.Module, c: _contraction.Contraction, x: Any, w: Any) -> A
   if bias is not None:
     y += jnp.reshape(bias, c.bias_shape())
   return y
+
+
+def _conv1d_folds(module: nn.Module, x: Any, w: Any, strategy: str) -> bool:
+  """Whether transformers' FlaxConv1D computes ``x @ (kernel.T + delta)`` (``"fold"``)."""
+  if strategy not in ("auto", "fold") or not ops.can_fold(module.dtype):
+    return False
+  rows = (math.prod(x.shape[:-1]), x.shape[-1])
+  return strategy == "fold" or ops.choose_strategy(rows, w.shape, with_base=True) == "fold"
+
+
+def _folded_conv1d(module: nn.Module, x: Any, w: Any) -> Any:
+  """FlaxConv1D's own call (inputs and kernel in its dtype, the ``(out, in)`` kernel
+  transposed, the bias added) with ``kernel.T + delta`` for its kernel."""
+  dtype = module.dtype
+  kernel = jnp.asarray(unbox(module.get_variable("params", "kernel")), dtype).T
+  rows = jnp.asarray(x, dtype).reshape(-1, x.shape[-1])
+  y = ops.fold(rows, w, kernel, precision=module.precision)
+  if module.use_bias:
+    y += jnp.asarray(unbox(module.get_variable("params", "bias")), dtype)
+  return y.reshape(*x.shape[:-1], -1).astype(dtype)
 
 
 @contextlib.contextmanager

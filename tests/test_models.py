@@ -429,6 +429,24 @@ def test_gpt2_conv1d_gets_out_in_kernels():
   assert leaves["transformer.h.1.mlp.c_proj.c3a_kernel_out_in"].shape == (4, 16, 8)
 
 
+def test_gpt2_conv1d_folds_under_auto(monkeypatch):
+  """GPT-2's Conv1D takes the fold under "auto" (its (out, in) kernel transposed, the bias
+  added), with the logits and every gradient of the additive path."""
+  case = get_case("gpt2")
+  calls = []
+  real = c3a.ops.fold
+  monkeypatch.setattr(c3a.ops, "fold", lambda *a, **k: calls.append(1) or real(*a, **k))
+  loss = lambda p, s: jnp.sum(jnp.sin(c3a.wrap(case.run, strategy=s)(p, case.inputs)))
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  got = grad(case.adapted, "auto")
+  assert len(calls) == len(case.targets)
+  calls.clear()
+  want = grad(case.adapted, "fft")
+  assert not calls
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_gpt2_without_model_type_is_a_clear_error():
   """Attached without model_type, Conv1D kernels get the (in, out) leaf; the interceptor refuses."""
   case = get_case("gpt2")
