@@ -25,10 +25,10 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "
   * ``"dense"``: builds the dense ``(d_in, d_out)`` delta and multiplies; cheapest for a
     handful of tokens or tiny blocks (``b <= 8``), where FFTs are all overhead.
   * ``"fold"``: the forward as ``"dense"``, the kernel gradient as a spectral correlation
-    (:func:`fold`). Its point is inside an adapted float32 Dense, where
-    :func:`c3a_jax.intercept` folds the delta into the frozen kernel (``x @ (W + delta)``), so
-    that the forward and the input gradient ride on the base layer's own matmuls; ``"auto"``
-    picks it there. (``"merged"``, its old name, still works, with a DeprecationWarning.)
+    (:func:`fold`). Its point is inside an adapted float32 Dense (on CPU a bfloat16 one too,
+    :func:`can_fold`), where :func:`c3a_jax.intercept` folds the delta into the frozen kernel
+    (``x @ (W + delta)``), so that the forward and the input gradient ride on the base
+    layer's own matmuls; ``"auto"`` picks it there. (``"merged"``, its old name, still works, with a DeprecationWarning.)
   * ``"auto"`` (default): picks one of the above from the block size, the number of blocks,
     the token count and the backend (:func:`choose_strategy`); the choice is a pure function
     of the shapes, so a given shape always takes the same path.
