@@ -28,7 +28,8 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "
     (:func:`fold`). Its point is inside an adapted float32 Dense (on CPU a bfloat16 one too,
     :func:`can_fold`), where :func:`c3a_jax.intercept` folds the delta into the frozen kernel
     (``x @ (W + delta)``), so that the forward and the input gradient ride on the base
-    layer's own matmuls; ``"auto"`` picks it there. (``"merged"``, its old name, still works, with a DeprecationWarning.)
+    layer's own matmuls; ``"auto"`` picks it there. (``"merged"``, its old name, still
+    works, with a DeprecationWarning.)
   * ``"auto"`` (default): picks one of the above from the block size, the number of blocks,
     the token count and the backend (:func:`choose_strategy`); the choice is a pure function
     of the shapes, so a given shape always takes the same path.
