@@ -10,7 +10,7 @@ On CPU both are memory-bound when done over whole arrays (each spectrum is writt
 read back, and the correlation runs far below matmul rate with ``tokens`` as its only long
 axis), so there the tokens go through in chunks that stay in cache: each chunk's ``rfft``
 spectra are correlated at once and summed (benchmarks/RESULTS.md section 5: at 768 wide, 4096
-tokens, b = 128, 41 ms become 17). Elsewhere the whole-array forms stay: frequency-major DFT
+tokens, b = 128, 38 ms become 15). Elsewhere the whole-array forms stay: frequency-major DFT
 matmuls up to ``b = 256`` (matrix units; TPUs' FFT is slow), FFTs beyond.
 """
 
