@@ -57,12 +57,16 @@ def test_each_row_computes_its_own_adapter_values_and_gradients(three, maybe_jit
   y = maybe_jit(lambda s: _mixed(s, base, X, INDEX))(stacked)
   grads = maybe_jit(jax.grad(loss))(stacked)
   plain = MODEL.apply({"params": base}, X)
+  # The references jitted once each (eagerly they dominated this test's time).
+  alone_y = jax.jit(_alone)
+  alone_grad = jax.jit(
+    jax.grad(lambda a, rows: jnp.sum(_alone(a, base, X) * g * rows[:, None, None]))
+  )
   for r, k in enumerate(INDEX.tolist()):
-    want = plain[r] if k < 0 else _alone(adapters[k], base, X)[r]
+    want = plain[r] if k < 0 else alone_y(adapters[k], base, X)[r]
     np.testing.assert_allclose(y[r], want, atol=2e-5)
   for k, adapter in enumerate(adapters):
-    rows = jnp.equal(INDEX, k)  # slot k's gradient comes from its rows alone
-    alone = jax.grad(lambda a: jnp.sum(_alone(a, base, X) * g * rows[:, None, None]))(adapter)
+    alone = alone_grad(adapter, jnp.equal(INDEX, k))  # slot k's gradient: its rows alone
     for layer in ("heads", "out"):
       np.testing.assert_allclose(
         grads[layer]["c3a_kernel"][k], alone[layer]["c3a_kernel"], atol=2e-5

@@ -429,6 +429,7 @@ def test_gpt2_conv1d_gets_out_in_kernels():
   assert leaves["transformer.h.1.mlp.c_proj.c3a_kernel_out_in"].shape == (4, 16, 8)
 
 
+@pytest.mark.integration  # (the default tier checks its values: test_adapted_equals_merged)
 def test_gpt2_conv1d_folds_under_auto(monkeypatch):
   """GPT-2's Conv1D takes the fold under "auto" (its (out, in) kernel transposed, the bias
   added), with the logits and every gradient of the additive path."""
@@ -586,6 +587,7 @@ def test_gradients_reach_trainable_leaves_and_match_merged_model():
     assert_close(g[k], v, f"grad of {k}: interceptor vs merged model")
 
 
+@pytest.mark.integration
 def test_split_combine_gradient_equals_one_tree_gradient():
   cfg, params, loss, _, grad = _train_setup()
   adapter, base = c3a.split(params, cfg)

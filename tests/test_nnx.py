@@ -104,7 +104,7 @@ def test_nnx_layers_equal_the_reference(name):
   np.testing.assert_allclose(getattr(restored, weight)[...], kernel, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("gpu", marks=pytest.mark.integration)])
 def test_nnx_bfloat16_linear_folds_on_cpu_only(monkeypatch, backend):
   """A bfloat16 nnx.Linear folds where XLA runs its matmul in float32 (CPU), returns bfloat16,
   and equals the layer's arithmetic in float64 rounded once; elsewhere it adds the delta."""

@@ -81,7 +81,14 @@ def test_gradients_match_dense_reference(m, n, b, strategy, jit):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
-@pytest.mark.parametrize("tokens", [1, 8, 11])
+@pytest.mark.parametrize(
+  "tokens",
+  [
+    pytest.param(1, marks=pytest.mark.integration),
+    pytest.param(8, marks=pytest.mark.integration),
+    11,
+  ],
+)
 def test_kernel_grad_alone_matches_reference(monkeypatch, backend, tokens):
   """The fold's kernel gradient: on CPU in chunks of about 4 tokens (uneven where 4 does not
   divide), elsewhere over the whole arrays; bfloat16 activations cast where used."""
@@ -100,7 +107,13 @@ def test_kernel_grad_alone_matches_reference(monkeypatch, backend, tokens):
   np.testing.assert_allclose(f(xb, g, w), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize(
+  "strategy",
+  [
+    pytest.param(s, marks=[pytest.mark.integration] * (s not in ("auto", "fold")))
+    for s in STRATEGIES
+  ],
+)
 def test_low_precision_and_token_counts(strategy):
   x, w, _ = _case(3, 2, 8)
   for tokens in (1, 7, 64):  # odd token counts reach every reshape path
@@ -223,7 +236,7 @@ def test_nested_intercept_innermost_strategy_applies(monkeypatch):
   assert seen == ["freq_major", "dense"]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("gpu", marks=pytest.mark.integration)])
 def test_interceptor_folds_float32_and_cpu_bfloat16(monkeypatch, backend):
   """ "auto" folds the delta into a plain float32 Dense (values and every gradient, the base
   kernel's included, as the additive path); a bfloat16 Dense only on CPU, where XLA runs its
