@@ -84,7 +84,7 @@ def _chunked_correlation(x, g, n, b, rows):
   """``(F, 2n, 2m)``: ``[Re X, Im X]^T [Re G, Im G]`` per frequency, summed over tokens,
   about ``rows`` tokens at a time."""
   tokens, m = x.shape[0], g.shape[1] // b
-  chunks = min(_MAX_CHUNKS, -(-tokens // rows))
+  chunks = max(1, min(_MAX_CHUNKS, -(-tokens // rows)))
   bounds = [tokens * k // chunks for k in range(chunks + 1)]
   total = jnp.zeros((b // 2 + 1, 2 * n, 2 * m))
   for start, stop in itertools.pairwise(bounds):
