@@ -171,6 +171,7 @@ def main():
         "tokens": tokens,
         "b": b,
         "seconds": t,
+        "cost": rel,  # what the table shows: median per-round ratios, "in Dense" less 1
         "auto": auto,
         "in_dense_picks": in_dense,
         "r_same": r_same,

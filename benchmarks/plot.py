@@ -46,8 +46,12 @@ def main(src: str, dst: str) -> None:
   fig, ax = plt.subplots(figsize=(max(8, 1.4 * len(rows)), 4.5))
   width = 0.8 / len(series)
   for k, s in enumerate(series):
-    # The in-Dense time includes the frozen matmul; the others are the adapter alone.
-    ratios = [r["seconds"][s] / r["seconds"]["frozen"] - (s == "in_dense") for r in rows]
+    # The in-Dense time includes the frozen matmul; the others are the adapter alone. Newer
+    # files hold the table's own figures ("cost"); older ones median seconds only.
+    ratios = [
+      r["cost"][s] if "cost" in r else r["seconds"][s] / r["seconds"]["frozen"] - (s == "in_dense")
+      for r in rows
+    ]
     ax.bar(
       [i + (k - len(series) / 2) * width for i in range(len(rows))],
       ratios,
