@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from c3a_jax import ops
+
 
 def machine() -> str:
   """One line naming the CPU, core count, load, JAX version and date."""
@@ -99,6 +101,15 @@ def fwd_bwd(f: Callable[..., jax.Array]) -> Callable[..., Any]:
     return y, vjp(g)
 
   return jax.jit(step)
+
+
+def adapted_dense(dtype: Any, x_shape: tuple[int, ...], w_shape: tuple[int, int, int]):
+  """(f(x, kernel, w), folds): one adapted Dense computed as c3a.intercept() runs it under
+  "auto" (``x @ (kernel + delta)`` where it folds, else ``x @ kernel`` plus the delta), the
+  frozen kernel held out of the gradient."""
+  if ops.can_fold(dtype) and ops.choose_strategy(x_shape, w_shape, with_base=True) == "fold":
+    return (lambda x, k, w: ops.fold(x, w, jax.lax.stop_gradient(k)).astype(x.dtype)), True
+  return (lambda x, k, w: x @ jax.lax.stop_gradient(k) + ops.block_circulant_matmul(x, w)), False
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

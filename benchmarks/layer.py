@@ -39,7 +39,16 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fwd_bwd, machine, markdown_table, print_row, ratios, rounds, wait_for_quiet
+from common import (
+  adapted_dense,
+  fwd_bwd,
+  machine,
+  markdown_table,
+  print_row,
+  ratios,
+  rounds,
+  wait_for_quiet,
+)
 
 from c3a_jax import ops
 from c3a_jax.experimental import pallas
@@ -91,10 +100,9 @@ def measure(d_in, d_out, tokens, b, repeats, strategies=STRATEGIES, dtype=jnp.fl
       fwd_bwd(lambda x, k: x @ jax.lax.stop_gradient(k))
     )
   }
+  in_dense, folds = adapted_dense(dtype, x.shape, w.shape)
   folded = lambda x, k, w: ops.fold(x, w, jax.lax.stop_gradient(k)).astype(x.dtype)
-  added = lambda x, k, w: x @ jax.lax.stop_gradient(k) + ops.block_circulant_matmul(x, w)
-  in_dense = ops.can_fold(dtype) and _folds(x.shape, w.shape)
-  for name, f in (("in_dense", folded if in_dense else added), ("fold_in_dense", folded)):
+  for name, f in (("in_dense", in_dense), ("fold_in_dense", folded)):
     fns[name] = (lambda f: lambda: f(x, kernel, w, g))(fwd_bwd(f))
   for name, r in (("lora8", 8), ("lora_same", r_same)):
     a = (jax.random.normal(keys[4], (d_in, r)) / d_in**0.5).astype(dtype)
@@ -108,11 +116,8 @@ def measure(d_in, d_out, tokens, b, repeats, strategies=STRATEGIES, dtype=jnp.fl
       f = fwd_bwd(lambda x, w, s=s: ops.block_circulant_matmul(x, w, strategy=s))
     fns[s] = (lambda f: lambda: f(x, w, g))(f)
   times = rounds(fns, repeats)
-  return {k: statistics.median(v) for k, v in times.items()}, ratios(times, "frozen"), r_same
-
-
-def _folds(x_shape, w_shape):
-  return ops.choose_strategy(x_shape, w_shape, with_base=True) == "fold"
+  medians = {k: statistics.median(v) for k, v in times.items()}
+  return medians, ratios(times, "frozen"), r_same, folds
 
 
 def main():
@@ -131,13 +136,12 @@ def main():
   rows, raw = [], []
   for d_in, d_out, tokens, b in shapes:
     repeats = args.repeats if d_in * d_out * tokens < 2**34 else max(3, args.repeats // 2)
-    t, rel, r_same = measure(d_in, d_out, tokens, b, repeats, dtype=dtype)
+    t, rel, r_same, folds = measure(d_in, d_out, tokens, b, repeats, dtype=dtype)
     auto = ops.choose_strategy((tokens, d_in), (d_out // b, d_in // b, b))
     best = min(STRATEGIES[:-1], key=lambda s: t[s])
     target = TARGETS.get((d_in, d_out, tokens, b))
     rel["in_dense"] -= 1.0
     rel["fold_in_dense"] -= 1.0
-    folds = ops.can_fold(dtype) and _folds((tokens, d_in), (d_out // b, d_in // b, b))
     in_dense = "fold" if folds else auto
     if target is not None and dtype == jnp.bfloat16:
       target = round(BF16_TARGET * rel["lora8"], 3)  # bfloat16: against LoRA's own extra

@@ -30,9 +30,16 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fwd_bwd, machine, markdown_table, print_row, ratios, rounds, wait_for_quiet
-
-from c3a_jax import ops
+from common import (
+  adapted_dense,
+  fwd_bwd,
+  machine,
+  markdown_table,
+  print_row,
+  ratios,
+  rounds,
+  wait_for_quiet,
+)
 
 SHAPES = [(768, 768, 4096, 128), (4096, 4096, 2048, 256)]
 
@@ -73,11 +80,7 @@ def jax_fns(d_in, d_out, tokens, b, dtype):
   g = jax.random.normal(keys[2], (tokens, d_out), dtype)
   w = jax.random.normal(keys[3], (d_out // b, d_in // b, b), jnp.float32)
   frozen = fwd_bwd(lambda x, k: x @ jax.lax.stop_gradient(k))
-  folds = ops.can_fold(dtype) and ops.choose_strategy(x.shape, w.shape, with_base=True) == "fold"
-  if folds:
-    adapted = lambda x, k, w: ops.fold(x, w, jax.lax.stop_gradient(k)).astype(x.dtype)
-  else:
-    adapted = lambda x, k, w: x @ jax.lax.stop_gradient(k) + ops.block_circulant_matmul(x, w)
+  adapted, folds = adapted_dense(dtype, x.shape, w.shape)
   adapted = fwd_bwd(adapted)
   return (lambda: frozen(x, kernel, g)), (lambda: adapted(x, kernel, w, g)), folds
 

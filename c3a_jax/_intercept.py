@@ -45,6 +45,7 @@ from c3a_jax import _context, _contraction, _slots, ops
 from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._trace import stores_out_in
 from c3a_jax._tree import unbox
+from c3a_jax.ops._strategy import takes_fold
 
 C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
 F = TypeVar("F", bound=Callable[..., Any])
@@ -79,9 +80,10 @@ def _interceptor(next_fun, args, kwargs, context):
   w = unbox(module.get_variable("params", name))
   x = args[0] if args else kwargs["inputs"]
   index = _slots.index_for(path, w)
+  strategy = _context.strategy.get()
   if out_in:
-    strategy = _context.strategy.get()
-    if index is None and _conv1d_folds(module, x, w, strategy):
+    rows_shape = (math.prod(x.shape[:-1]), x.shape[-1])
+    if index is None and ops.can_fold(module.dtype) and takes_fold(strategy, rows_shape, w.shape):
       return _folded_conv1d(module, x, w)
     y = next_fun(*args, **kwargs)
     if index is not None:
@@ -96,11 +98,8 @@ def _interceptor(next_fun, args, kwargs, context):
     y = next_fun(*args, **kwargs)
     return y + c.from_rows(_slots.mixed_rows(path, c.to_rows(x).astype(y.dtype), w, index))
   rows = c.to_rows(x)
-  strategy = _context.strategy.get()
   fold_dtype = _fold_dtype(module, x)
-  if strategy == "auto" and fold_dtype is not None:
-    strategy = ops.choose_strategy(rows.shape, w.shape, with_base=True)
-  if strategy == "fold" and fold_dtype is not None:
+  if fold_dtype is not None and takes_fold(strategy, rows.shape, w.shape):
     return _folded(module, c, x, w).astype(fold_dtype)
   y = next_fun(*args, **kwargs)
   # Cast x as the layer casts its inputs, so the delta sees what the base matmul saw.
@@ -141,14 +140,6 @@ def _folded(module: nn.Module, c: _contraction.Contraction, x: Any, w: Any) -> A
   if bias is not None:
     y += jnp.reshape(bias, c.bias_shape())
   return y
-
-
-def _conv1d_folds(module: nn.Module, x: Any, w: Any, strategy: str) -> bool:
-  """Whether transformers' FlaxConv1D computes ``x @ (kernel.T + delta)`` (``"fold"``)."""
-  if strategy not in ("auto", "fold") or not ops.can_fold(module.dtype):
-    return False
-  rows = (math.prod(x.shape[:-1]), x.shape[-1])
-  return strategy == "fold" or ops.choose_strategy(rows, w.shape, with_base=True) == "fold"
 
 
 def _folded_conv1d(module: nn.Module, x: Any, w: Any) -> Any:

@@ -39,6 +39,7 @@ from flax import nnx
 
 from c3a_jax import _context, _contraction, _layout, _merge_record, _slots, _tree, ops
 from c3a_jax._trace import Traced
+from c3a_jax.ops._strategy import takes_fold
 
 C3A_KERNEL = _layout.C3A_LEAVES[0]
 
@@ -200,9 +201,8 @@ def _adapted_call(self, *args, **kwargs):
     return y + c.from_rows(delta).astype(y.dtype)
   strategy = _context.strategy.get()
   fold_dtype = _fold_dtype(self, x)
-  if strategy == "auto" and fold_dtype is not None:
-    strategy = ops.choose_strategy((*x.shape[: len(c.free)], c.d_in), w.shape, with_base=True)
-  if strategy == "fold" and fold_dtype is not None:
+  rows_shape = (*x.shape[: len(c.free)], c.d_in)
+  if fold_dtype is not None and takes_fold(strategy, rows_shape, w.shape):
     return _folded(self, c, x, w, fold_dtype)
   y = type(self).c3a_base.__call__(self, *args, **kwargs)
   rows = c.to_rows(x).astype(y.dtype)

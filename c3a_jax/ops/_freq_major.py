@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from c3a_jax.ops._spectral import after, dft_halves, kernel_spectrum
+from c3a_jax.ops._spectral import after, conj_product_parts, dft_halves, kernel_spectrum
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # the DFT must stay float32-exact on TPU/GPU matrix units
 
@@ -41,8 +41,14 @@ def kernel_grad(x: jax.Array, g: jax.Array, w: jax.Array) -> jax.Array:
   frequencies; ``x``: ``(tokens, n * b)``, ``g``: ``(tokens, m * b)``, both float32.
   """
   m, n, _ = w.shape
+  return spectrum_grad(w, _correlation(x, *_spectrum(g, m), n))
+
+
+def spectrum_grad(w: jax.Array, parts: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """The gradient with respect to ``w`` from that of its frequency-major spectrum: real and
+  imaginary ``(F, n, m)`` parts, e.g. a correlation ``sum_t conj(G) X``."""
   _, vjp = jax.vjp(_frequency_major, w)
-  return vjp(_correlation(x, *_spectrum(g, m), n))[0]
+  return vjp(parts)[0]
 
 
 def _frequency_major(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -83,11 +89,8 @@ def _correlate(a: jax.Array, g: jax.Array) -> jax.Array:
 def _correlation(x, gr, gi, n):
   """(F, n, m) real and imaginary sum_t conj(G) X, for x (tokens, n * b) and G's spectrum."""
   xr, xi = _spectrum(after(x, gr), n)
-  m = gr.shape[-1]
-  # One matmul over [re, im] x [re, im] instead of four thin ones (each (F, n, m), n and m a
-  # few blocks): XLA:CPU runs such thin contractions far below its matmul rate.
   c = _correlate(jnp.concatenate([xr, xi], -1), jnp.concatenate([gr, gi], -1))
-  return c[:, :n, :m] + c[:, n:, m:], c[:, n:, :m] - c[:, :n, m:]
+  return conj_product_parts(c, n, gr.shape[-1])
 
 
 @jax.custom_vjp

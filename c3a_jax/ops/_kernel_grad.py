@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from c3a_jax.ops import _fft, _freq_major
-from c3a_jax.ops._spectral import after, kernel_spectrum
+from c3a_jax.ops._spectral import after, conj_product_parts
 
 # Above this block size the whole-array kernel gradient's transforms are FFTs, below it DFT
 # matmuls (a (b, b) DFT matmul per block costs more than an FFT for large b).
@@ -63,12 +63,8 @@ def kernel_grad(
   m, n, b = w.shape
   if (backend or jax.default_backend()) != "cpu":
     return _whole(x.astype(jnp.float32), g.astype(jnp.float32), w)
-  _, pullback = jax.vjp(kernel_spectrum, w)
   c = _chunked_correlation(x, g, n, b, rows=max(1, _CHUNK_BYTES // (4 * x.shape[1])))
-  # c[f, (part, j), (part', i)]: parts are (real, imaginary); sum_t conj(G) X in re and im.
-  re = c[:, :n, :m] + c[:, n:, m:]
-  im = c[:, n:, :m] - c[:, :n, m:]
-  return pullback((re.transpose(2, 1, 0), im.transpose(2, 1, 0)))[0]
+  return _freq_major.spectrum_grad(w, conj_product_parts(c, n, m))
 
 
 def _whole(x, g, w):

@@ -71,6 +71,15 @@ def can_fold(dtype: Any, backend: str | None = None) -> bool:
   return dtype in (jnp.bfloat16, jnp.float16) and (backend or jax.default_backend()) == "cpu"
 
 
+def takes_fold(strategy: str, x_shape: tuple[int, ...], w_shape: tuple[int, int, int]) -> bool:
+  """Whether a layer whose kernel can absorb the delta (:func:`can_fold`) computes
+  ``x @ (W + delta)`` under ``strategy``: always for ``"fold"``, for ``"auto"`` where
+  :func:`choose_strategy` (``with_base=True``) picks it."""
+  return strategy == "fold" or (
+    strategy == "auto" and choose_strategy(x_shape, w_shape, with_base=True) == "fold"
+  )
+
+
 def choose_strategy(
   x_shape: tuple[int, ...],
   w_shape: tuple[int, int, int],
