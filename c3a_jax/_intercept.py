@@ -83,7 +83,8 @@ def _interceptor(next_fun, args, kwargs, context):
   strategy = _context.strategy.get()
   if out_in:
     rows_shape = (math.prod(x.shape[:-1]), x.shape[-1])
-    if index is None and ops.can_fold(module.dtype) and takes_fold(strategy, rows_shape, w.shape):
+    foldable = ops.can_fold(module.dtype, precision=module.precision)
+    if index is None and foldable and takes_fold(strategy, rows_shape, w.shape):
       return _folded_conv1d(module, x, w)
     y = next_fun(*args, **kwargs)
     if index is not None:
@@ -127,7 +128,7 @@ def _fold_dtype(module: nn.Module, x: Any) -> Any:
     return None
   kernel = unbox(module.get_variable("params", "kernel"))
   dtype = jnp.dtype(module.dtype or jnp.result_type(x, kernel))
-  return dtype if ops.can_fold(dtype) else None
+  return dtype if ops.can_fold(dtype, precision=module.precision) else None
 
 
 def _folded(module: nn.Module, c: _contraction.Contraction, x: Any, w: Any) -> Any:

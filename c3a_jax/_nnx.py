@@ -233,7 +233,9 @@ def _fold_dtype(layer: nnx.Module, x: Any) -> Any:
     return None
   kernel = getattr(layer, _kind(layer).kernel)[...]
   dtype = jnp.dtype(getattr(layer, "dtype", None) or jnp.result_type(x, kernel))
-  return dtype if ops.can_fold(dtype) and ops.can_fold(kernel.dtype) else None
+  precision = getattr(layer, "precision", None)
+  foldable = all(ops.can_fold(d, precision=precision) for d in (dtype, kernel.dtype))
+  return dtype if foldable else None
 
 
 def _folded(layer: nnx.Module, c: _contraction.Contraction, x: Any, w: Any, dtype: Any) -> Any:

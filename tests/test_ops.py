@@ -10,6 +10,9 @@ import pytest
 from c3a_jax import ops
 from tests.reference import dense_reference, kernel_grad_reference
 
+# Ops alone: at the backend's default matmul precision, which C3A's own precision overrides.
+pytestmark = pytest.mark.backend_precision
+
 SHAPES = [(1, 1, 1), (2, 3, 1), (1, 1, 2), (2, 2, 3), (3, 2, 5), (2, 1, 7), (1, 2, 8), (2, 2, 16)]
 
 

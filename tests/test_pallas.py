@@ -8,6 +8,9 @@ import pytest
 from c3a_jax.experimental import pallas
 from tests.reference import dense_reference, kernel_grad_reference
 
+# Ops alone: at the backend's default matmul precision, which C3A's own precision overrides.
+pytestmark = pytest.mark.backend_precision
+
 # Interpret mode runs the kernel op by op, unrolled over block pairs: slow. The default tier
 # runs one shape (odd b, several blocks each way) and the token tiles below.
 SHAPES = [

@@ -57,6 +57,7 @@ def _case(m, n, b, seed=0):
   return x, w, g
 
 
+@pytest.mark.backend_precision
 @pytest.mark.parametrize("m,n,b,strategy,jit", CASES)
 def test_forward_matches_dense_reference(m, n, b, strategy, jit):
   x, w, _ = _case(m, n, b)
@@ -69,6 +70,7 @@ def test_forward_matches_dense_reference(m, n, b, strategy, jit):
   np.testing.assert_allclose(y, x @ dense_reference(w).T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.backend_precision
 @pytest.mark.parametrize("m,n,b,strategy,jit", CASES)
 def test_gradients_match_dense_reference(m, n, b, strategy, jit):
   x, w, g = _case(m, n, b, seed=1)
@@ -80,6 +82,7 @@ def test_gradients_match_dense_reference(m, n, b, strategy, jit):
   np.testing.assert_allclose(gw, kernel_grad_reference(x, w, g), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.backend_precision
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 @pytest.mark.parametrize(
   "tokens",
@@ -107,6 +110,7 @@ def test_kernel_grad_alone_matches_reference(monkeypatch, backend, tokens):
   np.testing.assert_allclose(f(xb, g, w), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.backend_precision
 @pytest.mark.parametrize(
   "strategy",
   [
@@ -158,6 +162,7 @@ def test_unknown_strategy_is_an_error():
     c3a.wrap(lambda: None, strategy="x")
 
 
+@pytest.mark.backend_precision
 def test_merged_is_a_deprecated_name_for_fold():
   x, w, _ = _case(2, 3, 4)
   with pytest.warns(DeprecationWarning, match=r"strategy='merged' is deprecated.*'fold'"):
@@ -236,26 +241,38 @@ def test_nested_intercept_innermost_strategy_applies(monkeypatch):
   assert seen == ["freq_major", "dense"]
 
 
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("gpu", marks=pytest.mark.integration)])
-def test_interceptor_folds_float32_and_cpu_bfloat16(monkeypatch, backend):
-  """ "auto" folds the delta into a plain float32 Dense (values and every gradient, the base
-  kernel's included, as the additive path); a bfloat16 Dense only on CPU, where XLA runs its
-  matmul in float32 anyway (``backend`` stands for where ``ops.can_fold`` thinks it runs)."""
+@pytest.mark.parametrize(
+  "backend,precision",
+  [
+    ("cpu", None),
+    pytest.param("gpu", None, marks=pytest.mark.integration),
+    pytest.param("gpu", "highest", marks=pytest.mark.integration),
+  ],
+)
+def test_interceptor_folds_where_the_layer_computes_in_float32(monkeypatch, backend, precision):
+  """The delta is folded into a plain Dense (values and every gradient, the base kernel's
+  included, as the additive path) where the layer's product is full float32: on CPU a float32
+  or a bfloat16 one (XLA:CPU runs the latter in float32 anyway) under "auto"; elsewhere a
+  float32 one at HIGHEST under "fold" ("auto" does not fold there). ``backend`` stands for
+  where ``ops.can_fold`` thinks it runs."""
   calls = []
   real_fold, real_can_fold = ops.fold, ops.can_fold
   monkeypatch.setattr(ops, "fold", lambda *a, **k: calls.append(1) or real_fold(*a, **k))
-  monkeypatch.setattr(ops, "can_fold", lambda dtype: real_can_fold(dtype, backend))
+  monkeypatch.setattr(
+    ops, "can_fold", lambda dtype, precision=None: real_can_fold(dtype, backend, precision)
+  )
+  strategy = "auto" if backend == "cpu" else "fold"
   x = jax.random.normal(jax.random.key(0), (3, 5, 16))
   for dtype in (jnp.float32, jnp.bfloat16):
-    folds = dtype == jnp.float32 or backend == "cpu"
-    model = nn.Dense(12, dtype=dtype, param_dtype=dtype)
+    folds = backend == "cpu" or (dtype == jnp.float32 and precision == "highest")
+    model = nn.Dense(12, dtype=dtype, param_dtype=dtype, precision=precision)
     params = dict(model.init(jax.random.key(1), x)["params"])
     params["c3a_kernel"] = jax.random.normal(jax.random.key(2), (3, 4, 4))
     apply = lambda p, x, s: c3a.wrap(model.apply, strategy=s)({"params": p}, x)
     loss = lambda p, x, s: jnp.sum(jnp.sin(apply(p, x, s)))
     calls.clear()
-    y = jax.jit(apply, static_argnums=2)(params, x, "auto")
-    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, "auto")
+    y = jax.jit(apply, static_argnums=2)(params, x, strategy)
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(params, x, strategy)
     assert bool(calls) == folds and y.dtype == dtype
     # The layer's arithmetic in float64, rounded once to its dtype.
     xd, kernel = (np.asarray(jnp.asarray(a, dtype), np.float64) for a in (x, params["kernel"]))

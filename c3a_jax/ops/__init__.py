@@ -5,8 +5,10 @@ matrix whose ``(i, j)`` block is circulant with first row ``w[i, j]``::
 
     delta[i*b + r, j*b + c] = w[i, j, (c - r) mod b] / d_in        d_in = n * b
 
-The ``1 / d_in`` scale is PEFT's; keeping it makes adapters interchangeable with PEFT. This
-sub-package imports nothing else from ``c3a_jax``: it is the bottom layer.
+The ``1 / d_in`` scale is PEFT's; keeping it makes adapters interchangeable with PEFT. Every
+matmul here runs at :data:`PRECISION` (``HIGHEST``), so a float32 layer's delta is float32-exact
+on every backend, whatever ``jax_default_matmul_precision`` says. This sub-package imports
+nothing else from ``c3a_jax``: it is the bottom layer.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -20,7 +22,7 @@ Example:
 
 from c3a_jax.ops._fold import fold
 from c3a_jax.ops._init import INIT_WEIGHTS, InitWeights, init
-from c3a_jax.ops._kernel import compute_dtype, delta_weight
+from c3a_jax.ops._kernel import PRECISION, compute_dtype, delta_weight
 from c3a_jax.ops._matmul import block_circulant_matmul
 from c3a_jax.ops._mixed import mixed_matmul
 from c3a_jax.ops._strategy import (
@@ -33,6 +35,7 @@ from c3a_jax.ops._strategy import (
 
 __all__ = [
   "INIT_WEIGHTS",
+  "PRECISION",
   "STRATEGIES",
   "InitWeights",
   "Strategy",

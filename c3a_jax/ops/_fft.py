@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from c3a_jax.ops._kernel import compute_dtype
+from c3a_jax.ops._kernel import PRECISION, compute_dtype
 
 
 def apply(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -18,7 +18,7 @@ def apply(x: jax.Array, w: jax.Array) -> jax.Array:
   m, n, b = w.shape
   dtype = compute_dtype(x.dtype, w.dtype)
   xf = jnp.fft.rfft(x.astype(dtype).reshape(-1, n, b), axis=-1)
-  yf = jnp.einsum("tjf,ijf->tif", xf, kernel_spectrum(w, dtype))
+  yf = jnp.einsum("tjf,ijf->tif", xf, kernel_spectrum(w, dtype), precision=PRECISION)
   return jnp.fft.irfft(yf, n=b, axis=-1).reshape(-1, m * b)
 
 

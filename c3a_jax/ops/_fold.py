@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from c3a_jax.ops._kernel import delta_weight, kernel_shape
+from c3a_jax.ops._kernel import PRECISION, delta_weight, kernel_shape
 from c3a_jax.ops._kernel_grad import kernel_grad
 from c3a_jax.ops._spectral import after
 
@@ -32,17 +32,19 @@ def fold(
 ) -> jax.Array:
   """``x @ (kernel + delta_weight(w))`` in float32; ``kernel=None``: ``x @ delta_weight(w)``.
 
-  The interceptor computes a plain float32 ``flax.linen.Dense`` this way under ``"auto"`` when
-  the tokens are enough to pay for building ``W'`` twice (:func:`choose_strategy`); on CPU a
-  bfloat16 one too, whose matmul XLA:CPU runs in float32 anyway (:func:`can_fold`). On
-  accelerators lower precision layers never fold: rounding ``W + delta`` to bfloat16 would
-  lose the small delta.
+  The interceptor computes a plain ``flax.linen.Dense`` this way where :func:`can_fold` says
+  its product is full float32 (CPU; elsewhere a float32 layer at ``HIGHEST``) and, under
+  ``"auto"``, where :func:`choose_strategy` picks it (on CPU, with enough tokens to pay for
+  building ``W'`` twice). The delta's accuracy is then that of the layer's own product,
+  relative to ``W``: at TF32 or one bfloat16 pass the small delta would be rounded away.
 
   Args:
     x: ``(..., d_in)`` activations, any float dtype; computed in float32.
     w: ``(m, n, b)`` C3A kernel with ``n * b = d_in``.
     kernel: ``(d_in, d_out)`` frozen Dense kernel, or None.
-    precision: passed to the matmuls, as ``flax.linen.Dense(precision=...)``.
+    precision: the frozen layer's (``flax.linen.Dense(precision=...)``), passed to the matmuls
+      with ``kernel``; without a kernel the product is C3A's alone and runs at
+      :data:`c3a_jax.ops.PRECISION`.
 
   Returns:
     ``(..., d_out)`` float32. Gradients flow to ``x``, ``w`` and ``kernel`` (the last is a
@@ -65,6 +67,8 @@ def fold(
       f"{tuple(w.shape)} (m, n, b) needs x with n*b = {n * b} features and a kernel "
       f"({n * b}, {m * b})"
     )
+  if kernel is None:
+    precision = PRECISION
   lead = x.shape[:-1]
   # x and the kernel keep their dtypes (the backward pass keeps x) and are cast where used.
   return _fold(x.reshape(-1, n * b), w, kernel, precision).reshape(*lead, m * b)

@@ -24,9 +24,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from c3a_jax.ops._kernel import PRECISION
 from c3a_jax.ops._spectral import after, conj_product_parts, dft_halves, kernel_spectrum
-
-_HIGHEST = jax.lax.Precision.HIGHEST  # the DFT must stay float32-exact on TPU/GPU matrix units
 
 
 def apply(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -62,7 +61,7 @@ def _spectrum(z: jax.Array, blocks: int) -> tuple[jax.Array, jax.Array]:
   rows = z.reshape(tokens * blocks, b)
   # Contracting both operands' last axis gives the frequency-major output without a transpose.
   return tuple(
-    jnp.einsum("fs,rs->fr", jnp.asarray(h), rows, precision=_HIGHEST).reshape(-1, tokens, blocks)
+    jnp.einsum("fs,rs->fr", jnp.asarray(h), rows, precision=PRECISION).reshape(-1, tokens, blocks)
     for h in dft_halves(b)
   )
 
@@ -72,18 +71,18 @@ def _unspectrum(re: jax.Array, im: jax.Array, b: int) -> jax.Array:
   (tokens, blocks * b)."""
   f, tokens, _ = re.shape
   cos, sin = (jnp.asarray(h) for h in dft_halves(b))
-  rows = jnp.einsum("fr,fs->rs", re.reshape(f, -1), cos, precision=_HIGHEST) + jnp.einsum(
-    "fr,fs->rs", im.reshape(f, -1), sin, precision=_HIGHEST
+  rows = jnp.einsum("fr,fs->rs", re.reshape(f, -1), cos, precision=PRECISION) + jnp.einsum(
+    "fr,fs->rs", im.reshape(f, -1), sin, precision=PRECISION
   )
   return rows.reshape(tokens, -1)
 
 
 def _mul(a: jax.Array, k: jax.Array) -> jax.Array:
-  return jnp.einsum("ftj,fji->fti", a, k, precision=_HIGHEST)
+  return jnp.einsum("ftj,fji->fti", a, k, precision=PRECISION)
 
 
 def _correlate(a: jax.Array, g: jax.Array) -> jax.Array:
-  return jnp.einsum("ftj,fti->fji", a, g, precision=_HIGHEST)
+  return jnp.einsum("ftj,fti->fji", a, g, precision=PRECISION)
 
 
 def _correlation(x, gr, gi, n):

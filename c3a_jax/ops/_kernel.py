@@ -1,4 +1,5 @@
-"""A C3A kernel ``(m, n, b)``: its shape check and the dense weight change it stands for."""
+"""A C3A kernel ``(m, n, b)``: its shape check, what it computes in, and the dense weight change
+it stands for."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ def kernel_shape(w: Any, where: str) -> tuple[int, int, int]:
   if len(shape) != 3 or min(shape) < 1:
     raise ValueError(f"{where}: a C3A kernel has shape (d_out // b, d_in // b, b), got {shape}")
   return shape
+
+
+PRECISION = jax.lax.Precision.HIGHEST
+"""The precision of every matmul inside the C3A math, on every backend and whatever
+``jax_default_matmul_precision`` says: XLA's default float32 matmul is TF32 on NVIDIA GPUs
+(about 10 mantissa bits) and one bfloat16 pass on TPUs, which would leave a float32 layer's
+delta about 1e-3 off PEFT's. A frozen layer's own product keeps its user's precision."""
 
 
 def compute_dtype(*dtypes: Any) -> Any:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from c3a_jax.ops import _fft, _freq_major
+from c3a_jax.ops._kernel import PRECISION
 from c3a_jax.ops._spectral import after, conj_product_parts
 
 # Above this block size the whole-array kernel gradient's transforms are FFTs, below it DFT
@@ -87,7 +88,9 @@ def _chunked_correlation(x, g, n, b, rows):
     # Each chunk waits for the sum so far: one chunk's spectra alive at a time. (A loop op
     # would need x and g whole, in its own layout: a copy of each per layer in a model.)
     xs, gs = (after(z[start:stop], total) for z in (x, g))
-    total = total + jnp.einsum("tjf,tif->fji", _parts(xs, n, b), _parts(gs, m, b))
+    total = total + jnp.einsum(
+      "tjf,tif->fji", _parts(xs, n, b), _parts(gs, m, b), precision=PRECISION
+    )
   return total
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from c3a_jax.ops import _fft, _freq_major
 from c3a_jax.ops._fold import fold
-from c3a_jax.ops._kernel import compute_dtype, delta_weight, kernel_shape
+from c3a_jax.ops._kernel import PRECISION, compute_dtype, delta_weight, kernel_shape
 from c3a_jax.ops._strategy import Strategy, check_strategy, choose_strategy
 
 
@@ -73,7 +73,7 @@ def block_circulant_matmul(x: jax.Array, w: jax.Array, *, strategy: Strategy = "
   elif strategy == "freq_major":
     y = _freq_major.apply(x2.astype(jnp.float32), w)
   elif strategy == "dense":
-    y = x2.astype(dtype) @ delta_weight(w).astype(dtype)
+    y = jnp.matmul(x2.astype(dtype), delta_weight(w).astype(dtype), precision=PRECISION)
   else:
     y = fold(x2, w)
   return y.reshape(*lead, m * b).astype(x.dtype)

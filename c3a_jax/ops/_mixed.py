@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from c3a_jax.ops import _fft
-from c3a_jax.ops._kernel import compute_dtype
+from c3a_jax.ops._kernel import PRECISION, compute_dtype
 
 
 def mixed_matmul(x: jax.Array, w: jax.Array, index: jax.Array) -> jax.Array:
@@ -68,6 +68,6 @@ def mixed_matmul(x: jax.Array, w: jax.Array, index: jax.Array) -> jax.Array:
   picked = jnp.where(
     valid[:, None, None, None], wf[jnp.where(valid, index, 0)], fill[:, None, None, None]
   )
-  yf = jnp.einsum("rtjf,rijf->rtif", xf, picked)
+  yf = jnp.einsum("rtjf,rijf->rtif", xf, picked, precision=PRECISION)
   y = jnp.fft.irfft(yf, n=b, axis=-1)
   return y.reshape(*lead, m * b).astype(x.dtype)

@@ -18,7 +18,7 @@ STRATEGIES: tuple[Strategy, ...] = ("auto", "fft", "freq_major", "dense", "fold"
 # Old names, accepted for one release with a DeprecationWarning.
 _RENAMED = {"merged": "fold"}
 
-# "auto" thresholds, from benchmarks/layer.py on a 2-core CPU (see benchmarks/RESULTS.md).
+# "auto" thresholds on CPU, from benchmarks/layer.py on a 2-core machine (benchmarks/RESULTS.md).
 _DENSE_MAX_B = 8
 _DENSE_MAX_TOKENS = 16
 _FREQ_MAJOR_MAX_B = 256
@@ -50,25 +50,47 @@ def check_strategy(strategy: str, where: str, *, stacklevel: int = 3) -> Strateg
   return strategy
 
 
-def can_fold(dtype: Any, backend: str | None = None) -> bool:
-  """Whether a Dense computing in ``dtype`` on ``backend`` can take ``"fold"`` without rounding.
+def can_fold(
+  dtype: Any, backend: str | None = None, precision: jax.lax.PrecisionLike = None
+) -> bool:
+  """Whether a Dense computing in ``dtype`` at ``precision`` on ``backend`` can take
+  ``"fold"`` (``x @ (W + delta)``, :func:`fold`) without rounding the delta.
 
-  float32 everywhere. bfloat16 and float16 on CPU only: XLA:CPU runs their matmuls as float32
-  ones (it converts the operands; the results are bit-identical), so the float32 ``W + delta``
-  rounds nothing the base layer does not, and costs no more. On accelerators a low-precision
-  matmul is native: ``W + delta`` in bfloat16 would round the small delta away, and a float32
-  matmul would be slower than the layer's own.
+  The folded delta is as accurate as the layer's own product, relative to ``W``, so that product
+  must be full float32. On CPU it always is: XLA:CPU computes float32 matmuls exactly, and
+  bfloat16 and float16 ones as float32 ones (it converts the operands; the results are
+  bit-identical), so the float32 ``W + delta`` rounds nothing the base layer does not, and
+  costs no more. On accelerators only a float32 layer at ``HIGHEST`` (its own ``precision``, or
+  else ``jax_default_matmul_precision``): XLA's default float32 matmul is TF32 on NVIDIA GPUs
+  and one bfloat16 pass on TPUs (a folded 4096x4096 delta came out 1.9% off on an H200), and a
+  low-precision matmul is native there (``W + delta`` in bfloat16 would round the delta away).
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from c3a_jax import ops
     >>> ops.can_fold(jnp.bfloat16, backend="cpu"), ops.can_fold(jnp.bfloat16, backend="gpu")
     (True, False)
+    >>> ops.can_fold(jnp.float32, "gpu"), ops.can_fold(jnp.float32, "gpu", "highest")
+    (False, True)
   """
   dtype = jnp.dtype(dtype)
-  if dtype == jnp.float32:
-    return True
-  return dtype in (jnp.bfloat16, jnp.float16) and (backend or jax.default_backend()) == "cpu"
+  if (backend or jax.default_backend()) == "cpu":
+    return dtype in (jnp.float32, jnp.bfloat16, jnp.float16)
+  return dtype == jnp.float32 and _full_float32(precision)
+
+
+def _full_float32(precision: jax.lax.PrecisionLike) -> bool:
+  """Whether a float32 matmul at ``precision`` (None: JAX's default) is exact float32."""
+  if precision is None:
+    precision = jax.config.jax_default_matmul_precision
+  if isinstance(precision, (tuple, list)):
+    return all(_full_float32(p) for p in precision)
+  if isinstance(precision, jax.lax.DotAlgorithmPreset):
+    return precision == jax.lax.DotAlgorithmPreset.F32_F32_F32
+  try:
+    return jax.lax.Precision(precision) == jax.lax.Precision.HIGHEST
+  except (TypeError, ValueError):  # None left (XLA's default), or a name JAX does not know
+    return False
 
 
 def takes_fold(strategy: str, x_shape: tuple[int, ...], w_shape: tuple[int, int, int]) -> bool:
@@ -90,14 +112,24 @@ def choose_strategy(
   """The strategy ``"auto"`` uses for activations of ``x_shape`` and a kernel of ``w_shape``.
 
   Deterministic: a function of the shapes, the backend (default: JAX's default backend) and
-  ``with_base`` only. The thresholds come from ``benchmarks/layer.py`` (see
-  benchmarks/RESULTS.md).
+  ``with_base`` only. A table per backend, from ``benchmarks/layer.py`` and
+  ``benchmarks/accelerator.py`` (see benchmarks/RESULTS.md):
+
+  * CPU (measured on a 2-core x86 machine): ``"fold"`` where it can
+    (``with_base=True``, below) with tokens enough to pay for building the delta, at least
+    ``d_in * d_out / (2 * (d_in + d_out))``; ``"dense"`` for ``b <= 8`` or at most 16 tokens;
+    ``"freq_major"`` for many blocks (``max(m, n) >= 16``) of ``b <= 256``; else ``"fft"``.
+  * GPU (measured on an NVIDIA H200, bfloat16 and float32 layers of 768 to 4096 x 11008,
+    ``b`` of 64 to 256, 16,384 tokens): ``"fft"``, which beat ``"freq_major"`` (1.3-2x),
+    ``"dense"`` and a folded Dense at every one of those shapes. Token counts of a few dozen
+    and ``b <= 8`` are not measured there yet.
+  * TPU (not measured: no TPU has been lent to this project): ``"freq_major"`` up to
+    ``b = 256``, whose transforms are matmuls on the matrix units (a TPU's FFT is slow), and
+    ``"fft"`` beyond, where a ``(b, b)`` DFT per block costs too many flops.
 
   ``with_base=True`` says the delta goes into a Dense whose kernel can absorb it (the
-  interceptor's case, :func:`can_fold`): then ``"fold"``, which leaves the adapter only the
-  delta's build (two passes over a ``(d_in, d_out)`` matrix) and its kernel gradient, unless
-  the tokens are too few to pay for the build: fewer than
-  ``d_in * d_out / (2 * (d_in + d_out))``.
+  interceptor's case, :func:`can_fold`); ``"fold"`` then leaves the adapter only the delta's
+  build (two passes over a ``(d_in, d_out)`` matrix) and its kernel gradient.
 
   Example:
     >>> from c3a_jax import ops
@@ -105,24 +137,23 @@ def choose_strategy(
     'fft'
     >>> ops.choose_strategy((2048, 4096), (16, 16, 256), backend="cpu")
     'freq_major'
-    >>> ops.choose_strategy((2048, 4096), (16, 16, 256), with_base=True)
+    >>> ops.choose_strategy((2048, 4096), (16, 16, 256), backend="cpu", with_base=True)
     'fold'
+    >>> ops.choose_strategy((16384, 4096), (16, 16, 256), backend="gpu", with_base=True)
+    'fft'
   """
   m, n, b = kernel_shape(w_shape, "choose_strategy")
   tokens = math.prod(x_shape[:-1])
+  backend = backend or jax.default_backend()
+  if backend == "gpu":
+    return "fft"
+  if backend == "tpu":
+    return "freq_major" if b <= _FREQ_MAJOR_MAX_B else "fft"
   d_in, d_out = n * b, m * b
   if with_base and 2 * tokens * (d_in + d_out) >= d_in * d_out:
     return "fold"
   if b <= _DENSE_MAX_B or tokens <= _DENSE_MAX_TOKENS:
     return "dense"
-  backend = backend or jax.default_backend()
-  if backend != "cpu":
-    # Not measured here (no accelerator in this project's CI): DFT matmuls feed the matrix
-    # units up to moderate blocks, where an FFT of length b is latency-bound (on TPUs
-    # especially); beyond, a (b, b) DFT per block costs too many flops and the FFT wins.
-    return "freq_major" if b <= _FREQ_MAJOR_MAX_B else "fft"
-  # CPU (benchmarks/RESULTS.md): with many blocks the batched frequency-major matmuls win,
-  # until b is so large that the DFT-as-matmul costs more than an FFT.
   if b <= _FREQ_MAJOR_MAX_B and max(m, n) >= _FREQ_MAJOR_MIN_BLOCKS_CPU:
     return "freq_major"
   return "fft"
