@@ -23,8 +23,11 @@ from flax import traverse_util
 from c3a_jax import ops
 
 
-def machine() -> str:
-  """One line naming the CPU, core count, load, JAX version and date."""
+def machine_info() -> dict[str, Any]:
+  """The machine as a dict: CPU model and cores, the JAX backend and its first device's kind
+  (the GPU's name off CPU) and count, the jax, jaxlib and flax versions, Python, load, date."""
+  import flax
+
   model = platform.processor() or "unknown CPU"
   try:
     for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
@@ -32,11 +35,35 @@ def machine() -> str:
         model = line.split(":", 1)[1].strip()
   except OSError:
     pass
-  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  devices = jax.devices()
+  try:
+    import jaxlib
+
+    jaxlib_version = jaxlib.__version__
+  except (ImportError, AttributeError):
+    jaxlib_version = "unknown"
+  return {
+    "cpu": model,
+    "cores": os.cpu_count(),
+    "backend": jax.default_backend(),
+    "device_kind": devices[0].device_kind,
+    "device_count": len(devices),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib_version,
+    "flax": flax.__version__,
+    "python": platform.python_version(),
+    "load": os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
+    "date": datetime.datetime.now().isoformat(timespec="minutes"),
+  }
+
+
+def machine() -> str:
+  """One line naming the CPU, core count, the accelerator (off CPU), load, JAX version, date."""
+  m = machine_info()
+  device = "" if m["backend"] == "cpu" else f"{m['device_count']} x {m['device_kind']}, "
   return (
-    f"{model}, {os.cpu_count()} cores, backend {jax.default_backend()}, jax "
-    f"{jax.__version__}, 1-min load at start {load:.2f}, "
-    f"{datetime.datetime.now().isoformat(timespec='minutes')}"
+    f"{m['cpu']}, {m['cores']} cores, {device}backend {m['backend']}, jax {m['jax']}, "
+    f"flax {m['flax']}, 1-min load at start {m['load']:.2f}, {m['date']}"
   )
 
 
@@ -64,19 +91,31 @@ def interleaved(
 
 
 def rounds(
-  fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+  fns: dict[str, Callable[[], Any]],
+  repeats: int,
+  warmup: int = 1,
+  calls: int = 1,
+  sync: Callable[[Any], Any] = jax.block_until_ready,
 ) -> dict[str, list[float]]:
   """Seconds of each ``fn()`` in each of ``repeats`` round-robin rounds (jax outputs waited
-  for; a ``None`` output, e.g. a PyTorch step, needs no wait)."""
+  for; a ``None`` output, e.g. a PyTorch step, needs no wait).
+
+  Each sample is ``calls`` back-to-back calls, waited for once at the end (``sync`` of the
+  last output: on an accelerator the calls queue up on one stream, so the last done means all
+  done), divided by ``calls``: on a GPU one call is too short for a host clock. ``sync``
+  waits for the device (e.g. ``lambda _: torch.cuda.synchronize()`` for PyTorch on CUDA).
+  """
   for fn in fns.values():
     for _ in range(warmup):
-      jax.block_until_ready(fn())
+      sync(fn())
   times: dict[str, list[float]] = {k: [] for k in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       t = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - t)
+      for _ in range(calls):
+        out = fn()
+      sync(out)
+      times[name].append((time.perf_counter() - t) / calls)
   return times
 
 
@@ -92,12 +131,26 @@ def ratios(times: dict[str, list[float]], base: str) -> dict[str, float]:
   }
 
 
-def fwd_bwd(f: Callable[..., jax.Array]) -> Callable[..., Any]:
-  """jit of: y = f(*args) and the VJP of a cotangent ``g`` (the last argument)."""
+def fwd_bwd(f: Callable[..., jax.Array], argnums: tuple[int, ...] | None = None):
+  """jit of: y = f(*args) and the VJP of a cotangent ``g`` (the last argument), with respect to
+  the arguments at ``argnums`` (default: all of them); the others are held constant.
+
+  ``y`` is cast to ``g``'s dtype: the VJP needs a cotangent of the output's dtype, and a
+  function that returns float32 for a bfloat16 layer (``ops.fold`` does) pays the cast back to
+  the layer's dtype, as the layer would.
+  """
 
   def step(*args):
     *args, g = args
-    y, vjp = jax.vjp(f, *args)
+    wrt = tuple(range(len(args))) if argnums is None else argnums
+
+    def h(*diff):
+      full = list(args)
+      for i, v in zip(wrt, diff, strict=True):
+        full[i] = v
+      return f(*full).astype(g.dtype)
+
+    y, vjp = jax.vjp(h, *(args[i] for i in wrt))
     return y, vjp(g)
 
   return jax.jit(step)

@@ -24,7 +24,9 @@ time - frozen time) / frozen time: what C3A adds to the layer it adapts.
 With ``--dtype bfloat16`` the activations, the frozen kernel, the cotangent and LoRA's factors
 are bfloat16 and the C3A kernel float32, as in a bf16 training run. A bf16 Dense folds on CPU
 only (XLA:CPU runs its matmul in float32 anyway; ops.can_fold); elsewhere "in Dense" is
-x @ K + the delta (rounding W + delta to bf16 would lose the delta).
+x @ K + the delta (rounding W + delta to bf16 would lose the delta). Every timed function
+returns the cotangent's dtype (common.fwd_bwd casts its output), so that a path that returns
+float32 for a bf16 layer (ops.fold, the Pallas kernel where it does) pays the cast back.
 """
 
 from __future__ import annotations

@@ -44,22 +44,39 @@ from common import (
 SHAPES = [(768, 768, 4096, 128), (4096, 4096, 2048, 256)]
 
 
-def torch_fns(d_in, d_out, tokens, b, dtype):
-  """(frozen step, PEFT C3A step): forward + backward of one linear layer in PyTorch."""
+def torch_fns(d_in, d_out, tokens, b, dtype, device="cpu", lora_rank=0):
+  """Forward + backward steps of one linear layer in PyTorch on ``device``: {"frozen": ...,
+  "c3a": PEFT's C3A} and, with ``lora_rank``, "lora": PEFT's LoRA of that rank (alpha twice
+  the rank, both factors random, not B = 0)."""
   import peft
   import torch
 
-  torch.set_num_threads(os.cpu_count())
+  if device == "cpu":
+    torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
   tdtype = getattr(torch, dtype)
-  base = torch.nn.Sequential(torch.nn.Linear(d_in, d_out, dtype=tdtype))
+
+  def linear():
+    return torch.nn.Sequential(torch.nn.Linear(d_in, d_out, dtype=tdtype, device=device))
+
+  base = linear()
   base.requires_grad_(False)
-  adapted = peft.get_peft_model(
-    torch.nn.Sequential(torch.nn.Linear(d_in, d_out, dtype=tdtype)),
-    peft.C3AConfig(block_size=b, target_modules=["0"], init_weights="xavier_uniform"),
-  )
-  x = torch.randn(tokens, d_in, dtype=tdtype, requires_grad=True)
-  g = torch.randn(tokens, d_out, dtype=tdtype)
+  models = {
+    "frozen": base,
+    "c3a": peft.get_peft_model(
+      linear(),
+      peft.C3AConfig(block_size=b, target_modules=["0"], init_weights="xavier_uniform"),
+    ),
+  }
+  if lora_rank:
+    models["lora"] = peft.get_peft_model(
+      linear(),
+      peft.LoraConfig(
+        r=lora_rank, lora_alpha=2 * lora_rank, target_modules=["0"], init_lora_weights=False
+      ),
+    )
+  x = torch.randn(tokens, d_in, dtype=tdtype, device=device, requires_grad=True)
+  g = torch.randn(tokens, d_out, dtype=tdtype, device=device)
 
   def step(model):
     def run():
@@ -69,7 +86,7 @@ def torch_fns(d_in, d_out, tokens, b, dtype):
 
     return run
 
-  return step(base), step(adapted)
+  return {k: step(m) for k, m in models.items()}
 
 
 def jax_fns(d_in, d_out, tokens, b, dtype):
@@ -94,7 +111,8 @@ def main():
   print(f"# machine: {machine()}\n# load when measuring: {load:.2f}\n", flush=True)
   rows = []
   for d_in, d_out, tokens, b in SHAPES:
-    t_frozen, t_peft = torch_fns(d_in, d_out, tokens, b, args.dtype)
+    torch_steps = torch_fns(d_in, d_out, tokens, b, args.dtype)
+    t_frozen, t_peft = torch_steps["frozen"], torch_steps["c3a"]
     j_frozen, j_c3a, folds = jax_fns(d_in, d_out, tokens, b, jnp.dtype(args.dtype))
     repeats = args.repeats if d_in * d_out * tokens < 2**34 else max(3, args.repeats // 2)
     times = rounds({"torch": t_frozen, "peft": t_peft, "jax": j_frozen, "c3a": j_c3a}, repeats)

@@ -1,10 +1,14 @@
 import os
 
-# Eight host CPU devices for the pmap / sharded-jit tests; set before JAX starts.
+# Eight host CPU devices for the pmap / sharded-jit tests (tests/backend.py hands them out), the
+# CPU platform kept beside the one JAX_PLATFORMS chose (its first stays the default); set before
+# JAX starts.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   ).strip()
+if os.environ.get("JAX_PLATFORMS") and "cpu" not in os.environ["JAX_PLATFORMS"].split(","):
+  os.environ["JAX_PLATFORMS"] += ",cpu"
 
 # The tests make everything they load; never wait on a hub that this machine cannot reach.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +17,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import jax
 import pytest
 from hypothesis import settings
+
+from tests import backend
 
 # Property tests draw few examples (each compiles a model); HYPOTHESIS_PROFILE=thorough for more.
 settings.register_profile("fast", max_examples=4, deadline=None)
@@ -30,6 +36,17 @@ def pytest_configure(config):
   # subprocesses the tests start have it (tests compare against them; training runs are seeded).
   if (config.getoption("markexpr") or "").strip() == "not integration":
     jax.config.update("jax_default_prng_impl", "rbg")
+
+
+@pytest.fixture(autouse=True)
+def _float32_base(request):
+  """Full float32 matmuls for every test but those marked ``backend_precision``: the frozen
+  layer's own product keeps XLA's default (TF32 on GPUs), which float32 references do not."""
+  if request.node.get_closest_marker("backend_precision"):
+    yield
+    return
+  with backend.float32_matmuls():
+    yield
 
 
 @pytest.fixture(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import c3a_jax as c3a
-from tests import toy
+from tests import backend, toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +85,7 @@ def test_keeps_the_last_n_and_never_writes_the_base(tmp_path):
 @pytest.mark.integration
 def test_restore_onto_another_mesh(tmp_path):
   step, state, base = setup(toy.MLP())
-  mesh = c3a.training.make_mesh(data=4, fsdp=2)
+  mesh = backend.cpu_mesh(data=4, fsdp=2)
   sharded = jax.device_put(state, c3a.training.param_shardings(state, mesh))
   assert sharded.params["fc0"]["c3a_kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp")
   sharded = train(
@@ -93,7 +93,7 @@ def test_restore_onto_another_mesh(tmp_path):
   )
   with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
     ckpt.save(sharded, data_position=2)
-  other = c3a.training.make_mesh(data=2, fsdp=4, devices=jax.devices()[::-1])
+  other = c3a.training.make_mesh(data=2, fsdp=4, devices=backend.cpu_devices(8)[::-1])
   target = jax.device_put(state, c3a.training.param_shardings(state, other))
   with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
     restored, _ = ckpt.restore(target)
@@ -103,7 +103,7 @@ def test_restore_onto_another_mesh(tmp_path):
     lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored, sharded
   )
   with c3a.training.Checkpointer(str(tmp_path)) as ckpt:  # and onto one device
-    single, _ = ckpt.restore(jax.device_put(state, jax.devices()[0]))
+    single, _ = ckpt.restore(jax.device_put(state, backend.cpu_devices(1)[0]))
   np.testing.assert_array_equal(single.params["fc1"]["c3a_kernel"], kernel)
 
 

@@ -360,10 +360,9 @@ def test_a_key_committed_to_another_device_does_not_strand_the_kernels():
   import jax.numpy as jnp
 
   import c3a_jax as c3a
+  from tests import backend
 
-  devices = jax.devices()
-  if len(devices) < 3:
-    pytest.skip("needs 3 devices (tests/conftest.py makes 8 host CPU devices)")
+  devices = backend.cpu_devices(3)
   model = nn.Dense(8)
   params = jax.device_put(
     {"fc": model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]}, devices[2]

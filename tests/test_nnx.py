@@ -113,7 +113,9 @@ def test_nnx_bfloat16_linear_folds_on_cpu_only(monkeypatch, backend):
   calls = []
   real_fold, real_can_fold = ops.fold, ops.can_fold
   monkeypatch.setattr(ops, "fold", lambda *a, **k: calls.append(1) or real_fold(*a, **k))
-  monkeypatch.setattr(ops, "can_fold", lambda dtype: real_can_fold(dtype, backend))
+  monkeypatch.setattr(
+    ops, "can_fold", lambda dtype, precision=None: real_can_fold(dtype, backend, precision)
+  )
   layer = nnx.Linear(16, 12, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   cfg = c3a.C3AConfig(block_size=4, target_modules=".*", init_weights="gaussian")
   adapted = c3a.attach(layer, cfg, jax.random.key(2))
