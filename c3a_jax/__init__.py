@@ -22,7 +22,7 @@ from c3a_jax._nnx import C3AParam, register_layer
 from c3a_jax._optim import optimizer
 from c3a_jax._peft_io import load_adapter, save_adapter
 from c3a_jax._summary import Summary, summary
-from c3a_jax._targets import Target, select
+from c3a_jax._targets import Target, UnmatchedTargetWarning, select
 from c3a_jax._transform import attach, combine, merge, split, unmerge
 from c3a_jax.training import TrainState, make_train_step
 
@@ -35,6 +35,7 @@ __all__ = [
   "Summary",
   "Target",
   "TrainState",
+  "UnmatchedTargetWarning",
   "attach",
   "combine",
   "intercept",

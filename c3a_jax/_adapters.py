@@ -30,9 +30,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -62,13 +64,49 @@ def weighted_sum(adapters: Mapping[str, tuple[Any, float]]) -> Any:
   circulant blocks of one size are not circulant blocks of another, so no resampling is exact.
 
   Raises:
-    ValueError: as :func:`stack_adapters`.
+    ValueError: as :func:`stack_adapters`; a weight that is NaN or infinite, or a layer whose
+      sum is not finite (the weights overflow the kernels' dtype).
+    TypeError: a weight that is not a real number.
   """
-  weights = [float(w) for _, w in adapters.values()]
+  weights = [_weight(name, pair) for name, pair in adapters.items()]
   named = {name: adapter for name, (adapter, _) in adapters.items()}
-  return _per_layer(
+  out = _per_layer(
     named, "weighted_sum", lambda ws: sum(a * w for a, w in zip(weights, ws, strict=True))
   )
+  _check_finite(out)
+  return out
+
+
+def _weight(name: str, pair: Any) -> float:
+  """The weight of ``(adapter, weight)``, a finite float: a NaN or inf would make every kernel
+  of the result NaN or inf without a word."""
+  if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+    raise TypeError(f"weighted_sum: adapter {name!r} must map to (adapter, weight), got {pair!r}")
+  weight = pair[1]
+  try:
+    value = float(weight)
+  except (TypeError, ValueError):
+    raise TypeError(
+      f"weighted_sum: adapter {name!r} has weight {weight!r}; weights are real numbers"
+    ) from None
+  if not math.isfinite(value):
+    raise ValueError(f"weighted_sum: adapter {name!r} has weight {value}; weights must be finite")
+  return value
+
+
+def _check_finite(out: Any) -> None:
+  """Refuses a sum whose kernel is not finite, naming the layer: finite weights may still
+  overflow float32 (1e39 * w)."""
+  kernels = _kernels("sum", out, "weighted_sum")
+  for (path, _), w in kernels.items():
+    w = _tree.unbox(w)
+    if isinstance(w, jax.core.Tracer):
+      return
+    if not bool(jnp.isfinite(w).all()):
+      raise ValueError(
+        f"weighted_sum: layer {path!r} of the sum is not finite ({w.dtype}): the weights "
+        "overflow it, or an adapter holds non-finite values"
+      )
 
 
 def replace_slot(adapters: Any, slot: int, adapter: Any) -> Any:

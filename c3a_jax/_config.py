@@ -23,7 +23,7 @@ import warnings
 from typing import Any
 
 from c3a_jax import ops
-from c3a_jax._io import atomic_write
+from c3a_jax._io import atomic_write, read_json
 
 CONFIG_NAME = "adapter_config.json"
 BIAS = ("none", "all", "c3a_only")
@@ -246,11 +246,7 @@ class C3AConfig:
         f"{path} does not exist: a C3A adapter directory holds "
         f"{CONFIG_NAME} and adapter_model.safetensors"
       )
-    try:
-      with open(path) as f:
-        d = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON: {e}") from None
+    d = read_json(path)  # one ValueError naming the file: not UTF-8, too deep, not JSON
     if not isinstance(d, dict):
       raise ValueError(f"{path} must hold a JSON object, got {type(d).__name__}")
     return cls.from_dict(d, source=path)

@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ import safetensors.numpy
 
 from c3a_jax import ops
 from c3a_jax._config import C3AConfig
-from c3a_jax._io import atomic_write, current_umask
+from c3a_jax._io import atomic_write, current_umask, read_json
 from c3a_jax._peft_io import PREFIX, WEIGHTS_NAME
 from c3a_jax._transform import note_rounding, warn_rounding
 
@@ -50,8 +49,14 @@ _INDEX = "model.safetensors.index.json"
 def _shards(base_dir: str) -> list[str]:
   index = os.path.join(base_dir, _INDEX)
   if os.path.isfile(index):
-    with open(index) as f:
-      return sorted(set(json.load(f)["weight_map"].values()))
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise ValueError(
+        f"{index} has no 'weight_map' object of tensor name -> shard file, as transformers "
+        "writes; is it a sharded checkpoint's index?"
+      )
+    return sorted(set(weight_map.values()))
   if os.path.isfile(os.path.join(base_dir, "model.safetensors")):
     return ["model.safetensors"]
   raise FileNotFoundError(

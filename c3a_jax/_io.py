@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import tempfile
+from typing import Any
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -27,3 +30,27 @@ def current_umask() -> int:
   umask = os.umask(0)
   os.umask(umask)
   return umask
+
+
+def read_json(path: str) -> Any:
+  """The JSON value in file ``path``. What ``json`` raises on its own names no file (bytes that
+  are not UTF-8, nesting past the recursion limit, an integer past Python's digit limit), so
+  each is one ValueError naming ``path``. Missing or unreadable files stay ``OSError``."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8-sig")  # JSON is UTF-8 (RFC 8259); a leading BOM is tolerated
+  except UnicodeDecodeError as e:
+    raise ValueError(
+      f"{path} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); JSON files "
+      "are UTF-8: re-save it as UTF-8"
+    ) from None
+  try:
+    return json.loads(text)
+  except RecursionError:
+    raise ValueError(
+      f"{path} nests deeper than the JSON reader follows (Python's recursion limit, "
+      f"{sys.getrecursionlimit()}); no adapter or index nests like that"
+    ) from None
+  except ValueError as e:  # JSONDecodeError, and int()'s digit limit
+    raise ValueError(f"{path} is not valid JSON: {e}") from None

@@ -36,7 +36,7 @@ import safetensors.numpy
 from flax import nnx
 
 from c3a_jax import _lora_export, _nnx, _tree, key_maps
-from c3a_jax._config import CONFIG_NAME, C3AConfig
+from c3a_jax._config import CONFIG_NAME, C3AConfig, brief
 from c3a_jax._io import atomic_write, current_umask
 from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._targets import (
@@ -121,7 +121,9 @@ def save_adapter(
     With ``as_lora``, ``{PEFT layer name: relative error}``; else None.
 
   Raises:
-    ValueError: if ``params`` holds no C3A kernel, a kernel disagrees with ``cfg``'s block size,
+    ValueError: if ``params`` holds no C3A kernel, a tensor holds NaN or inf (or float64 values
+      that overflow float32), which load_adapter would refuse: nothing is written, and the
+      error names the layer and leaf; a kernel disagrees with ``cfg``'s block size,
       a layer stores its kernel ``(out, in)`` (GPT-2's Conv1D): PEFT's C3A supports
       ``torch.nn.Linear`` only and would misread it, or a layer both holds a C3A kernel and
       trains fully as ``modules_to_save`` (DistilBERT's ``pre_classifier`` under
@@ -146,6 +148,12 @@ def save_adapter(
   }
   for path, name, value in _tree.leaves(adapter):
     value = np.asarray(_tree.unbox(value))
+    problem = _finite_problem(value)
+    if problem:
+      raise ValueError(
+        f"save_adapter: {path}.{name} {problem}; an adapter file holds finite float32 values "
+        "(load_adapter refuses others), so nothing was written"
+      )
     stack = stacks.get(path, ())
     holds_c3a = any(n in _tree.get(adapter, path) for n in C3A_LEAVES)
     if name == C3A_KERNEL_OUT_IN:
@@ -283,6 +291,22 @@ def _split_rows(layer: str, name: str, value: np.ndarray, names: tuple[str, ...]
   return np.split(value, len(names))
 
 
+def _finite_problem(value: np.ndarray) -> str | None:
+  """Why ``value`` is no adapter tensor that PEFT and c3a-jax read alike, or None: it holds
+  non-finite values, or values that become inf as float32. PEFT's models and C3A kernels are
+  float32, so a float64 1e300 is checked as the float32 it is read as, not before the cast."""
+  bad = int((~np.isfinite(value)).sum())
+  if bad:
+    return f"holds {bad} non-finite value{'s' if bad != 1 else ''}"
+  if np.issubdtype(value.dtype, np.floating) and value.dtype.itemsize > 4:
+    with np.errstate(over="ignore"):
+      over = int(np.isinf(value.astype(np.float32)).sum())
+    if over:
+      largest = float(np.abs(value).max())
+      return f"holds {over} values that overflow float32 (largest magnitude {largest:.3g})"
+  return None
+
+
 def _check_tensor(where: str, path: str, name: str, value: np.ndarray, cfg: C3AConfig) -> None:
   """Refuses a tensor PEFT would read differently: PEFT drops tensors its config does not
   ask for without a word, so loading them here would make the two compute different models."""
@@ -293,8 +317,9 @@ def _check_tensor(where: str, path: str, name: str, value: np.ndarray, cfg: C3AC
     )
   if not np.issubdtype(value.dtype, np.floating):
     raise ValueError(f"{where} has dtype {value.dtype}; adapter weights are floating point")
-  if not np.isfinite(value).all():
-    raise ValueError(f"{where} holds {int((~np.isfinite(value)).sum())} non-finite values")
+  problem = _finite_problem(value)
+  if problem:
+    raise ValueError(f"{where} {problem}")
   targeted = named_target(path, cfg)
   if name == C3A_KERNEL and targeted is False:
     raise ValueError(
@@ -315,17 +340,25 @@ def _check_tensor(where: str, path: str, name: str, value: np.ndarray, cfg: C3AC
 
 class _Place(NamedTuple):
   """Where a PEFT module's tensors go: a module of the model, a layer of its stack (or None),
-  and the part of its output rows (of ``parts``, a key_map split)."""
+  and the part of its output rows (of ``parts``, a key_map split); for a stack's layer, how
+  many segments of ``path`` precede the index in the name (``at``)."""
 
   path: str
   index: int | None = None
   part: int = 0
   parts: int = 1
+  at: int | None = None
 
 
-def _places(key_map: KeyMap, path: str, index: int | None = None, name: str | None = None):
+def _places(
+  key_map: KeyMap,
+  path: str,
+  index: int | None = None,
+  name: str | None = None,
+  at: int | None = None,
+) -> dict[str, _Place]:
   names = key_maps.apply(key_map, path if name is None else name)
-  return {n: _Place(path, index, j, len(names)) for j, n in enumerate(names)}
+  return {n: _Place(path, index, j, len(names), at) for j, n in enumerate(names)}
 
 
 def _model_names(params: Mapping, key_map: KeyMap) -> dict[str, _Place]:
@@ -347,9 +380,82 @@ def _layer_names(params: Mapping, key_map: KeyMap) -> dict[str, _Place]:
     for at in range(1, len(parts) + 1):
       for i in range(shape[0]):
         layer = ".".join([*parts[:at], str(i), *parts[at:]])
-        for n, place in _places(key_map, path, i, layer).items():
+        for n, place in _places(key_map, path, i, layer, at).items():
           names.setdefault(n, place)
   return names
+
+
+def _stack_layer(path: str, at: int, index: int) -> str:
+  """The name of layer ``index`` of the stack at ``path``, the index after ``at`` segments."""
+  parts = path.split(".")
+  return ".".join([*parts[:at], str(index), *parts[at:]])
+
+
+def _expected(
+  path: str, node: Mapping, cfg: C3AConfig, key_map: KeyMap, at: int | None, stacked: bool
+) -> list[tuple[str, _Place]]:
+  """Each PEFT name a file may hold a C3A kernel of the model's layer ``path`` under, with where
+  it goes: the layer's own names, or, for a stack, each of its layers' (the index after ``at``
+  segments, or where :func:`save_adapter` puts it)."""
+  if not stacked:
+    return list(_places(key_map, path).items())
+  out = []
+  for i in range(_tree.shape(node["kernel"])[0]):
+    layer = layer_path(path, i, cfg) if at is None else _stack_layer(path, at, i)
+    out.extend(_places(key_map, path, i, layer, at).items())
+  return out
+
+
+def _missing_layers(
+  params: Mapping,
+  cfg: C3AConfig,
+  key_map: KeyMap,
+  adapter: Params,
+  pieces: Mapping[tuple[str, str], tuple[dict, int]],
+  stacked_at: Mapping[str, int | None],
+) -> list[tuple[str, _Place]]:
+  """Each layer of the model that the file's own config targets by name, as PEFT reads it, but
+  whose C3A kernel the file lacks (PEFT name, where it goes). PEFT gives such a layer a fresh
+  kernel. A stack's layers are named as the file names its other layers; a stack it holds
+  nothing of, as the file's other stacks (a file without stacks has none to check)."""
+  if named_target("", cfg) is None:
+    return []  # all-linear or the model type's defaults: only a model's classes would say
+  missing = []
+  for path, node in _tree.modules(params):
+    if not is_linear(node):
+      continue
+    got, _ = pieces.get((path, C3A_KERNEL), ({}, 1))
+    if not got and any(n in _leaves_at(adapter, path) for n in C3A_LEAVES):
+      continue  # held whole
+    if got:
+      stacked = path in stacked_at
+      candidates = _expected(path, node, cfg, key_map, stacked_at.get(path), stacked)
+    else:
+      candidates = _expected(path, node, cfg, key_map, None, False)
+      if stacked_at and len(_tree.shape(node["kernel"])) >= 3:
+        at = next(iter(stacked_at.values()))
+        candidates += _expected(path, node, cfg, key_map, at, True)
+    for name, place in candidates:
+      if (place.index, place.part) not in got and named_target(name, cfg):
+        missing.append((name, place))
+        break  # one name per layer of the model says it
+  return missing
+
+
+def _leaves_at(tree: Mapping, path: str) -> Mapping:
+  try:
+    node = _tree.get(tree, path)
+  except KeyError:
+    return {}
+  return node if isinstance(node, Mapping) else {}
+
+
+def _describe(place: _Place) -> str:
+  """Which part of the model a PEFT layer is, where it is not a whole layer of its own."""
+  part = f"part {place.part + 1} of {place.parts} of " if place.parts > 1 else ""
+  if place.index is not None:
+    return f" ({part}layer {place.index} of the stack {place.path!r})"
+  return f" ({part}layer {place.path!r}, split by key_map)" if part else ""
 
 
 def load_adapter(
@@ -372,11 +478,19 @@ def load_adapter(
   non-finite values, a C3A kernel of a layer the file's own ``target_modules`` leave out, a
   weight outside ``modules_to_save``, a bias ``bias`` does not train, or a tensor no C3A
   adapter has (``lora_A``). PEFT would drop the latter silently, computing another model.
+  Tensors are checked as the float32 they are read as: a float64 ``1e300`` overflows.
+
+  With the model (``params`` or an NNX model), a file that lacks the C3A kernel of a layer its
+  own ``target_modules`` select in that model is refused too, naming the layer (the first, and
+  how many more): PEFT would give that layer a fresh random kernel, so the two libraries would
+  compute different models from one file. Without the model the targets are unknown and the
+  file loads as it is (``combine`` checks shapes, not targets): pass the model to check it.
 
   Raises:
     FileNotFoundError: a file is missing.
-    ValueError: the directory is not a C3A adapter, a tensor is refused (above), or its keys or
-      shapes do not fit ``params``.
+    ValueError: the directory is not a C3A adapter, a file is not UTF-8 or valid JSON, a tensor
+      is refused or a targeted layer missing (above), or its keys or shapes do not fit
+      ``params``.
   """
   if _nnx.is_module(params):
     model = nnx.clone(params)
@@ -410,6 +524,7 @@ def load_adapter(
   expanded = False
   # (module path, leaf) -> ({(stack index or None, part): tensor}, parts)
   pieces: dict[tuple[str, str], tuple[dict, int]] = {}
+  stacked_at: dict[str, int | None] = {}  # a stack's path -> segments before its index
   for key, value in tensors.items():
     where = f"{weights}: key {key!r}"
     if not key.startswith(PREFIX) or key.count(".") < 3:
@@ -457,6 +572,8 @@ def load_adapter(
     else:
       got = pieces.setdefault((place.path, name), ({}, place.parts))[0]
       got[(place.index, place.part)] = value
+      if place.index is not None and name == C3A_KERNEL:
+        stacked_at.setdefault(place.path, place.at)
   for (path, name), (got, parts) in pieces.items():
     leaf = _assemble(got, parts, name, _tree.get(params, path), f"{weights}: layer {path!r}")
     _tree.set_leaf(adapter, path, name, leaf)
@@ -467,13 +584,24 @@ def load_adapter(
       combine(adapter, params)
     except ValueError as e:
       raise ValueError(f"load_adapter({directory}): {e}") from None
+    missing = _missing_layers(params, cfg, key_map, adapter, pieces, stacked_at)
+    if missing:
+      (name, place), more = missing[0], [n for n, _ in missing[1:]]
+      also = f" (and {len(more)} more: {brief(more)})" if more else ""
+      raise ValueError(
+        f"load_adapter: {weights} holds no c3a_kernel for layer {name!r}{_describe(place)}, "
+        f"which its target_modules {brief(cfg.target_modules)} select in this model{also}. "
+        "PEFT would give such a layer a fresh random kernel, so the two libraries would compute "
+        "different models from this file: is it cut short, or for another model?"
+      )
   return adapter, cfg
 
 
 def _assemble(got: dict, parts: int, name: str, module: Mapping, where: str) -> jax.Array:
   """A leaf from its PEFT pieces ``{(stack index or None, part): tensor}``: a layer's parts
   joined by output rows (a key_map split), a stack's layers stacked. What the file leaves out
-  is unadapted, as in PEFT's model: a zero C3A kernel, the base's own values otherwise."""
+  is unadapted, as in PEFT's model: a zero C3A kernel, the base's own values otherwise (a layer
+  its target_modules select but it lacks is refused after, by :func:`_missing_layers`)."""
   shapes = {v.shape for v in got.values()}
   if len(shapes) > 1:
     raise ValueError(

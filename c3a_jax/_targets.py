@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import warnings
@@ -40,6 +41,20 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 OUT_IN_LAYERS: dict[str, tuple[str, ...]] = {"gpt2": ("c_attn", "c_proj", "c_fc")}
 # Output layers that "all-linear" leaves alone (PEFT skips the output embedding and SEQ_CLS heads).
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+
+
+class UnmatchedTargetWarning(UserWarning):
+  """A ``target_modules`` or ``exclude_modules`` list entry names no module of the params: most
+  likely a typo, which would otherwise leave a layer unadapted (or not excluded) without a word.
+
+  ``field`` says which list, ``entries`` the entries. The ``c3a-jax`` command makes it an error;
+  a library user may too: ``warnings.simplefilter("error", c3a.UnmatchedTargetWarning)``.
+  """
+
+  def __init__(self, message: str, field: str = "", entries: tuple[str, ...] = ()):
+    super().__init__(message)
+    self.field = field
+    self.entries = entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +262,14 @@ def select(
       traces it once with :func:`jax.eval_shape` to learn which kernel axes are stacked, "in"
       and "out". Without it, every target must be a 2-D Dense.
 
+  Each entry of a ``target_modules`` or ``exclude_modules`` list is a name suffix: it must name
+  some module of ``params`` (its path, or the path's last dot-separated segments), else an
+  :class:`UnmatchedTargetWarning` names it (with the nearest name there), as a typo would
+  otherwise adapt the other entries' layers alone without a word. An entry that names only
+  modules excluded or in ``modules_to_save`` matched them, so it is not warned about. A string
+  is a regex over whole paths: whether each alternative matched cannot be told, so strings are
+  not checked (nor the model type's default targets, which the user did not write).
+
   Raises:
     ValueError: naming the layer, its shape and the block size, when a target is not a layer C3A
       adapts or a block size does not divide its sizes; when nothing matches; when a
@@ -335,6 +358,7 @@ def _select(
       f"target_modules={targets!r} matched no layer. Layers here include: {linear[:8]}"
       + (" ..." if len(linear) > 8 else "")
     )
+  _warn_unmatched(params, cfg)
   used = {_pattern_key(t.path, cfg) for t in selected}
   for key in cfg.block_size_pattern:
     if key not in used and not any(re.match(rf".*\.{key}$", t.path) for t in selected):
@@ -343,3 +367,37 @@ def _select(
         f"{[t.path for t in selected][:8]}"
       )
   return selected
+
+
+def _warn_unmatched(params: Mapping, cfg: C3AConfig) -> None:
+  """An :class:`UnmatchedTargetWarning` for each list of ``target_modules`` or
+  ``exclude_modules`` with entries that name no module of ``params`` (strings are regexes)."""
+  paths = [p for p, _ in _tree.modules(params)]
+  for field in ("target_modules", "exclude_modules"):
+    names = getattr(cfg, field)
+    if not isinstance(names, tuple):
+      continue
+    unmatched = tuple(n for n in names if not any(_ends_with(p, (n,)) for p in paths))
+    if unmatched:
+      warnings.warn(_unmatched_warning(field, unmatched, paths), stacklevel=4)
+
+
+def _unmatched_warning(
+  field: str, unmatched: tuple[str, ...], paths: list[str]
+) -> UnmatchedTargetWarning:
+  """The warning naming ``unmatched`` entries of ``field``, each with the nearest module name."""
+  suffixes = {".".join(p.split(".")[i:]) for p in paths for i in range(p.count(".") + 1)}
+  near = {e: difflib.get_close_matches(e, suffixes, n=1) for e in unmatched}
+  hints = [
+    f"{m[0]!r}" + (f" for {e!r}" if len(unmatched) > 1 else "") for e, m in near.items() if m
+  ]
+  hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+  listed = ", ".join(map(repr, unmatched))
+  which = f"entry {listed} matches" if len(unmatched) == 1 else f"entries {listed} match"
+  effect = "adapts" if field == "target_modules" else "excludes"
+  return UnmatchedTargetWarning(
+    f"{field} {which} no module of the params{hint}: a list entry names a module path or its "
+    f"last dot-separated segments, so it {effect} nothing here",
+    field,
+    unmatched,
+  )

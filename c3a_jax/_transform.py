@@ -50,7 +50,7 @@ _WEIGHTS = ("kernel", "scale", "embedding", "weight")  # one per Flax layer, nev
 def attach(
   params: Mapping,
   cfg: C3AConfig,
-  rng: jax.Array,
+  rng: jax.Array | int,
   *,
   model_type: str | None = None,
   forward: Callable[[Any], Any] | None = None,
@@ -66,7 +66,8 @@ def attach(
   Args:
     params: a Flax params tree.
     cfg: the C3A config.
-    rng: a JAX PRNG key.
+    rng: a JAX PRNG key (``jax.random.key``, or a legacy ``jax.random.PRNGKey``), or an int
+      seed in ``[0, 2**32)``, taken as ``jax.random.key(seed)`` as ``nnx.Rngs(seed)`` takes it.
     model_type: ``model.config.model_type`` for Hugging Face models: PEFT's default targets when
       ``cfg.target_modules`` is None, and the layers stored ``(out, in)`` (GPT-2's Conv1D).
     forward: runs the model on a params tree, e.g. ``lambda p: model.apply({"params": p}, x)``;
@@ -74,10 +75,15 @@ def attach(
       :func:`c3a_jax.select`.
 
   Raises:
-    TypeError: ``params`` is not a mapping.
-    ValueError: see :func:`c3a_jax.select`; errors name the layer, its shape and the block size.
+    TypeError: ``params`` is not a mapping, or ``rng`` neither a key nor an int.
+    ValueError: see :func:`c3a_jax.select`; errors name the layer, its shape and the block size;
+      an int seed outside ``[0, 2**32)``.
+
+  Warns:
+    UnmatchedTargetWarning: a ``target_modules`` or ``exclude_modules`` list entry names no
+      module (a typo), see :func:`c3a_jax.select`.
   """
-  rng = _unplaced(rng)
+  rng = _unplaced(_key(rng))
   if _nnx.is_module(params):
     return _attach_nnx(params, cfg, rng)
   if isinstance(params, nnx.State):
@@ -101,6 +107,30 @@ def attach(
     name = C3A_KERNEL_OUT_IN if t.out_in else C3A_KERNEL
     module[name] = box_c3a(module["kernel"], _initial(rng, t, cfg), t.layout)
   return out
+
+
+def _key(rng: Any) -> jax.Array:
+  """``rng`` as a PRNG key: an int seed is ``jax.random.key(seed)``; anything else that is not
+  a key is a TypeError naming the argument (JAX's own names none). Seeds stop at 2**32, where
+  JAX starts folding distinct seeds into one key."""
+  if isinstance(rng, jax.core.Tracer):
+    return rng
+  if isinstance(rng, (int, np.integer)) and not isinstance(rng, (bool, np.bool_)):
+    if not 0 <= rng < 2**32:
+      raise ValueError(f"attach: rng as an int seed must be in [0, 2**32), got {rng}")
+    return jax.random.key(int(rng))
+  want = "a jax.random.key(seed) (or a legacy jax.random.PRNGKey), or an int seed"
+  if not isinstance(rng, (jax.Array, np.ndarray)):
+    raise TypeError(f"attach: rng must be {want}; got {type(rng).__name__}")
+  dtype = rng.dtype
+  raw = jax.random.key_data(jax.random.key(0)).shape  # a legacy key's, by the default PRNG impl
+  typed = jnp.issubdtype(dtype, jax.dtypes.prng_key)
+  if not ((typed and rng.shape == ()) or (dtype == np.uint32 and rng.shape == raw)):
+    raise TypeError(
+      f"attach: rng must be {want}; got an array of shape {rng.shape} and dtype {dtype} "
+      "(for nnx.Rngs, pass rngs.params())"
+    )
+  return rng
 
 
 def _unplaced(rng: jax.Array) -> jax.Array:

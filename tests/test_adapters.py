@@ -248,3 +248,16 @@ def test_a_set_over_an_nnx_scan_stack():
   assert not np.allclose(alone[0], alone[1], atol=1e-3)
   for r, k in enumerate(index.tolist()):
     np.testing.assert_allclose(y[r], (plain if k < 0 else alone[k])[r], atol=2e-5)
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "heavy", None])
+def test_weighted_sum_refuses_a_weight_that_is_not_a_finite_number(three, weight):
+  _, adapters = three
+  with pytest.raises((ValueError, TypeError), match=r"weighted_sum: adapter 'b' has weight "):
+    c3a.weighted_sum({"a": (adapters[0], 1.0), "b": (adapters[1], weight)})
+
+
+def test_weighted_sum_refuses_a_sum_that_overflows(three):
+  _, adapters = three
+  with pytest.raises(ValueError, match=r"weighted_sum: layer '(heads|out)'.* not finite"):
+    c3a.weighted_sum({"a": (adapters[0], 1e39), "b": (adapters[1], 1.0)})

@@ -200,11 +200,15 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     ckpt.save(train(step, restored, base, 2, 4), data_position=4)
     ckpt.wait()
     assert ckpt.all_steps() == [2, 4]
-  # Arrays that read but differ from what was saved: their checksums tell.
+  # Arrays that read but differ from what was saved: their checksums tell. (Here the checksums
+  # change, the digest of the metadata made to match, as if the arrays had.)
+  from c3a_jax.training._checkpoint import _digest
+
   meta_file = tmp_path / "2" / "meta" / "metadata"
   meta = json.loads(meta_file.read_text())
   leaf = sorted(meta["checksums"])[0]
   meta["checksums"][leaf][0] += 1
+  meta["digest"] = _digest(meta)
   meta_file.write_text(json.dumps(meta))
   with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
     with pytest.raises(
@@ -215,3 +219,82 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
   with c3a.training.Checkpointer(str(tmp_path)) as ckpt:
     with pytest.raises(c3a.training.CorruptCheckpointError, match=r"metadata does not read"):
       ckpt.restore(setup()[1], step=2)
+
+
+def _flip_bit(path, position):
+  data = bytearray(open(path, "rb").read())
+  data[position] ^= 0x01
+  open(path, "wb").write(bytes(data))
+
+
+def _two_checkpoints(directory):
+  step, state, base = setup()
+  first = train(step, state, base, 0, 2)
+  second = train(step, first, base, 2, 4)
+  with c3a.training.Checkpointer(str(directory), config=toy.CFG, async_save=False) as ckpt:
+    ckpt.save(first, data_position=2)
+    ckpt.save(second, data_position=4)
+  return first, second
+
+
+@pytest.mark.integration  # about a hundred restores
+def test_every_file_a_restore_reads_is_covered(tmp_path):
+  """One flipped bit anywhere in a checkpoint: restored exactly as saved, or refused as corrupt.
+  Never another state or data position (the metadata's data_position, 4 -> 5, was resumed)."""
+  _, second = _two_checkpoints(tmp_path)
+  meta = tmp_path / "4" / "meta" / "metadata"
+  text = meta.read_bytes()
+  _flip_bit(meta, text.index(b'"data_position": 4') + len(b'"data_position": '))
+  assert b'"data_position": 5' in meta.read_bytes()
+  with c3a.training.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
+    with pytest.raises(c3a.training.CorruptCheckpointError, match=r"/4 is corrupt: its metadata"):
+      ckpt.restore(setup()[1], step=4)
+  meta.write_bytes(text)
+  files = sorted(p for p in (tmp_path / "4").rglob("*") if p.is_file())
+  outcomes = {}
+  for path in files:
+    original = path.read_bytes()
+    for position in sorted({0, len(original) // 3, len(original) // 2, len(original) - 2}):
+      _flip_bit(path, position)
+      try:
+        with c3a.training.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
+          restored, data_position = ckpt.restore(setup()[1], step=4)
+        assert data_position == 4, (path, position)
+        jax.tree.map(np.testing.assert_array_equal, restored, second)
+        outcome = "as saved"
+      except c3a.training.CorruptCheckpointError:
+        outcome = "corrupt"
+      outcomes.setdefault(str(path.relative_to(tmp_path)), set()).add(outcome)
+      path.write_bytes(original)
+  # What a restore reads is among them: the metadata, the arrays' tree and their data.
+  assert outcomes["4/meta/metadata"] == {"corrupt"}
+  assert outcomes["4/state/_METADATA"] == {"corrupt"}
+
+
+@pytest.mark.integration
+def test_a_restore_with_no_whole_checkpoint_names_every_corrupt_one(tmp_path):
+  _two_checkpoints(tmp_path)
+  _flip_bytes(tmp_path / "4")
+  _flip_bytes(tmp_path / "2")
+  with c3a.training.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
+    with pytest.warns(UserWarning, match=r"/4 is corrupt"):
+      whole = r"no checkpoint .* is whole: .*/4 is corrupt.*/2 is corrupt"
+      with pytest.raises(c3a.training.CorruptCheckpointError, match=whole):
+        ckpt.restore(setup()[1])
+  assert sorted(os.listdir(tmp_path)) == ["2", "4"]  # nothing moved: it is for the user to decide
+
+
+@pytest.mark.integration
+def test_a_copied_step_directory_is_set_aside(tmp_path):
+  """``cp -r 2 5``: step 5's directory holds step 2. Restored as 5, the run would save step 4
+  again over the one that exists."""
+  import shutil
+
+  _, second = _two_checkpoints(tmp_path)
+  shutil.copytree(tmp_path / "2", tmp_path / "5")
+  with c3a.training.Checkpointer(str(tmp_path), config=toy.CFG) as ckpt:
+    with pytest.warns(UserWarning, match=r"checkpoint .*/5 holds step 2, not 5"):
+      restored, position = ckpt.restore(setup()[1])
+    assert position == 4 and int(restored.step) == 4
+    jax.tree.map(np.testing.assert_array_equal, restored, second)
+    assert ckpt.all_steps() == [2, 4] and (tmp_path / "5.corrupt").is_dir()

@@ -215,6 +215,131 @@ def test_suggest_block_size(capsys):
   assert closest and closest[0].split()[0] == "16"  # 64*128/16 + 128*128/16 = 1536 ~ 1792
 
 
+def test_a_bit_flipped_digits_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
+  from c3a_jax.cli import digits
+
+  monkeypatch.setattr(digits, "PRETRAIN_STEPS", 5)  # a recipe of its own, quick to retrain
+  monkeypatch.setenv("C3A_JAX_CACHE", str(tmp_path))
+  logged = []
+  params = digits.pretrained_params(log=logged.append)  # trains and caches
+  (cached,) = tmp_path.iterdir()
+  data = bytearray(cached.read_bytes())
+  at = data.find(np.asarray(params["fc0"]["kernel"]).tobytes()[:64])
+  assert at >= 0
+  data[at + 3] ^= 0x40  # an exponent bit of one float32 weight: it grows by about 2**128
+  cached.write_bytes(bytes(data))
+  logged.clear()
+  again = digits.pretrained_params(log=logged.append)
+  np.testing.assert_array_equal(again["fc0"]["kernel"], params["fc0"]["kernel"])  # retrained
+  assert any(f"cached digits model {cached} is damaged" in m for m in logged), logged
+  logged.clear()
+  digits.pretrained_params(log=logged.append)
+  assert not logged  # the rebuilt cache reads back cleanly
+
+
+def test_help_is_plain_text_and_states_what_a_bare_train_uses(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["--help"])
+  top = capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    cli.main(["train", "--help"])
+  text = capsys.readouterr().out
+  assert "``" not in top + text  # no reStructuredText markup
+  lines = {line.split()[0]: line for line in text.splitlines() if line.strip()}
+  # A config file's default, then the value a bare `c3a-jax train` (the digits default) uses.
+  assert "int = 1000  optimizer steps  (no --config: 300)" in lines["train.steps"]
+  assert "(no --config: ['fc0', 'fc1'])" in lines["c3a.target_modules"]
+  assert "(no --config: 16)" in lines["c3a.block_size"]
+  assert "no --config" not in lines["train.batch_size"]  # 32 either way
+  assert "a shipped config's name" in text
+
+
+def test_configs_ship_in_the_package_and_load_by_name(tmp_path, monkeypatch, capsys):
+  from c3a_jax.cli.commands import DIGITS_DEFAULT
+
+  shipped = os.path.join(os.path.dirname(c3a.__file__), "configs")
+  names = sorted(n for n in os.listdir(shipped) if n.endswith(".yaml"))
+  assert {"digits.yaml", "qwen3_tunix.yaml", "roberta-base-sst2.yaml"} <= set(names)
+  assert (
+    sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".yaml")) == names
+  )
+  assert Experiment.load(os.path.join(shipped, "digits.yaml")) == Experiment.from_dict(
+    DIGITS_DEFAULT
+  )
+  pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
+  assert '"configs/*.yaml"' in pyproject  # package data: installed with the package
+  monkeypatch.chdir(tmp_path)  # not a clone: no configs/ here
+  # train.steps=0 stops at validation, after the file was found: the error names the file.
+  assert train("--config", "roberta-base-sst2", "train.steps=0") == 2
+  assert (
+    f"{os.path.join(shipped, 'roberta-base-sst2.yaml')}: train.steps" in capsys.readouterr().err
+  )
+  assert train("--config", "configs/qwen3_tunix.yaml", "train.steps=0") == 2  # the README's
+  assert f"{os.path.join(shipped, 'qwen3_tunix.yaml')}: train.steps" in capsys.readouterr().err
+  assert train("--config", "no-such-config") == 2
+  err = capsys.readouterr().err
+  assert "config file no-such-config does not exist" in err and "digits, llama-alpaca" in err
+
+
+@pytest.mark.integration
+def test_eval_of_runs_that_train_a_head_scores_each_alone(tmp_path, capsys):
+  common = ["train.steps=10", "train.eval_every=10", "train.save_every=10"]
+  assert train(f"output_dir={tmp_path / 'a'}", *common) == 0
+  assert train(f"output_dir={tmp_path / 'b'}", "train.seed=1", *common) == 0
+  runs = [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a" / "baselines" / "head")]
+  alone = {}
+  for run in runs:
+    capsys.readouterr()
+    assert cli.main(["eval", run]) == 0
+    alone[run] = json.loads(capsys.readouterr().out)
+  capsys.readouterr()
+  assert cli.main(["eval", *runs]) == 0
+  captured = capsys.readouterr()
+  together = json.loads(captured.out)
+  assert list(together) == runs
+  for run in runs:
+    assert together[run] == pytest.approx(alone[run])
+  err = captured.err.strip().splitlines()
+  assert len(err) == 1 and "one at a time" in err[0], err
+
+
+@pytest.mark.integration
+def test_the_default_run_plots_the_comparison_and_says_what_to_run_next(
+  tmp_path, capsys, monkeypatch
+):
+  import matplotlib.figure
+
+  titles = []
+  savefig = matplotlib.figure.Figure.savefig
+
+  def record(fig, *args, **kwargs):
+    titles.append(fig._suptitle.get_text() if fig._suptitle else "")
+    return savefig(fig, *args, **kwargs)
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+  out = tmp_path / "run"
+  assert train(f"output_dir={out}", "train.steps=20", "train.eval_every=10") == 0
+  printed = capsys.readouterr().out
+  runs = [(out, "C3A"), (out / "baselines" / "head", "head only")]
+  runs += [(out / "baselines" / "full", "full fine-tuning")]
+  assert len(titles) == 4
+  for title, (run, mode) in zip(titles, runs, strict=False):
+    assert str(run) in title and mode in title, title
+  assert str(out) in titles[3] and all(mode in titles[3] for _, mode in runs), titles[3]
+  comparison = out / "comparison.png"
+  assert comparison.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert f"comparison plot: {comparison}" in printed
+  assert printed.strip().splitlines()[-4:] == [
+    "next:",
+    f"  c3a-jax eval {out}",
+    f"  c3a-jax merge {out} {out}-merged",
+    f"  c3a-jax export-lora {out} {out}-lora --rank 8",
+  ]
+  # --overwrite removes the figure with the rest of the run.
+  assert train(f"output_dir={out}", "train.steps=10", "train.mode=head", "--overwrite") == 0
+  assert not comparison.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Hugging Face models and data, made locally.
 
@@ -319,6 +444,7 @@ def test_seq_cls_from_local_model_and_files(tmp_path, bert_dir, capsys):
   model = transformers.FlaxBertForSequenceClassification.from_pretrained(str(bert_dir))
   adapter, cfg = c3a.load_adapter(str(out / "adapter"), model.params)
   assert cfg.target_modules == ("query", "value")
+  assert cfg.base_model_name_or_path == str(bert_dir)  # model.name, as PEFT records the base
   capsys.readouterr()
   assert cli.main(["eval", str(out)]) == 0
   assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(summary["eval_accuracy"])
@@ -395,6 +521,77 @@ def test_bad_data_and_models_are_clear_errors(tmp_path, bert_dir, capsys):
   assert train("--config", str(config), "--overwrite") == 2
   err = capsys.readouterr().err
   assert "could not load dataset 'no-such-org/no-such-dataset'" in err and "offline" in err
+
+
+def test_a_local_data_path_that_does_not_exist_is_one_line_at_once(tmp_path):
+  from c3a_jax.cli import hub
+  from c3a_jax.cli.experiment import DataSpec
+
+  for name in (str(tmp_path / "missing"), "./no/such/data", "data/of/mine"):
+    with pytest.raises(FileNotFoundError, match=r"is not a hub dataset name") as e:
+      hub.load_split(DataSpec(name=name), "train")
+    assert f"data.name {name!r} does not exist" in str(e.value)
+
+
+@pytest.mark.integration
+def test_an_unreachable_hub_is_one_line_without_retries(tmp_path, bert_dir):
+  """No HF_HUB_OFFLINE, and a hub that refuses connections: huggingface_hub would retry for
+  about 25 s, printing each retry; the CLI finds the hub unreachable once, goes offline (the
+  local cache still serves), and says so in one line."""
+  import subprocess
+  import sys
+  import time
+
+  env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+  env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+
+  def run(model, dataset):
+    config = tmp_path / "config.yaml"
+    data = {"name": dataset, "eval_split": None}
+    config.write_text(yaml.safe_dump({"task": "seq_cls", "model": {"name": model}, "data": data}))
+    start = time.perf_counter()
+    proc = subprocess.run(
+      [sys.executable, "-m", "c3a_jax", "train", "--quiet", "--config", str(config)],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Retrying" not in proc.stderr, proc.stderr
+    progress = ("data: ", "Generating train split")  # a local file's, before the model
+    lines = [line for line in proc.stderr.splitlines() if line and not line.startswith(progress)]
+    assert len(lines) == 1, proc.stderr
+    return lines[0], time.perf_counter() - start
+
+  _, imports = run(str(bert_dir), str(tmp_path / "missing.jsonl"))  # fails once imports are done
+  data = write_jsonl(tmp_path / "train.jsonl", sentences(8, 0))
+  for model, dataset, what in [
+    (str(bert_dir), "no-such-org/no-such-dataset", "dataset"),
+    ("no-such-org/no-such-model", str(data), "model"),
+  ]:
+    line, seconds = run(model, dataset)
+    assert f"could not load {what} 'no-such-org/no-such-{what}'" in line
+    assert "http://127.0.0.1:9 is unreachable" in line
+    assert seconds < imports + 12, (seconds, imports)  # the retries alone took 23 s
+
+
+def test_suggest_block_size_reads_a_tunix_checkpoint(tmp_path, capsys):
+  """A Qwen 3 checkpoint, which transformers runs in PyTorch only: Tunix's model, as train's
+  model.library: tunix. Only config.json is read (the sizes); no weights are loaded."""
+  pytest.importorskip("tunix.models.qwen3.model")
+  sizes = dict(tiny.LLAMA, vocab_size=64, head_dim=8, rope_theta=1e6, tie_word_embeddings=False)
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", **sizes}))
+  targets = "q_proj,v_proj,down_proj"
+  assert (
+    cli.main(["suggest-block-size", str(tmp_path), "--rank", "4", "--target-modules", targets]) == 0
+  )
+  out = capsys.readouterr().out
+  h, i, q, kv = 32, 64, 4 * 8, 2 * 8  # tiny.LLAMA: 4 heads, 2 of keys and values, of 8
+  lora = 2 * 4 * ((h + q) + (h + kv) + (i + h))  # two layers
+  assert f"LoRA rank 4 trains {lora:,} parameters" in out, out
+  assert [line.split()[0] for line in out.splitlines() if "closest" in line] == ["4"]
 
 
 @pytest.mark.integration

@@ -272,3 +272,33 @@ def test_train_help_lists_every_config_key_with_its_type_and_default(capsys):
     assert f" = {default!r}" in lines[key], lines.get(key)
   assert "float = 0.1  C3A's learning rate" in lines["train.lr"]
   assert "int = 1000  optimizer steps" in lines["train.steps"]
+
+
+def test_a_config_file_that_is_not_utf8_deep_or_huge_is_one_error_naming_it(tmp_path):
+  """json.load's own errors (UnicodeDecodeError, RecursionError, the int digit limit) name no
+  file; each is one ValueError that does."""
+  path = tmp_path / "adapter_config.json"
+  cases = [
+    (b'{"peft_type": "C3A", "base_model_name_or_path": "caf\xe9"}', "is not UTF-8 text"),
+    (b"[" * 100_000 + b"]" * 100_000, "nests deeper than"),
+    (b'{"block_size": ' + b"9" * 5000 + b"}", "is not valid JSON: .*Exceeds the limit"),
+  ]
+  for data, match in cases:
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} {match}"):
+      C3AConfig.load(str(tmp_path))
+
+
+def test_merge_checkpoint_names_a_bad_shard_index(tmp_path):
+  base, adapter = tmp_path / "base", tmp_path / "adapter"
+  base.mkdir()
+  c3a.C3AConfig(block_size=4, target_modules=["fc"]).save(str(adapter))
+  index = base / "model.safetensors.index.json"
+  for data, match in [
+    (b"\xff{}", "is not UTF-8 text"),
+    (b"[" * 100_000, "nests deeper than"),
+    (b"{}", r"has no 'weight_map'"),
+  ]:
+    index.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(index))} {match}"):
+      c3a.merge_checkpoint(str(base), str(adapter), str(tmp_path / "out"))

@@ -8,9 +8,12 @@ Faults tested beside the code they concern: kill -9 inside a save and corrupt ch
 merge(safe=True) on NaN, attach(None) (test_transform.py); config types and ranges, numpy block
 sizes (test_config.py)."""
 
+import errno
+import gc
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,18 +252,18 @@ def test_summaries_and_metrics_are_strict_json():
 
 
 @pytest.mark.integration
-def test_a_damaged_digits_cache_is_named(tmp_path, monkeypatch):
+def test_a_damaged_digits_cache_is_named_and_rebuilt(tmp_path, monkeypatch):
   from c3a_jax.cli import digits
 
   monkeypatch.setenv("C3A_JAX_CACHE", str(tmp_path))
   params = digits.pretrained_params(log=lambda _: None)  # trains and caches
   (cached,) = list(tmp_path.iterdir())
   cached.write_bytes(cached.read_bytes()[:100])  # truncated, as by a full disk or a kill
-  with pytest.raises(ValueError, match=rf"cached digits model {cached} does not read.*delete it"):
-    digits.pretrained_params(log=lambda _: None)
-  cached.unlink()
-  again = digits.pretrained_params(log=lambda _: None)
+  logged = []
+  again = digits.pretrained_params(log=logged.append)
+  assert [m for m in logged if f"cached digits model {cached} is damaged" in m], logged
   assert np.array_equal(again["fc0"]["kernel"], params["fc0"]["kernel"])  # retrained the same
+  # (A flipped bit: tests/test_cli.py::test_a_bit_flipped_digits_cache_is_rebuilt_with_a_warning)
 
 
 @pytest.mark.integration
@@ -383,3 +386,237 @@ def test_unsafe_yaml_and_a_list_for_a_config_are_one_line(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "config.yaml: the top level must be a mapping of sections, got list" in err
   assert "Traceback" not in err
+
+
+# Issue 20: what a checkpoint or adapter may hold, and signals and saves that end in one line.
+
+
+@pytest.mark.parametrize(
+  "key,value", [("lr", "1e39"), ("weight_decay", "1e300"), ("head_lr", "3.5e38")]
+)
+def test_config_values_that_overflow_float32_are_refused(key, value):
+  # Finite in Python, infinite in float32 (the training dtype): the non-finite check above
+  # cannot see them.
+  with pytest.raises(ValueError, match=rf"train\.{key}: .*overflows float32.*got '?{value}"):
+    Experiment.from_dict({}, overrides=[f"train.{key}={value}"])
+  Experiment.from_dict({}, overrides=[f"train.{key}=3e38"])  # the largest fit
+
+
+def _linear_job(init=10.0):
+  """Three classes from four ones: a finite loss and gradient whatever ``w`` holds."""
+  x = np.ones((4, 4), np.float32)
+  return Job(
+    logits_fn=lambda p, b, rng, train: b["x"] @ p["w"],
+    params={"w": np.full((4, 3), init, np.float32)},
+    train_data={"x": x, "labels": np.asarray([0, 1, 2, 1])},
+    eval_data=None,
+  )
+
+
+def _steps_kept(out):
+  return sorted(int(s) for s in os.listdir(out / "checkpoints") if s.isdigit())
+
+
+def test_parameters_that_overflow_are_never_saved_or_called_good(tmp_path):
+  """lr and weight decay within float32, their product not: the warmup's first step leaves the
+  params as they are (lr 0), its second overflows them while its loss and gradient (computed
+  before the update) are finite."""
+  out = tmp_path / "run"
+  train = dict(mode="full", batch_size=2, steps=3, save_every=1, eval_every=100, lr=1e38)
+  exp = _exp(out, **train, weight_decay=1.0, warmup_steps=2)
+  with pytest.raises(runner.NonFiniteError) as error:
+    runner.run(exp, _linear_job(), quiet=True, log=lambda _: None)
+  assert "non-finite at step 2" in str(error.value)
+  assert "the checkpoint of step 1 is the last good state" in str(error.value)
+  assert _steps_kept(out) == [1] and not (out / "params.msgpack").exists()
+  # Overflowing at the last step: nothing is written.
+  exp = _exp(tmp_path / "last", **{**train, "steps": 1}, weight_decay=100.0)
+  with pytest.raises(runner.NonFiniteError, match=r"non-finite at step 1 .*none was saved"):
+    runner.run(exp, _linear_job(), quiet=True, log=lambda _: None)
+  assert _steps_kept(tmp_path / "last") == []
+  assert not (tmp_path / "last" / "params.msgpack").exists()
+
+
+def _orbax_tracebacks(caplog) -> list[str]:
+  """Log records with a traceback (orbax logs each error before raising it)."""
+  return [r.getMessage()[:200] for r in caplog.records if r.exc_info or r.levelno >= 40]
+
+
+def test_a_checkpoints_path_that_is_a_file_is_one_line(tmp_path, caplog):
+  out = tmp_path / "run"
+  exp = _exp(out, mode="full", batch_size=2, steps=2, eval_every=100)
+  runner.run(exp, _linear_job(0.0), quiet=True, log=lambda _: None)
+  shutil.rmtree(out / "checkpoints")
+  (out / "checkpoints").write_text("mine")
+  with pytest.raises(OSError, match=rf"{out / 'checkpoints'} is a file, not a directory"):
+    runner.run(exp, _linear_job(0.0), resume=True, quiet=True, log=lambda _: None)
+  assert (out / "checkpoints").read_text() == "mine"
+  assert _orbax_tracebacks(caplog) == []
+
+
+def test_a_full_disk_mid_save_is_one_line_naming_the_checkpoint(tmp_path, monkeypatch, caplog):
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+  async def full_disk(self, x, directory):  # the async write of a checkpoint's metadata
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", full_disk)
+  out = tmp_path / "run"
+  exp = _exp(out, mode="full", batch_size=2, steps=4, save_every=2, eval_every=100)
+  with pytest.raises(OSError, match=r"checkpoint .*/checkpoints/2 was not written: .*No space"):
+    runner.run(exp, _linear_job(0.0), quiet=True, log=lambda _: None)
+  assert _orbax_tracebacks(caplog) == []
+
+
+def test_a_second_sigterm_inside_an_async_save_is_one_line(tmp_path, monkeypatch, caplog):
+  """The scheduler's SIGTERM arrives while a checkpoint is written in the background, and a
+  second one while the loop waits for that write: status 130, one line, nothing else."""
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler
+
+  write = json_checkpoint_handler.JsonCheckpointHandler._save_fn
+  pid, sent = os.getpid(), []
+
+  async def slow_write(self, x, directory):
+    if not sent:  # the first save only
+      sent.append(True)
+      os.kill(pid, signal.SIGTERM)  # the loop stops after this step and saves again...
+      time.sleep(0.5)
+      os.kill(pid, signal.SIGTERM)  # ...waiting for this write, when the second one comes
+      time.sleep(0.5)
+    await write(self, x, directory)
+
+  monkeypatch.setattr(json_checkpoint_handler.JsonCheckpointHandler, "_save_fn", slow_write)
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  exp = _exp(tmp_path / "run", mode="full", batch_size=2, steps=10**6, save_every=2)
+  logs = []
+  with pytest.raises(SystemExit) as stop:
+    runner.run(exp, _linear_job(0.0), quiet=True, log=logs.append)
+  assert stop.value.code == 130
+  assert logs[-1].startswith("interrupted at step") and len(logs) == 1, logs
+  assert _orbax_tracebacks(caplog) == [] and unraisable == []
+
+
+def _swallowed(signum):
+  """Runs the handler of ``signum`` as a signal arriving inside a gc callback (JAX's
+  ``_xla_gc_callback``) would: what it raises is printed as unraisable and dropped."""
+
+  def callback(phase, info):
+    if phase == "start":
+      gc.callbacks.remove(callback)
+      handler = signal.getsignal(signum)
+      handler(signum, None)
+
+  gc.callbacks.append(callback)
+  gc.collect()
+
+
+def test_ctrl_c_swallowed_by_a_gc_callback_still_stops_the_run(tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(sys, "unraisablehook", lambda _: None)
+  plot = runner._plot
+
+  def plot_then_ctrl_c(*args, **kwargs):  # Ctrl-C while the run writes what it leaves
+    _swallowed(signal.SIGINT)
+    return plot(*args, **kwargs)
+
+  monkeypatch.setattr(runner, "_plot", plot_then_ctrl_c)
+  exp = _exp(tmp_path / "run", mode="full", batch_size=2, steps=2, eval_every=100)
+  logs = []
+  with pytest.raises(SystemExit) as stop:
+    runner.run(exp, _linear_job(0.0), quiet=True, log=logs.append)
+  said = [*logs, *capsys.readouterr().err.splitlines()]
+  assert stop.value.code == 130 and "stopped by SIGINT at step 2: the run is complete" in said[-1]
+  assert (tmp_path / "run" / "summary.json").is_file()  # written whole first
+  # Anywhere else in a command (between the runs of the digits default, say): status 130 too.
+  from c3a_jax.cli import commands
+
+  monkeypatch.setattr(commands, "main", lambda argv: _swallowed(signal.SIGINT) or 0)
+  assert cli.main(["train"]) == 130
+
+
+def test_an_ignored_sigint_stays_ignored(monkeypatch):
+  # `nohup c3a-jax train &` or a scheduler's launcher: the user chose that Ctrl-C is not for it.
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with runner._stop_signal():
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+      assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+    from c3a_jax.cli import commands
+
+    seen = []
+    monkeypatch.setattr(commands, "main", lambda argv: seen.append(signal.getsignal(2)) or 0)
+    assert cli.main(["train"]) == 0 and seen == [signal.SIG_IGN]
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def _c3a_job():
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  model = nn.Dense(3)
+  job = _linear_job(0.0)
+  job.logits_fn = lambda p, b, rng, train: model.apply({"params": p["fc"]}, b["x"])
+  job.params = {"fc": model.init(jax.random.key(0), jnp.ones((1, 4)))["params"]}
+  return job
+
+
+def test_a_linked_adapter_directory_is_refused_not_written_through(tmp_path):
+  out = tmp_path / "run"
+  config = {"block_size": 1, "target_modules": ["fc"]}
+  exp = Experiment.from_dict(
+    {"output_dir": str(out), "c3a": config, "train": {"steps": 2, "batch_size": 2}}
+  )
+  runner.run(exp, _c3a_job(), quiet=True, log=lambda _: None)
+  mine = tmp_path / "my-adapter"
+  shutil.move(out / "adapter", mine)
+  (out / "adapter").symlink_to(mine)
+  before = {p.name: p.read_bytes() for p in mine.iterdir()}
+  exp = exp.model_copy(update={"train": exp.train.model_copy(update={"steps": 4})})
+  with pytest.raises(rundir.RunDirError, match=rf"{out / 'adapter'} is a symbolic link"):
+    runner.run(exp, _c3a_job(), resume=True, quiet=True, log=lambda _: None)
+  assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+
+
+@pytest.mark.integration
+def test_resume_refuses_a_checkpoint_whose_data_position_changed(tmp_path, capsys):
+  """One bit of the metadata (data_position 20 -> 21) resumed "at step 20" elsewhere in the
+  data, exit 0, another adapter: now it is corrupt, set aside, and the run resumes at 10."""
+  out = tmp_path / "run"
+  args = [f"output_dir={out}", "train.mode=head", "train.save_every=10", "train.eval_every=1000"]
+  assert cli.main(["train", "--quiet", "train.steps=20", *args]) == 0
+  meta = out / "checkpoints" / "20" / "meta" / "metadata"
+  meta.write_bytes(meta.read_bytes().replace(b'"data_position": 20', b'"data_position": 21'))
+  with pytest.warns(UserWarning, match=r"checkpoints/20 is corrupt: its metadata differs"):
+    assert cli.main(["train", "--quiet", "--resume", "train.steps=25", *args]) == 0
+  assert "resumed" in capsys.readouterr().err and (out / "checkpoints" / "20.corrupt").is_dir()
+  assert json.load(open(out / "summary.json"))["steps"] == 25
+
+
+@pytest.mark.integration
+def test_two_quick_sigterms_end_in_one_line(tmp_path):
+  """The second SIGTERM lands inside a save (one every step) or just after the first: the
+  process ends with one line, whichever, never orbax's or asyncio's tracebacks."""
+  out = tmp_path / "run"
+  args = ["train.steps=1000000", "train.save_every=1", "train.eval_every=1000000"]
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "c3a_jax", "train", "--quiet", f"output_dir={out}", *args],
+    cwd=ROOT,
+    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  checkpoints, deadline = out / "checkpoints", time.time() + 120
+  while time.time() < deadline and not (checkpoints.is_dir() and len(os.listdir(checkpoints)) > 2):
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  time.sleep(0.002)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  # Leaving out absl's info lines, and the digits model's pretraining where not cached yet.
+  lines = [x for x in err.splitlines() if not re.match(r"[IW]\d{4} |pretraining the digits", x)]
+  assert proc.returncode in (130, 143), err[-3000:]
+  assert len(lines) == 1 and re.match(r"(interrupted|stopped by SIGTERM) at step", lines[0]), err

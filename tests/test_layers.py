@@ -348,9 +348,14 @@ def test_a_stack_saves_as_peft_layers_and_loads_back_into_the_stack(scanned, tmp
     np.testing.assert_array_equal(
       loaded["layers"][name]["c3a_kernel"], nn.unbox(leaf["c3a_kernel"])
     )
-  # A layer the file leaves out is not adapted, as in PEFT: its C3A kernel loads as zeros.
+  # A layer its target_modules name but the file lacks would get a fresh init in PEFT: refused.
   del stacked["base_model.model.layers.1.query.c3a_kernel"]
   safetensors.numpy.save_file(stacked, tmp_path / "stacked" / "adapter_model.safetensors")
+  with pytest.raises(ValueError, match=r"no c3a_kernel for layer 'layers.1.query' \(layer 1 of"):
+    c3a.load_adapter(str(tmp_path / "stacked"), params)
+  # A layer the file and its target_modules leave out is not adapted, as in PEFT: zeros.
+  kept = tuple(t for t in saved.target_modules if t != "layers.1.query")
+  saved.replace(target_modules=kept).save(str(tmp_path / "stacked"))
   partial, _ = c3a.load_adapter(str(tmp_path / "stacked"), params)
   query = partial["layers"]["query"]["c3a_kernel"]
   assert not query[1].any() and query[0].any() and query[2].any()
@@ -434,9 +439,15 @@ def test_a_key_map_splits_a_fused_layer_by_output_rows_and_joins_it_back(tmp_pat
   np.testing.assert_array_equal(
     loaded["attn"]["kv"]["c3a_kernel"], adapted["attn"]["kv"]["c3a_kernel"]
   )
-  # PEFT adapting v_proj alone: the k rows stay unadapted (zero).
+  # A part its target_modules name but the file lacks would get a fresh init in PEFT: refused.
   del keys["base_model.model.attn.k_proj.c3a_kernel"]
   safetensors.numpy.save_file(keys, str(tmp_path / "a" / "adapter_model.safetensors"))
+  with pytest.raises(ValueError, match=r"no c3a_kernel for layer 'attn.k_proj' \(part 1 of 2"):
+    c3a.load_adapter(str(tmp_path / "a"), params, key_map=fused)
+  # PEFT adapting v_proj alone: the k rows stay unadapted (zero).
+  c3a.C3AConfig.load(str(tmp_path / "a")).replace(target_modules=["attn.v_proj"]).save(
+    str(tmp_path / "a")
+  )
   loaded, _ = c3a.load_adapter(str(tmp_path / "a"), params, key_map=fused)
   w = loaded["attn"]["kv"]["c3a_kernel"]
   assert not w[:2].any()

@@ -191,6 +191,10 @@ KERNEL = P + "encoder.layer.0.query.c3a_kernel"
       r"query.c3a_kernel' holds 4 non-finite values",
     ),
     (
+      lambda t: t.update({KERNEL: np.full(t[KERNEL].shape, 1e300)}),
+      r"query.c3a_kernel' holds 32 values that overflow float32 \(largest magnitude 1e\+300\)",
+    ),
+    (
       lambda t: t.update({P + "encoder.layer.0.norm.c3a_kernel": np.ones((2, 2, 8), np.float32)}),
       r"layer 'encoder.layer.0.norm' is not in the file's own target_modules",
     ),
@@ -203,7 +207,15 @@ KERNEL = P + "encoder.layer.0.query.c3a_kernel"
       r"with bias='c3a_only', PEFT would skip this bias of 'encoder.layer.0.norm'",
     ),
   ],
-  ids=["lora", "integer", "nan", "untargeted-kernel", "untrained-weight", "untrained-bias"],
+  ids=[
+    "lora",
+    "integer",
+    "nan",
+    "overflows-float32",
+    "untargeted-kernel",
+    "untrained-weight",
+    "untrained-bias",
+  ],
 )
 def test_load_refuses_what_peft_would_read_differently(saved, edit, match):
   """PEFT drops tensors its config does not ask for, silently: loading them here would make
@@ -285,3 +297,112 @@ def test_save_refuses_a_layer_both_adapted_and_trained_fully(tmp_path):
   c3a.save_adapter(str(tmp_path / "b"), c3a.attach(params, fixed, jax.random.key(0)), fixed)
   adapter, _ = c3a.load_adapter(str(tmp_path / "b"), params)
   assert "c3a_kernel" not in adapter["pre_classifier"] and "kernel" in adapter["pre_classifier"]
+
+
+def test_load_refuses_a_file_missing_a_targeted_layer(saved):
+  """PEFT gives a targeted layer the file leaves out a fresh init: the two libraries would compute
+  different models from one file. With the model given, load_adapter names the layer; without
+  it, the targets are unknown and the file loads as it is."""
+  path, params = saved
+  _rewrite(path, lambda t: t.pop(P + "encoder.layer.1.ffn.c3a_kernel"))
+  with pytest.raises(
+    ValueError,
+    match=r"adapter_model.safetensors holds no c3a_kernel for layer 'encoder.layer.1.ffn', "
+    r"which its target_modules \('query', 'ffn'\) select",
+  ):
+    c3a.load_adapter(path, params)
+  adapter, _ = c3a.load_adapter(path)
+  assert "c3a_kernel" not in adapter["encoder"]["layer"]["1"]["ffn"]
+
+
+def _stacked(n_layers=3):
+  """A scanned stack (kernels (L, 8, 8)) with C3A kernels, as attach(forward=...) gives it."""
+  layer = lambda: {"kernel": jnp.ones((n_layers, 8, 8)), "bias": jnp.zeros((n_layers, 8))}
+  base = {"layers": {"q": layer(), "v": layer()}}
+  adapted = jax.tree.map(lambda x: x, base)
+  for name in ("q", "v"):
+    adapted["layers"][name]["c3a_kernel"] = jnp.ones((n_layers, 2, 2, 4))
+  return base, adapted
+
+
+def test_load_refuses_a_file_missing_a_layer_of_a_stack_or_a_part_of_a_split(tmp_path):
+  base, adapted = _stacked()
+  cfg = c3a.C3AConfig(block_size=4, target_modules=["q", "v"])
+  c3a.save_adapter(str(tmp_path / "a"), adapted, cfg)
+  c3a.load_adapter(str(tmp_path / "a"), base)  # whole: loads
+  _rewrite(str(tmp_path / "a"), lambda t: t.pop(P + "layers.1.q.c3a_kernel"))
+  with pytest.raises(ValueError, match=r"no c3a_kernel for layer 'layers.1.q' \(layer 1 of"):
+    c3a.load_adapter(str(tmp_path / "a"), base)
+  c3a.save_adapter(str(tmp_path / "b"), adapted, cfg)
+  _rewrite(str(tmp_path / "b"), lambda t: [t.pop(P + f"layers.{i}.v.c3a_kernel") for i in range(3)])
+  with pytest.raises(ValueError, match=r"no c3a_kernel for layer 'layers.0.v'"):
+    c3a.load_adapter(str(tmp_path / "b"), base)
+  # A key_map that splits a fused layer: each part is a layer PEFT adapts.
+  fused = {"attn": {"kv": {"kernel": jnp.ones((8, 16))}}}
+  key_map = [(r"^attn\.kv$", ("attn.k", "attn.v"))]
+  kv = c3a.C3AConfig(block_size=4, target_modules=["kv"])
+  c3a.save_adapter(
+    str(tmp_path / "c"), c3a.attach(fused, kv, jax.random.key(0)), kv, key_map=key_map
+  )
+  _rewrite(str(tmp_path / "c"), lambda t: t.pop(P + "attn.v.c3a_kernel"))
+  with pytest.raises(ValueError, match=r"no c3a_kernel for layer 'attn.v' \(part 2 of 2 of"):
+    c3a.load_adapter(str(tmp_path / "c"), fused, key_map=key_map)
+
+
+def test_load_refuses_a_file_missing_a_targeted_layer_of_an_nnx_model(tmp_path):
+  from flax import nnx
+
+  class Two(nnx.Module):
+    def __init__(self):
+      self.fc0 = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+      self.fc1 = nnx.Linear(8, 8, rngs=nnx.Rngs(1))
+
+  cfg = c3a.C3AConfig(block_size=4, target_modules=["fc0", "fc1"])
+  c3a.save_adapter(str(tmp_path), c3a.attach(Two(), cfg, jax.random.key(0)), cfg)
+  _rewrite(str(tmp_path), lambda t: t.pop(P + "fc1.c3a_kernel"))
+  with pytest.raises(ValueError, match=r"no c3a_kernel for layer 'fc1'"):
+    c3a.load_adapter(str(tmp_path), Two())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_save_refuses_non_finite_tensors_and_writes_nothing(tmp_path, bad):
+  params = c3a.attach(model_params(), CFG, jax.random.key(0))
+  layer = params["encoder"]["layer"]["1"]["ffn"]
+  layer["c3a_kernel"] = layer["c3a_kernel"].at[0, 0, 0].set(bad)
+  with pytest.raises(
+    ValueError, match=r"save_adapter: encoder.layer.1.ffn.c3a_kernel holds 1 non-finite value"
+  ):
+    c3a.save_adapter(str(tmp_path / "new"), params, CFG)
+  assert not os.listdir(tmp_path)
+  head = c3a.attach(model_params(), CFG, jax.random.key(0))
+  head["classifier"]["norm"]["scale"] = head["classifier"]["norm"]["scale"].at[3].set(bad)
+  with pytest.raises(ValueError, match=r"classifier.norm.scale holds 1 non-finite value"):
+    c3a.save_adapter(str(tmp_path), head, CFG)
+  assert not os.listdir(tmp_path)
+
+
+def test_save_refuses_float64_values_that_overflow_float32(tmp_path):
+  params = c3a.attach(model_params(), CFG, jax.random.key(0))
+  params["classifier"]["dense"]["bias"] = np.full(16, 1e300)  # float64, as under x64
+  with pytest.raises(ValueError, match=r"classifier.dense.bias holds 16 values that overflow"):
+    c3a.save_adapter(str(tmp_path), params, CFG)
+  assert not os.listdir(tmp_path)
+
+
+def test_a_non_utf8_or_deeply_nested_adapter_file_is_one_error_naming_it(saved):
+  path, params = saved
+  weights = os.path.join(path, "adapter_model.safetensors")
+  header = b'{"\xff\xfe": 1}'
+  with open(weights, "wb") as f:
+    f.write(len(header).to_bytes(8, "little") + header)
+  with pytest.raises(ValueError, match=r"adapter_model.safetensors is not a readable safetensors"):
+    c3a.load_adapter(path, params)
+  config = os.path.join(path, "adapter_config.json")
+  with open(config, "wb") as f:
+    f.write(b'{"peft_type": "C3A", "base_model_name_or_path": "caf\xe9"}')
+  with pytest.raises(ValueError, match=r"adapter_config.json is not UTF-8 text"):
+    c3a.load_adapter(path, params)
+  with open(config, "w") as f:
+    f.write("[" * 100_000 + "]" * 100_000)
+  with pytest.raises(ValueError, match=r"adapter_config.json nests deeper than"):
+    c3a.load_adapter(path, params)

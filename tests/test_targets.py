@@ -1,5 +1,7 @@
 """Target selection follows PEFT 0.21's rules on params-tree paths."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -196,3 +198,35 @@ def test_gpt2_names_without_model_type_warn():
   params = {"h": {"0": {"c_attn": {"kernel": np.zeros((16, 48))}}}}
   with pytest.warns(UserWarning, match="'h.0.c_attn' is named like GPT-2's Conv1D"):
     c3a.select(params, c3a.C3AConfig(block_size=8, target_modules=["c_attn"]))
+
+
+def test_a_list_entry_that_matches_no_layer_is_a_warning_naming_it():
+  """A typo in one entry ("valeu") used to adapt the rest silently. Each list entry is a name
+  suffix, so one that selects no layer is named, with the nearest layer name; the CLI makes
+  the warning (c3a.UnmatchedTargetWarning) an error."""
+  cfg = c3a.C3AConfig(block_size=8, target_modules=["query", "valeu"])
+  with pytest.warns(
+    c3a.UnmatchedTargetWarning, match=r"target_modules entry 'valeu' matches no"
+  ) as w:
+    got = paths(cfg)
+  assert got == [f"roberta.encoder.layer.{i}.attention.self.query" for i in range(3)]
+  assert [x.message.entries for x in w] == [("valeu",)]
+  assert [x.message.field for x in w] == ["target_modules"]
+  assert "did you mean 'value'?" in str(w[0].message)
+
+
+def test_unmatched_exclude_entries_warn_and_regex_strings_do_not():
+  cfg = c3a.C3AConfig(
+    block_size=8,
+    target_modules=["query", "value"],
+    exclude_modules=["0.attention.self.query", "qeury"],
+  )
+  with pytest.warns(c3a.UnmatchedTargetWarning, match=r"exclude_modules entry 'qeury'") as w:
+    assert len(paths(cfg)) == 5
+  assert [x.message.entries for x in w] == [("qeury",)]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", c3a.UnmatchedTargetWarning)
+    # A string is a regex: its alternatives cannot be told apart, so it is not checked.
+    paths(c3a.C3AConfig(block_size=8, target_modules=r".*\.(query|valeu)", exclude_modules="x"))
+    # An entry that names only modules kept in modules_to_save is no typo: not warned about.
+    paths(c3a.C3AConfig(block_size=8, target_modules=["query", "dense"], modules_to_save=["dense"]))

@@ -305,3 +305,35 @@ def test_merge_and_unmerge_keep_float64_under_x64():
     np.testing.assert_allclose(merged["fc"]["kernel"], kernel + dense_reference(w).T, atol=1e-14)
     restored = c3a.unmerge(merged, {"fc": {"c3a_kernel": w}})
     np.testing.assert_allclose(restored["fc"]["kernel"], kernel, atol=1e-14)
+
+
+def test_attach_takes_an_int_seed_as_flax_does():
+  """nnx.Rngs(0) takes a seed; attach(params, cfg, 0) is attach(params, cfg, jax.random.key(0))."""
+  _, params = mlp_params(16, (16, 8))
+  cfg = c3a.C3AConfig(block_size=8, target_modules=["fc0", "fc1"])
+  by_seed = c3a.attach(params, cfg, 3)
+  by_key = c3a.attach(params, cfg, jax.random.key(3))
+  jax.tree.map(np.testing.assert_array_equal, by_seed, by_key)
+  jax.tree.map(np.testing.assert_array_equal, c3a.attach(params, cfg, np.int64(3)), by_key)
+  legacy = c3a.attach(params, cfg, jax.random.PRNGKey(3))  # a raw uint32 key works as before
+  assert legacy["fc0"]["c3a_kernel"].shape == by_key["fc0"]["c3a_kernel"].shape
+
+
+@pytest.mark.parametrize(
+  "rng,error,match",
+  [
+    (None, TypeError, r"got None"),
+    (1.5, TypeError, r"got float"),
+    (True, TypeError, r"got bool"),
+    ("0", TypeError, r"got str"),
+    (jnp.ones(3), TypeError, r"got an array of shape \(3,\) and dtype float32"),
+    (jax.random.split(jax.random.key(0)), TypeError, r"got an array of shape \(2,\) and dtype key"),
+    (-1, ValueError, r"an int seed must be in \[0, 2\*\*32\), got -1"),
+    (2**32, ValueError, r"an int seed must be in \[0, 2\*\*32\), got 4294967296"),
+  ],
+)
+def test_attach_names_a_bad_rng(rng, error, match):
+  _, params = mlp_params(16, (16, 8))
+  cfg = c3a.C3AConfig(block_size=8, target_modules=["fc0"])
+  with pytest.raises(error, match=r"attach: rng .*" + match):
+    c3a.attach(params, cfg, rng)

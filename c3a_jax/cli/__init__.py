@@ -9,9 +9,12 @@ offline default task) and ``blocks`` (block size suggestions).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 # What the [cli] extra installs and the library never imports: the app's own modules, checked
 # before anything runs, and the Hugging Face ones, needed only for hub models and datasets.
@@ -26,6 +29,29 @@ def _missing(module: str, needed_for: str = "the command line") -> str:
   )
 
 
+@contextlib.contextmanager
+def _ctrl_c_recorded() -> Iterator[list[int]]:
+  """Python's Ctrl-C handler (raise KeyboardInterrupt), also recording the signal in the list
+  this yields: a KeyboardInterrupt raised inside a gc callback (JAX's ``_xla_gc_callback``) is
+  dropped, and the record still ends the command with status 130. A process started with
+  SIGINT ignored, or another handler set, keeps it."""
+  received: list[int] = []
+
+  def handler(signum, frame):
+    received.append(signum)
+    raise KeyboardInterrupt
+
+  mine = threading.current_thread() is threading.main_thread()
+  if not mine or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    yield received
+    return
+  signal.signal(signal.SIGINT, handler)
+  try:
+    yield received
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs ``c3a-jax`` with ``argv`` (default: the process's); returns the exit status."""
   for module in _APP_MODULES:
@@ -35,7 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     from c3a_jax.cli import commands
 
-    return commands.main(argv)
+    with _ctrl_c_recorded() as received:
+      status = commands.main(argv)
+    if received:  # its KeyboardInterrupt was dropped where it was raised
+      raise KeyboardInterrupt
+    return status
   except KeyboardInterrupt:  # Ctrl-C while loading models or data, or compiling: nothing to save
     print("c3a-jax: interrupted (a run keeps its complete checkpoints)", file=sys.stderr)
     return 130

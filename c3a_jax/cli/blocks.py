@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import c3a_jax as c3a
 
@@ -60,25 +63,26 @@ def suggest(
 
 
 def report(
-  model: str, *, rank: int = 8, target_modules: str | None = None, from_pt: bool = False
+  model: str,
+  *,
+  rank: int = 8,
+  target_modules: str | None = None,
+  from_pt: bool = False,
+  library: str | None = None,
 ) -> str:
-  """The CLI's table for a hub model, a local model directory, or ``"digits"``."""
+  """The CLI's table for a hub model, a local model directory, or ``"digits"``.
+
+  ``library`` is ``train``'s ``model.library``: ``"transformers"`` (Flax models) or ``"tunix"``
+  (NNX LLMs); None picks Tunix for a model type that transformers has no Flax model of.
+  """
   if model == "digits":
     from c3a_jax.cli import digits
 
-    params, model_type = digits.pretrained_params(log=lambda _: None), None
+    log = lambda line: print(line, file=sys.stderr)  # a damaged cache's warning, too
+    params, model_type = digits.pretrained_params(log=log), None
     targets = target_modules.split(",") if target_modules else ["fc0", "fc1"]
   else:
-    import transformers
-
-    try:
-      m = transformers.FlaxAutoModel.from_pretrained(model, from_pt=from_pt)
-    except (OSError, ValueError) as e:
-      raise ValueError(
-        f"could not load model {model!r} (a hub name needs the network, which "
-        f"this machine may not have): {str(e).splitlines()[0]}"
-      ) from None
-    params, model_type = m.params, m.config.model_type
+    params, model_type = _model(model, from_pt, library)
     targets = target_modules.split(",") if target_modules else None
   if targets is None:
     from c3a_jax._targets import DEFAULT_TARGETS
@@ -97,3 +101,42 @@ def report(
     for r in rows
   ]
   return "\n".join(lines)
+
+
+def _model(name: str, from_pt: bool, library: str | None) -> tuple[Any, str]:
+  """(params, or an NNX model, and its model_type) as ``train`` would run model ``name``."""
+  import transformers
+  from transformers.models.auto.modeling_flax_auto import FLAX_MODEL_MAPPING_NAMES
+
+  from c3a_jax.cli import hub, tunix
+
+  hub.check_local(name, "MODEL", "model")
+  if not os.path.exists(name):
+    hub.offline_if_unreachable()
+  model_type = _model_type(name)
+  flax = model_type is None or model_type in FLAX_MODEL_MAPPING_NAMES
+  if library == "tunix" or (library is None and not flax and model_type in tunix.FAMILIES):
+    return tunix.shapes(name)  # sizes only: no weights are read
+  if not flax:
+    raise ValueError(
+      f"model {name!r} is a {model_type!r}, which transformers has no Flax model of (Tunix "
+      f"runs {sorted(tunix.FAMILIES)} with --library tunix)"
+    )
+  try:
+    m = transformers.FlaxAutoModel.from_pretrained(name, from_pt=from_pt)
+  except (OSError, ValueError) as e:
+    raise ValueError(
+      f"could not load model {name!r} ({hub._offline_hint(name)}): {str(e).splitlines()[0]}"
+    ) from None
+  return m.params, m.config.model_type
+
+
+def _model_type(name: str) -> str | None:
+  """The checkpoint's model_type, from its config.json; None where it does not read (loading
+  the model then says why)."""
+  import transformers
+
+  try:
+    return transformers.AutoConfig.from_pretrained(name).model_type
+  except (OSError, ValueError):
+    return None

@@ -13,8 +13,10 @@ C3A against head-only and full fine-tuning.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 
@@ -23,7 +25,6 @@ from c3a_jax.cli.experiment import Experiment, fields_help
 # The offline default: C3A on the digits MLP's hidden layers, the paper's large C3A learning rate.
 DIGITS_DEFAULT = {
   "task": "digits",
-  "output_dir": "runs/c3a-digits",
   "c3a": {"block_size": 16, "target_modules": ["fc0", "fc1"], "modules_to_save": ["head"]},
   "train": {
     "steps": 300,
@@ -39,6 +40,30 @@ DIGITS_DEFAULT = {
 
 def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
+
+
+def shipped_configs() -> dict[str, str]:
+  """The experiment configs installed with the package (``c3a_jax/configs``), by name."""
+  folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+  return {n[: -len(".yaml")]: os.path.join(folder, n) for n in names if n.endswith(".yaml")}
+
+
+def config_file(name: str) -> str:
+  """``--config``'s file: ``name`` if it exists, else the shipped config of that name
+  (``roberta-base-sst2``, ``digits.yaml``, or ``configs/digits.yaml`` as the README spells it,
+  so that its commands work outside a clone)."""
+  if os.path.exists(name):
+    return name
+  stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+  folder, stem = os.path.split(stem)
+  shipped = shipped_configs()
+  if folder in ("", "configs") and stem in shipped:
+    return shipped[stem]
+  raise FileNotFoundError(
+    f"config file {name} does not exist, and no shipped config has that name (shipped: "
+    f"{', '.join(shipped)})"
+  )
 
 
 def _job(exp: Experiment):
@@ -60,30 +85,81 @@ def train(args: argparse.Namespace) -> int:
   from c3a_jax.cli import runner
 
   exp = (
-    Experiment.load(args.config, args.overrides)
+    Experiment.load(config_file(args.config), args.overrides)
     if args.config
     else Experiment.from_dict(DIGITS_DEFAULT, args.overrides, source="default config")
   )
+  runs = [(exp, args.resume, args.overwrite), *_baselines(exp, resume=args.resume)]
+  # Before the model loads (minutes, for a real checkpoint), refuse what can be refused. The
+  # baselines' directories matter on --resume only: else the run's --overwrite clears them.
+  for other, resume, overwrite in runs if args.resume else runs[:1]:
+    runner.check(other, resume=resume, overwrite=overwrite)
+  _check_data(exp)
   job = _job(exp)
-  summaries = [
-    runner.run(exp, job, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, log=_log)
-  ]
-  if exp.task == "digits" and exp.train.mode == "c3a":
-    # The comparison the default job exists for: same data and steps, other trainable sets.
-    for mode, lr in (("head", exp.train.head_lr), ("full", exp.train.head_lr)):
-      # model_copy skips validation: these values come from the validated config.
-      train = exp.train.model_copy(update={"mode": mode, "lr": lr or exp.train.lr})
-      other = exp.model_copy(
-        update={"output_dir": os.path.join(exp.output_dir, "baselines", mode), "train": train}
+  # The run's lock is held from its first write to its last, the baselines included: they
+  # train inside its directory, which another process's --overwrite would delete under them.
+  with contextlib.ExitStack() as held:
+    summaries = [
+      runner.run(
+        other,
+        job,
+        resume=resume,
+        overwrite=overwrite,
+        quiet=args.quiet,
+        log=_log,
+        hold_lock=held if other is exp else None,
       )
-      summaries.append(runner.run(other, job, overwrite=True, quiet=args.quiet, log=_log))
-  _print_table(summaries)
-  print(f"run directory: {exp.output_dir}")
+      for other, resume, overwrite in runs
+    ]
+    _print_table(summaries)
+    print(f"run directory: {exp.output_dir}")
+    _wrap_up(exp, summaries)  # writes the comparison plot into the run directory
   return 0
 
 
+def _baselines(exp: Experiment, *, resume: bool) -> list[tuple[Experiment, bool, bool]]:
+  """The comparison the digits default exists for, in ``baselines/<mode>`` of its directory:
+  same data and steps, other trainable sets. Each as (experiment, resume, overwrite): --resume
+  continues a baseline that started (one that finished is not retrained) and starts the rest."""
+  if exp.task != "digits" or exp.train.mode != "c3a":
+    return []
+  runs = []
+  for mode in ("head", "full"):
+    # model_copy skips validation: these values come from the validated config.
+    train = exp.train.model_copy(update={"mode": mode, "lr": exp.train.head_lr or exp.train.lr})
+    out = os.path.join(exp.output_dir, "baselines", mode)
+    started = resume and os.path.isfile(os.path.join(out, "config.yaml"))
+    runs.append((exp.model_copy(update={"output_dir": out, "train": train}), started, not started))
+  return runs
+
+
+def _check_data(exp: Experiment) -> None:
+  """A data file (CSV or JSON) or local dataset path that does not exist, refused before the
+  model loads (Tunix loads it before the data); hub names are looked up with the data."""
+  if exp.task == "digits":
+    return
+  # A missing package first: it is the first thing to fix, and what loading would hit first.
+  import datasets  # noqa: F401
+  import transformers  # noqa: F401
+
+  from c3a_jax.cli import hub
+
+  spec = exp.data
+  if os.path.splitext(spec.name)[1].lower() not in hub.FILE_FORMATS:
+    hub.check_local(spec.name, "data.name", "dataset")
+    return
+  if not os.path.isfile(spec.name):
+    raise FileNotFoundError(f"data file {spec.name} does not exist")
+  if spec.eval_split is not None and not os.path.isfile(spec.eval_split):
+    raise FileNotFoundError(
+      f"data.eval_split {spec.eval_split!r} is not a file: with a data file as data.name, set "
+      "data.eval_split to an eval file, or to null"
+    )
+
+
 def _print_table(summaries: list[dict]) -> None:
-  names = {"c3a": "C3A", "head": "head only", "full": "full fine-tuning"}
+  from c3a_jax.cli.runner import MODE_NAMES as names
+
   print(f"{'training':<18} {'trainable params':>17} {'share':>8} {'eval accuracy':>14}")
   for s in summaries:
     share = s["trainable_params"] / s["total_params"]
@@ -91,11 +167,48 @@ def _print_table(summaries: list[dict]) -> None:
     print(f"{names[s['mode']]:<18} {s['trainable_params']:>17,} {share:>8.2%} {acc:>14}")
 
 
+def _wrap_up(exp: Experiment, summaries: list[dict]) -> None:
+  """What the console ends with: the comparison plot of a run with baselines, then the
+  commands that use the run."""
+  if len(summaries) > 1:
+    print(f"comparison plot: {_plot_comparison(exp, summaries)}")
+  print("next:")
+  for command in _next_commands(exp):
+    print(f"  {command}")
+
+
+def _plot_comparison(exp: Experiment, summaries: list[dict]) -> str:
+  """Plots the run beside its baselines (``baselines/<mode>``) as ``comparison.png`` in the
+  run directory; returns its path."""
+  from c3a_jax.cli import runner
+
+  runs = {}
+  for mode in (s["mode"] for s in summaries):
+    baseline = os.path.join(exp.output_dir, "baselines", mode)
+    runs[runner.MODE_NAMES[mode]] = exp.output_dir if mode == exp.train.mode else baseline
+  path = os.path.join(exp.output_dir, "comparison.png")
+  runner.plot_comparison(runs, path, f"{exp.output_dir}: {' vs '.join(runs)}")
+  return path
+
+
+def _next_commands(exp: Experiment) -> list[str]:
+  """The commands that evaluate, merge and export the run, with its path."""
+  run = os.path.normpath(exp.output_dir)
+  commands = [f"c3a-jax eval {shlex.quote(run)}"]
+  commands.append(f"c3a-jax merge {shlex.quote(run)} {shlex.quote(run + '-merged')}")
+  if exp.train.mode == "c3a":  # export-lora exports a C3A adapter
+    lora = shlex.quote(run + "-lora")
+    commands.append(f"c3a-jax export-lora {shlex.quote(run)} {lora} --rank 8")
+  return commands
+
+
 def evaluate(args: argparse.Namespace) -> int:
   """``c3a-jax eval RUN_DIR [RUN_DIR ...]``: loss and accuracy of finished runs, as JSON.
 
   Several C3A runs of one model and one dataset are scored together: each eval batch goes
-  through all their adapters at once, as a mixed batch (``c3a.stack_adapters``).
+  through all their adapters at once, as a mixed batch (``c3a.stack_adapters``). Runs that
+  train more than an adapter (a head, biases, every weight) are scored one at a time, with a
+  line that says so.
   """
   import c3a_jax as c3a
   from c3a_jax.cli import runner
@@ -115,18 +228,36 @@ def evaluate(args: argparse.Namespace) -> int:
   if not others:
     print(json.dumps(runner.evaluate(job, params(job), exp.train.eval_batch_size), indent=2))
     return 0
-  adapters = {d: _adapter(d, e, job) for d, (e, _) in runs.items()}
-  try:
-    stacked = c3a.stack_adapters(adapters)
-  except ValueError as e:
-    raise ValueError(
-      f"{e}. Runs that train a head or biases (modules_to_save, bias) are evaluated one at a time"
-    ) from None
-  scores = runner.evaluate_mixed(
-    job, c3a.combine(stacked, job.params), len(adapters), exp.train.eval_batch_size
-  )
-  print(json.dumps(dict(zip(adapters, scores, strict=True)), indent=2))
+  reason = _why_alone(runs)
+  if reason is None:
+    adapters = {d: _adapter(d, e, job) for d, (e, _) in runs.items()}
+    try:
+      stacked = c3a.stack_adapters(adapters)
+    except ValueError as e:  # e.g. block sizes that differ on a layer
+      reason = str(e)
+  if reason is None:
+    mixed = runner.evaluate_mixed(
+      job, c3a.combine(stacked, job.params), len(adapters), exp.train.eval_batch_size
+    )
+    scores = dict(zip(adapters, mixed, strict=True))
+  else:
+    _log(f"c3a-jax eval: scoring the runs one at a time: {reason}")
+    scores = {
+      d: runner.evaluate(job, p(job), e.train.eval_batch_size) for d, (e, p) in runs.items()
+    }
+  print(json.dumps(scores, indent=2))
   return 0
+
+
+def _why_alone(runs: dict) -> str | None:
+  """Why ``runs`` cannot share mixed batches, or None. A mixed batch runs one base model with
+  a set of C3A adapters; a run's own head or biases, or all its weights, are not an adapter."""
+  for run_dir, (exp, _) in runs.items():
+    if exp.train.mode != "c3a":
+      return f"{run_dir} trained train.mode={exp.train.mode}, not a C3A adapter alone"
+    if exp.c3a.modules_to_save or exp.c3a.bias != "none":
+      return f"{run_dir} also trains a head or biases (c3a.modules_to_save, c3a.bias)"
+  return None
 
 
 def _adapter(run_dir: str, exp: Experiment, job) -> dict:
@@ -244,6 +375,7 @@ def export_lora(args: argparse.Namespace) -> int:
 
   import c3a_jax as c3a
   from c3a_jax._lora_export import describe
+  from c3a_jax.cli import runner
 
   exp, params = _load_run(args.run_dir)
   if exp.train.mode != "c3a":
@@ -259,7 +391,7 @@ def export_lora(args: argparse.Namespace) -> int:
     # The table below names every layer's error; the library's warning would repeat it.
     warnings.filterwarnings("ignore", message=r"save_adapter\(as_lora=\.\.\.\): the rank-")
     errors = c3a.save_adapter(
-      args.out_dir, params(job), exp.c3a, key_map=job.key_map, as_lora=args.rank
+      args.out_dir, params(job), runner.adapter_config(exp), key_map=job.key_map, as_lora=args.rank
     )
   width = max(len("layer"), *map(len, errors))
   print(f"{'layer':<{width}}  relative error")
@@ -276,7 +408,11 @@ def suggest(args: argparse.Namespace) -> int:
 
   print(
     blocks.report(
-      args.model, rank=args.rank, target_modules=args.target_modules, from_pt=args.from_pt
+      args.model,
+      rank=args.rank,
+      target_modules=args.target_modules,
+      from_pt=args.from_pt,
+      library=args.library,
     )
   )
   return 0
@@ -284,15 +420,21 @@ def suggest(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
   """The ``c3a-jax`` argument parser and its subcommands."""
-  p = argparse.ArgumentParser(prog="c3a-jax", description=__doc__.split("\n\n")[0])
+  # Help is plain text: the docstring's reStructuredText literals lose their backquotes.
+  description = __doc__.split("\n\n")[0].replace("``", "")
+  p = argparse.ArgumentParser(prog="c3a-jax", description=description)
   sub = p.add_subparsers(dest="command", required=True)
   t = sub.add_parser(
     "train",
     help="fine-tune (no config: the offline digits default)",
-    epilog=fields_help(),
+    epilog=fields_help(DIGITS_DEFAULT),
     formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog is a table
   )
-  t.add_argument("--config", help="YAML experiment config (see configs/)")
+  t.add_argument(
+    "--config",
+    metavar="FILE",
+    help=f"a YAML config file, or a shipped config's name: {', '.join(shipped_configs())}",
+  )
   group = t.add_mutually_exclusive_group()
   group.add_argument("--resume", action="store_true", help="continue the run in output_dir")
   group.add_argument("--overwrite", action="store_true", help="replace the run in output_dir")
@@ -335,6 +477,13 @@ def parser() -> argparse.ArgumentParser:
     "--target-modules", default=None, help="comma-separated layer names (default: the model type's)"
   )
   s.add_argument("--from-pt", action="store_true", help="load PyTorch weights")
+  s.add_argument(
+    "--library",
+    choices=("transformers", "tunix"),
+    default=None,
+    help="as train's model.library (default: transformers, or tunix for a model type that "
+    "transformers has no Flax model of, such as qwen3)",
+  )
   s.set_defaults(fn=suggest)
   return p
 

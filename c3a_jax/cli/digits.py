@@ -65,22 +65,50 @@ def cache_dir() -> str:
 
 
 def pretrained_params(log: Log = print) -> Any:
-  """The MLP trained on digits 0-4, from the cache or trained now (a few seconds) and cached."""
-  recipe = f"digits-mlp-{HIDDEN}-{PRETRAIN_STEPS}-{PRETRAIN_LR}-v1"
+  """The MLP trained on digits 0-4, from the cache or trained now (a few seconds) and cached.
+
+  The cache file carries its params' SHA-256: a damaged one (cut short, or a flipped bit that
+  would change the model silently) is retrained and cached again, with a warning naming it.
+  """
+  # v2: the file holds {"sha256", "params"}; a v1 file (no hash) is never read.
+  recipe = f"digits-mlp-{HIDDEN}-{PRETRAIN_STEPS}-{PRETRAIN_LR}-v2"
   path = os.path.join(cache_dir(), hashlib.sha1(recipe.encode()).hexdigest()[:12] + ".msgpack")
   model = DigitsMLP()
   template = model.init(jax.random.key(0), jnp.ones((1, 64)))["params"]
-  if os.path.isfile(path):
-    with open(path, "rb") as f:
-      data = f.read()
-    try:
-      return flax.serialization.from_bytes(template, data)
-    except Exception as e:  # msgpack and flax raise several kinds for a damaged file
-      raise ValueError(
-        f"the cached digits model {path} does not read ({type(e).__name__}); delete it and "
-        "run again (it is retrained in a few seconds)"
-      ) from None
-  log(f"pretraining the digits MLP on digits 0-4 (cached in {path})")
+  if not os.path.isfile(path):
+    log(f"pretraining the digits MLP on digits 0-4 (cached in {path})")
+  else:
+    payload, problem = _read_cache(path)
+    if problem is None:
+      return flax.serialization.from_bytes(template, payload)
+    # The cache is c3a-jax's own and retrains the same in seconds: rebuild it, and say so.
+    log(
+      f"warning: the cached digits model {path} is damaged ({problem}); retraining it "
+      "(a few seconds) and caching it again"
+    )
+  params = _pretrain(model, template)
+  payload = flax.serialization.to_bytes(params)
+  record = {"sha256": hashlib.sha256(payload).hexdigest(), "params": payload}
+  atomic_write(path, flax.serialization.msgpack_serialize(record))
+  return params
+
+
+def _read_cache(path: str) -> tuple[bytes | None, str | None]:
+  """(the serialized params, None), or (None, what is wrong with the file at ``path``)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    record = flax.serialization.msgpack_restore(data)
+    payload = record["params"]
+    digest = hashlib.sha256(payload).hexdigest()
+  except Exception as e:  # msgpack raises several kinds for a damaged file
+    return None, f"it does not read: {type(e).__name__}"
+  if digest != record.get("sha256"):
+    return None, "its content hash does not match"
+  return payload, None
+
+
+def _pretrain(model: DigitsMLP, template: Any) -> Any:
   data = _split()["pretrain"]
   tx = optax.adam(PRETRAIN_LR)
 
@@ -97,7 +125,6 @@ def pretrained_params(log: Log = print) -> Any:
   params, opt_state = template, tx.init(template)
   for _, batch in zip(range(PRETRAIN_STEPS), batches(data, 64, seed=0), strict=False):
     params, opt_state = step(params, opt_state, batch)
-  atomic_write(path, flax.serialization.to_bytes(params))
   return params
 
 

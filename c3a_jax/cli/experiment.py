@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal, Union
 import pydantic
 import yaml
 from pydantic import Field
-from pydantic_core import PydanticKnownError
+from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from c3a_jax import C3AConfig, ops
 from c3a_jax._config import brief as _brief
@@ -45,10 +45,30 @@ def _not_bool(value: Any) -> Any:
   return value
 
 
+# The largest float32: rates and decays are float32 in training, where a larger value is
+# infinite, and a finite config value must not turn into one past the non-finite check.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _fits_float32(value: float) -> float:
+  if abs(value) > _FLOAT32_MAX:
+    raise PydanticCustomError(
+      "float32_overflow",
+      f"Input should be at most {_FLOAT32_MAX:.7g}: a larger value overflows float32, the "
+      "training dtype",
+    )
+  return value
+
+
 _INT_LIMIT = 2**32  # seeds and counts go to numpy and JAX as 32-bit values
 Count = Annotated[int, Field(ge=1, lt=_INT_LIMIT)]
 NonNegativeInt = Annotated[int, Field(ge=0, lt=_INT_LIMIT)]
-NonNegativeFloat = Annotated[float, Field(ge=0, strict=False), pydantic.BeforeValidator(_not_bool)]
+NonNegativeFloat = Annotated[
+  float,
+  Field(ge=0, strict=False),
+  pydantic.BeforeValidator(_not_bool),
+  pydantic.AfterValidator(_fits_float32),
+]
 
 
 class _Section(pydantic.BaseModel):
@@ -160,6 +180,18 @@ def _c3a_config(value: Any) -> C3AConfig:
     raise ValueError(f"c3a: {e}") from None
 
 
+DIGITS_DIR = "runs/c3a-digits"
+
+
+def default_output_dir(task: Any, model: Any) -> str:
+  """``runs/<task>-<the model name's last part>`` (``runs/causal_lm-Qwen3-0.6B``); the digits
+  task's is ``runs/c3a-digits``. ``task`` and ``model`` as a config holds them, unvalidated."""
+  name = model.get("name") if isinstance(model, dict) else getattr(model, "name", None)
+  if task in (None, "digits") or not isinstance(task, str) or not isinstance(name, str):
+    return DIGITS_DIR  # digits, or a config that validation refuses anyway
+  return os.path.join("runs", f"{task}-{os.path.basename(os.path.normpath(name))}")
+
+
 class Experiment(_Section):
   """Everything a run needs; ``c3a`` holds C3AConfig's fields (PEFT's names)."""
 
@@ -171,7 +203,18 @@ class Experiment(_Section):
   # PEFT's defaults: the model type's targets, block 256.
   c3a: Annotated[C3AConfig, pydantic.BeforeValidator(_c3a_config)] = C3AConfig()
   train: TrainSpec = TrainSpec()
-  output_dir: str = Field("runs/c3a-digits", description="the run directory")
+  output_dir: str = Field(
+    DIGITS_DIR, description="the run directory (other tasks: runs/<task>-<model name's end>)"
+  )
+
+  @pydantic.model_validator(mode="before")
+  @classmethod
+  def _default_output_dir(cls, data: Any) -> Any:
+    # One default directory per task and model: a causal LM run left without output_dir must
+    # not find (and be told to --overwrite) the digits demo's.
+    if isinstance(data, dict) and data.get("output_dir") is None:
+      data = {**data, "output_dir": default_output_dir(data.get("task"), data.get("model"))}
+    return data
 
   @pydantic.model_validator(mode="after")
   def _runnable(self) -> Experiment:
@@ -303,20 +346,40 @@ def _unknown_key(loc: tuple[str, ...]) -> str:
   return f"unknown key {'.'.join(loc)} ({where} has: {known})"
 
 
-def fields_help() -> str:
-  """Every config key with its type, default and meaning: ``c3a-jax train --help``'s epilog."""
+def fields_help(bare: dict | None = None) -> str:
+  """Every config key with its type, default and meaning: ``c3a-jax train --help``'s epilog.
+
+  ``bare``: the config a ``c3a-jax train`` without ``--config`` runs (the digits default);
+  where it sets a key to another value than the default, the row says so.
+  """
   rows = list(_schema())
   width = max(len(key) for key, *_ in rows)
+  others = _flat(bare or {})
+  note = lambda key, default: (
+    f"  (no --config: {others[key]!r})" if key in others and others[key] != default else ""
+  )
   return "\n".join(
     [
       "config keys (set in the YAML file or as key=value), with type = default and meaning;",
-      "c3a's are PEFT's C3AConfig fields (help(c3a_jax.C3AConfig)):",
+      "c3a's are PEFT's C3AConfig fields (help(c3a_jax.C3AConfig)). The defaults are a config",
+      "file's; (no --config: X) is what a bare `c3a-jax train` (configs/digits.yaml) uses:",
       *(
-        f"  {key:<{width}}  {hint} = {default!r}  {meaning}".rstrip()
+        f"  {key:<{width}}  {hint} = {default!r}  {meaning}".rstrip() + note(key, default)
         for key, hint, default, meaning in rows
       ),
     ]
   )
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+  """``{"train": {"lr": 0.3}}`` as ``{"train.lr": 0.3}``."""
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
 
 
 def _schema() -> typing.Iterator[tuple[str, str, Any, str]]:

@@ -8,7 +8,9 @@ directory, or a CSV/JSON(L) file (then ``eval_split`` may name a second file).
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -29,12 +31,83 @@ class DataError(ValueError):
   """A data problem this module diagnosed itself (its message needs no wrapping)."""
 
 
+# A hub repo id: "name" or "owner/name" (letters, digits, "_", "-", "."; no leading "." or "-").
+_REPO_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")
+
+
 def _offline_hint(name: str) -> str:
   if os.path.exists(name):
     return f"tried the local path {name}"
+  unreachable = _hub_unreachable()
+  if unreachable:
+    return f"the Hugging Face hub at {unreachable}, and the local cache lacks it"
+  from huggingface_hub import constants
+
+  if constants.HF_HUB_OFFLINE:
+    return "offline mode (HF_HUB_OFFLINE=1) is set, and the local cache lacks it"
   return (
     f"tried the Hugging Face hub for {name!r} (no such local path); this machine may be offline"
   )
+
+
+def check_local(name: str, key: str, what: str) -> None:
+  """A FileNotFoundError naming ``name`` (``key``'s value) if it can only be a local path and
+  does not exist: it is no hub repo id, or its first part is a local directory (``data/x``
+  beside a ``data/``). Asking the hub for it would only fail, slowly where it is offline."""
+  if os.path.exists(name):
+    return
+  if not _REPO_ID.fullmatch(name):
+    raise FileNotFoundError(
+      f"{key} {name!r} does not exist, and is not a hub {what} name ('name' or 'owner/name')"
+    )
+  first = name.split("/")[0]
+  if "/" in name and os.path.isdir(first):
+    raise FileNotFoundError(
+      f"{key} {name!r} does not exist ({first}/ is a local directory, so it names no hub {what})"
+    )
+
+
+@functools.cache
+def _hub_unreachable() -> str | None:
+  """Why the hub cannot be reached ("ENDPOINT is unreachable (WHY)"); None where it can be,
+  or where offline mode is set (then nothing asks it)."""
+  import urllib.error
+  import urllib.request
+
+  from huggingface_hub import constants
+
+  if constants.HF_HUB_OFFLINE:
+    return None
+  try:  # urllib honours the *_proxy variables, as huggingface_hub does
+    request = urllib.request.Request(constants.ENDPOINT, method="HEAD")
+    urllib.request.urlopen(request, timeout=5).close()
+  except urllib.error.HTTPError:
+    return None  # it answered
+  except (OSError, ValueError) as e:  # URLError, timeouts, refused connections
+    return f"{constants.ENDPOINT} is unreachable ({type(getattr(e, 'reason', e)).__name__})"
+  return None
+
+
+def offline_if_unreachable() -> None:
+  """Sets Hugging Face's offline mode (``HF_HUB_OFFLINE=1``) where the hub cannot be reached.
+
+  Unreachable, huggingface_hub retries each request for about 25 s, printing a warning per
+  retry, before the error; offline, models and datasets come from the local cache at once
+  (or fail at once, with the reason in the error).
+  """
+  if _hub_unreachable() is None:
+    return
+  import huggingface_hub.constants
+  import huggingface_hub.utils
+
+  huggingface_hub.constants.HF_HUB_OFFLINE = True
+  huggingface_hub.utils.reset_sessions()  # new sessions refuse every request at once
+  os.environ["HF_HUB_OFFLINE"] = "1"  # for modules that read it when imported
+  try:
+    import datasets.config
+  except ImportError:
+    return
+  datasets.config.HF_HUB_OFFLINE = True  # datasets keeps its own copy
 
 
 def load_model(exp: Experiment, **kwargs: Any) -> Any:
@@ -43,6 +116,9 @@ def load_model(exp: Experiment, **kwargs: Any) -> Any:
 
   cls = getattr(transformers, _AUTO[exp.task])
   spec = exp.model
+  check_local(spec.name, "model.name", "model")
+  if not os.path.exists(spec.name):
+    offline_if_unreachable()
   try:
     return cls.from_pretrained(spec.name, from_pt=spec.from_pt, revision=spec.revision, **kwargs)
   except (OSError, ValueError) as e:
@@ -86,6 +162,9 @@ def load_split(spec: DataSpec, split: str | None) -> Any:
           raise DataError(f"dataset {name} has no split {split!r} (splits: {list(data)})")
         return data[split]
       return data
+    check_local(name, "data.name", "dataset")
+    if not os.path.exists(name):
+      offline_if_unreachable()
     return datasets.load_dataset(name, spec.subset, split=split)
   except (FileNotFoundError, DataError):
     raise  # already says what is wrong

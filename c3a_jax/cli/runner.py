@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
+import logging
 import math
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +34,7 @@ import optax
 import yaml
 
 import c3a_jax as c3a
+from c3a_jax import _tree
 from c3a_jax._io import atomic_write
 from c3a_jax.cli import rundir
 from c3a_jax.cli.experiment import Experiment, upgrade
@@ -51,7 +56,9 @@ def _check_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> None:
   config_path = os.path.join(out, "config.yaml")
   if resume:
     if not os.path.isfile(config_path):
-      raise RunDirError(f"--resume: {out} holds no run (no config.yaml)")
+      raise RunDirError(
+        f"--resume: {out} holds no run (no config.yaml); start one without --resume"
+      )
     with open(config_path) as f:
       saved = upgrade(yaml.safe_load(f), config_path)
     now = exp.to_dict()
@@ -73,6 +80,7 @@ def _check_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> None:
       raise RunDirError(
         f"--resume: the config differs from the run in {out} at {', '.join(sorted(diff))}"
       )
+    _check_steps(out, exp.train.steps)
   elif rundir.user_entries(out):
     if not rundir.is_run(out):
       hint = (
@@ -88,6 +96,32 @@ def _check_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> None:
       raise RunDirError(
         f"{out} holds another run; pass --resume to continue it or --overwrite to replace it"
       )
+
+
+def _check_steps(out: str, steps: int) -> None:
+  """--resume never goes back: a run that has done more steps than ``train.steps`` would keep
+  its later adapter and summary under a config.yaml that says fewer."""
+  done = _steps_done(out)
+  if done > steps:
+    raise RunDirError(
+      f"--resume: the run in {out} has done {done} steps; train.steps={steps} is fewer (a run "
+      f"is not undone: pass train.steps={done} or more, or --overwrite to start again)"
+    )
+
+
+def _steps_done(out: str) -> int:
+  """The newest checkpoint's step, 0 without one (orbax names each step's directory by it)."""
+  folder = os.path.join(out, "checkpoints")
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  return max((int(n) for n in names if n.isascii() and n.isdigit()), default=0)
+
+
+def check(exp: Experiment, *, resume: bool, overwrite: bool) -> None:
+  """What :func:`run` would refuse about ``exp.output_dir`` (its lock, another run, a --resume
+  that differs or goes back), refused before the model loads, which may take minutes. Reads
+  only; :func:`run` checks again under the lock."""
+  rundir.check_free(exp.output_dir)
+  _check_dir(exp, resume=resume, overwrite=overwrite)
 
 
 def strict_json(record: dict, **kwargs: Any) -> str:
@@ -119,6 +153,14 @@ def prepare_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> str:
   return out
 
 
+def adapter_config(exp: Experiment) -> c3a.C3AConfig:
+  """The C3A config as the run's adapter files record it: PEFT's ``base_model_name_or_path``
+  is ``model.name`` (PEFT's ``from_pretrained`` of the adapter alone finds the base by it)."""
+  if exp.c3a.base_model_name_or_path or not exp.model.name or exp.task == "digits":
+    return exp.c3a
+  return dataclasses.replace(exp.c3a, base_model_name_or_path=exp.model.name)
+
+
 def _schedule(lr: float, warmup: int) -> optax.Schedule:
   return optax.linear_schedule(0.0, lr, warmup) if warmup else optax.constant_schedule(lr)
 
@@ -144,15 +186,56 @@ def _setup(exp: Experiment, job: Job):
   return trainable, base, c3a.optimizer(adamw(t.lr), trainable, cfg, head_tx=adamw(head_lr)), params
 
 
-def _plot(records: list[dict], path: str) -> None:
+@contextlib.contextmanager
+def _typos_refused(params: Any) -> Iterator[None]:
+  """The library warns of a ``target_modules`` (or ``exclude_modules``) list entry that names no
+  module: a typo, with which a run would train the other entries' layers alone and exit 0. A
+  run refuses it, naming the model's layers."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", c3a.UnmatchedTargetWarning)
+    try:
+      yield
+    except c3a.UnmatchedTargetWarning as w:
+      raise ValueError(f"c3a.{w}; the model's layers: {_layer_names(params)}") from None
+
+
+def _layer_names(params: Any, limit: int = 16) -> str:
+  """The distinct last names of the linear layers (a ``kernel``) in ``params``, in tree order."""
+  linear = (path for path, node in _tree.modules(params) if "kernel" in node)
+  names = dict.fromkeys(path.rsplit(".", 1)[-1] for path in linear)
+  shown = ", ".join(list(names)[:limit])
+  return shown + (" ..." if len(names) > limit else "")
+
+
+# How the console, plots and tables name each train.mode.
+MODE_NAMES = {"c3a": "C3A", "head": "head only", "full": "full fine-tuning"}
+
+
+def _figure():
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  return plt.subplots(1, 2, figsize=(9, 3.8))
+
+
+def _save(fig, path: str, title: str) -> None:
+  """Titles ``fig`` (which run, which mode: plots of several runs look alike) and writes it."""
+  import matplotlib.pyplot as plt
+
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
+  plt.close(fig)
+  atomic_write(path, buf.getvalue())
+
+
+def _plot(records: list[dict], path: str, title: str) -> None:
   train = [r for r in records if r["split"] == "train"]
   evals = [r for r in records if r["split"] == "eval"]
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+  fig, (ax1, ax2) = _figure()
   ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
   ax1.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="eval")
   ax1.set(xlabel="step", ylabel="loss", title="loss")
@@ -161,11 +244,25 @@ def _plot(records: list[dict], path: str) -> None:
   ax2.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", label="eval")
   ax2.set(xlabel="step", ylabel="accuracy", title="accuracy")
   ax2.legend()
-  fig.tight_layout()
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100)
-  plt.close(fig)
-  atomic_write(path, buf.getvalue())
+  _save(fig, path, title)
+
+
+def plot_comparison(runs: dict[str, str], path: str, title: str) -> None:
+  """Runs side by side (label -> run directory): training loss, and eval accuracy (training
+  accuracy where no run has an eval split)."""
+  fig, (ax1, ax2) = _figure()
+  runs = {label: _read_metrics(os.path.join(out, "metrics.jsonl")) for label, out in runs.items()}
+  for label, records in runs.items():
+    train = [r for r in records if r["split"] == "train"]
+    evals = [r for r in records if r["split"] == "eval"] or train
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
+    ax2.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", label=label)
+  which = "eval" if any(r["split"] == "eval" for rs in runs.values() for r in rs) else "train"
+  ax1.set(xlabel="step", ylabel="loss", title="training loss")
+  ax2.set(xlabel="step", ylabel="accuracy", title=f"{which} accuracy")
+  ax1.legend()
+  ax2.legend()
+  _save(fig, path, title)
 
 
 def _read_metrics(path: str) -> list[dict]:
@@ -226,27 +323,33 @@ def _scored(job: Job, params: Any, batch_size: int, adapters: int | None) -> lis
 
 
 @contextlib.contextmanager
-def _stop_signal() -> Iterator[Callable[[], int | None]]:
-  """Ctrl-C (SIGINT) or a scheduler's SIGTERM (SLURM, Kubernetes, TPU VM preemption) sets a
-  flag the loop checks between steps: a step is never cut in half, so its donated state is
-  never lost. Yields a function giving the signal received, or None. A second signal
-  interrupts at once."""
-  hit: list[int] = []
+def _stop_signal() -> Iterator[list[int]]:
+  """Ctrl-C (SIGINT) or a scheduler's SIGTERM (SLURM, Kubernetes, TPU VM preemption) is
+  recorded in the list this yields, which the loop checks between steps: a step is never cut
+  in half, so its donated state is never lost. A second signal also raises KeyboardInterrupt,
+  to stop at once; should that be dropped (raised inside a gc callback, such as JAX's
+  ``_xla_gc_callback``), the record still stops the run. A signal the process was started
+  ignoring (``nohup``, ``&`` in a script) stays ignored."""
+  received: list[int] = []
 
   def handler(signum, frame):
-    if hit:
+    received.append(signum)
+    if len(received) > 1:
       raise KeyboardInterrupt
-    hit.append(signum)
 
   if threading.current_thread() is not threading.main_thread():
-    yield lambda: None
+    yield received
     return
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+  previous = {
+    s: signal.signal(s, handler)
+    for s in (signal.SIGINT, signal.SIGTERM)
+    if signal.getsignal(s) is not signal.SIG_IGN
+  }
   try:
-    yield lambda: hit[0] if hit else None
+    yield received
   finally:
     for s, h in previous.items():
-      signal.signal(s, h)
+      signal.signal(s, signal.SIG_DFL if h is None else h)  # None: set outside Python
 
 
 def _check_fits(exp: Experiment, job: Job) -> None:
@@ -303,19 +406,26 @@ def run(
   overwrite: bool = False,
   quiet: bool = False,
   log: Log = print,
+  hold_lock: contextlib.ExitStack | None = None,
 ) -> dict:
-  """Trains ``job`` as ``exp`` says; returns the final summary (also in summary.json)."""
+  """Trains ``job`` as ``exp`` says; returns the final summary (also in summary.json).
+
+  The run directory's lock is taken once the run is set up and held until the run ends, or
+  until ``hold_lock`` closes if given (the CLI holds it over the baselines the run compares).
+  """
   _check_fits(exp, job)
-  trainable, base, tx, full_params = _setup(exp, job)
+  with _typos_refused(job.params):
+    trainable, base, tx, full_params = _setup(exp, job)
   _check_dir(exp, resume=resume, overwrite=overwrite)  # refuse before touching the directory
-  with rundir.locked(exp.output_dir):
+  with contextlib.ExitStack() as own:
+    (own if hold_lock is None else hold_lock).enter_context(rundir.locked(exp.output_dir))
     out = prepare_dir(exp, resume=resume, overwrite=overwrite)
     if exp.train.compute_dtype == "bfloat16" and base is not None:
       base = cast_frozen(base, jnp.bfloat16)  # once, not in every step
     state, last_eval, metrics = _loop(
       exp, job, out, trainable, base, tx, resume=resume, quiet=quiet, log=log
     )
-    return _finish(exp, job, out, state, base, full_params, last_eval, metrics)
+    return _finish(exp, job, out, state, base, full_params, last_eval, metrics, log=log)
 
 
 def _combined(state: TrainState, base: Any) -> Any:
@@ -356,6 +466,8 @@ def _loop(
   )
   # A copy: the step donates its state, and the job's params must outlive this run.
   state = TrainState.create(jax.tree.map(jnp.copy, trainable), tx, rng=t.seed)
+  _refuse_link(out, "adapter" if t.mode == "c3a" else "params.msgpack")  # before training
+  _quiet_orbax()
   ckpt = Checkpointer(
     os.path.join(out, "checkpoints"),
     max_to_keep=t.keep_checkpoints,
@@ -379,15 +491,15 @@ def _loop(
   )
   last_eval = None
   busy = 0.0  # seconds spent in training steps since the last log (not eval or saving)
-  first_bad = jnp.asarray(-1)  # the first step with a non-finite loss or gradient, on device
-  try:
-    with _stop_signal() as stopped:
-      while step < t.steps and not stopped():
+  first_bad = jnp.asarray(-1)  # the first step with a non-finite loss, gradient or params
+  with _stop_signal() as received:
+    try:
+      while step < t.steps and not received:
         start = time.perf_counter()
         state, values = step_fn(state, base, next(stream))
         position += 1
         step += 1
-        first_bad = _first_nonfinite(first_bad, values, state.step)
+        first_bad = _first_nonfinite(first_bad, values, state.params, state.step)
         bar.update(1)
         if step % t.log_every == 0 or step == t.steps:
           values = {k: float(v) for k, v in values.items()}  # waits for the step
@@ -408,21 +520,80 @@ def _loop(
       bar.close()
       _refuse_nonfinite(first_bad, step, saved)
       _checkpoint(ckpt, state, position, step, saved)
-      signum = stopped()
-  except KeyboardInterrupt:  # a second signal: stop at once, even inside a step or a save
-    log(
-      f"interrupted at step {step}; a checkpoint cut short is never restored: --resume "
-      "continues from the newest complete one"
-    )
-    raise SystemExit(EXIT_STATUS[signal.SIGINT]) from None
-  finally:
-    ckpt.wait()
-    ckpt.close()
-  if signum is not None:
-    name = signal.Signals(signum).name
-    log(f"stopped by {name} at step {step}: checkpoint saved; continue with --resume")
-    raise SystemExit(EXIT_STATUS[signum])
+      ckpt.close()  # waits for the save: one that failed is an error here, naming its step
+    except KeyboardInterrupt:  # a second signal: stop at once, even inside a step or a save
+      _abandon(ckpt)
+      log(
+        f"interrupted at step {step}; a checkpoint cut short is never restored: --resume "
+        "continues from the newest complete one"
+      )
+      raise SystemExit(EXIT_STATUS[signal.SIGINT]) from None
+    except BaseException:
+      _abandon(ckpt)
+      raise
+    if received:  # said under the handler: a second signal meanwhile is still one line
+      _stopped(received, f"at step {step}: checkpoint saved; continue with --resume", log)
   return state, last_eval, metrics
+
+
+def _stopped(received: list[int], what: str, log: Log) -> None:
+  """Exits for the signals ``received``: the first one's status, 130 after a second one (whose
+  KeyboardInterrupt was dropped where it was raised, or the run would not be here)."""
+  name = signal.Signals(received[0]).name
+  log(f"stopped by {name} {what}")
+  raise SystemExit(EXIT_STATUS[received[0]] if len(received) == 1 else EXIT_STATUS[signal.SIGINT])
+
+
+def _abandon(ckpt: Checkpointer) -> None:
+  """Closes ``ckpt`` on the way out of an error or an interrupt: a save it cannot finish is not
+  what to report (a checkpoint cut short is never restored)."""
+  with contextlib.suppress(Exception):
+    ckpt.close()
+
+
+def _refuse_link(out: str, name: str) -> None:
+  """A symbolic link where the run writes its adapter would be written through, into the
+  link's target (another run's adapter, say): an error naming it."""
+  path = os.path.join(out, name)
+  if os.path.islink(path):
+    raise RunDirError(
+      f"{path} is a symbolic link (to {os.readlink(path)}); the run writes its {name} there "
+      "and would write through it: remove the link, or choose another output_dir"
+    )
+
+
+class _OrbaxErrors(logging.Filter):
+  """Orbax logs each error, traceback and all, before raising it; the run reports what it
+  raises in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _drops_orbax_noise(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+  """``sys.unraisablehook`` without what orbax's reads and writes cut short by an error or an
+  interrupt report from their threads: callbacks into its closed event loops, and reads that
+  the error the run reports already stopped."""
+
+  def hook(unraisable: Any) -> None:
+    error, tb = unraisable.exc_value, unraisable.exc_traceback
+    closed = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+    files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)]
+    if not (closed or any(f"{os.sep}orbax{os.sep}" in f for f in files)):
+      previous(unraisable)
+
+  hook.drops_orbax_noise = True
+  return hook
+
+
+def _quiet_orbax() -> None:
+  """Installs both filters above, for the rest of the process: orbax's threads may report after
+  the run has stopped (on an error or a signal), while the process exits."""
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxErrors) for f in logger.filters):
+    logger.addFilter(_OrbaxErrors())
+  if not getattr(sys.unraisablehook, "drops_orbax_noise", False):
+    sys.unraisablehook = _drops_orbax_noise(sys.unraisablehook)
 
 
 class NonFiniteError(ValueError):
@@ -430,24 +601,29 @@ class NonFiniteError(ValueError):
 
 
 @jax.jit
-def _first_nonfinite(first: jax.Array, values: dict, step: jax.Array) -> jax.Array:
-  """``first``, or ``step`` if it is the first whose loss or gradient norm is not finite.
+def _first_nonfinite(first: jax.Array, values: dict, params: Any, step: jax.Array) -> jax.Array:
+  """``first``, or ``step`` if it is the first whose loss, gradient norm or updated params are
+  not finite. The params too: a finite loss and gradient can still overflow them (a large
+  learning rate or weight decay), and they are what a save writes.
 
   Computed on device beside each step, so finding the step costs no host sync; it is read
   where the loop syncs anyway (logging) and before every save.
   """
   ok = jnp.isfinite(values["loss"]) & jnp.isfinite(values["grad_norm"])
+  for leaf in jax.tree.leaves(params):
+    ok &= jnp.isfinite(leaf).all()
   return jnp.where((first < 0) & ~ok, step, first)
 
 
 def _refuse_nonfinite(first_bad: jax.Array, step: int, saved: int) -> None:
   bad = int(first_bad)
   if bad >= 0:
+    # Every save checks first: the last one saved is finite.
     kept = f"the checkpoint of step {saved} is the last good state" if saved else "none was saved"
     raise NonFiniteError(
-      f"the loss or the gradient norm became non-finite at step {bad} (stopped at step {step}); "
-      f"no checkpoint or adapter was written after it: {kept}. Lower train.lr or "
-      "train.head_lr, or check the data"
+      f"the loss, the gradient norm or the parameters became non-finite at step {bad} (stopped "
+      f"at step {step}); no checkpoint or adapter was written after it: {kept}. Lower "
+      "train.lr, train.head_lr or train.weight_decay, or check the data"
     )
 
 
@@ -458,6 +634,28 @@ def _checkpoint(ckpt: Checkpointer, state: TrainState, position: int, step: int,
   return step
 
 
+def _to_stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _completes_before_a_signal(write: Callable[..., dict]) -> Callable[..., dict]:
+  """``write`` (what a finished run leaves) runs to its end under :func:`_stop_signal`: a
+  first Ctrl-C or SIGTERM is recorded, not raised, so it cannot be dropped (a KeyboardInterrupt
+  raised inside a gc callback is) nor leave a file half written; then the run stops with the
+  signal's status. ``log`` (a keyword) takes that message."""
+
+  @functools.wraps(write)
+  def finish(*args: Any, log: Log = _to_stderr, **kwargs: Any) -> dict:
+    with _stop_signal() as received:
+      final = write(*args, **kwargs)
+      if received:
+        _stopped(received, f"at step {final['steps']}: the run is complete, its files written", log)
+    return final
+
+  return finish
+
+
+@_completes_before_a_signal
 def _finish(
   exp: Experiment,
   job: Job,
@@ -484,9 +682,10 @@ def _finish(
       last_eval = evaluate(job, _combined(state, base), t.eval_batch_size)
     final.update({f"eval_{k}": v for k, v in last_eval.items()})
   if t.mode == "c3a":
-    c3a.save_adapter(os.path.join(out, "adapter"), state.params, exp.c3a, key_map=job.key_map)
+    adapter = os.path.join(out, "adapter")
+    c3a.save_adapter(adapter, state.params, adapter_config(exp), key_map=job.key_map)
   else:
     atomic_write(os.path.join(out, "params.msgpack"), flax.serialization.to_bytes(state.params))
-  _plot(metrics.records, os.path.join(out, "metrics.png"))
+  _plot(metrics.records, os.path.join(out, "metrics.png"), f"{out} ({MODE_NAMES[t.mode]})")
   atomic_write(os.path.join(out, "summary.json"), strict_json(final, indent=2).encode())
   return final

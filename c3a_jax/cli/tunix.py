@@ -10,12 +10,14 @@ base checkpoint with the adapter merged (:func:`c3a_jax.merge_checkpoint`).
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import c3a_jax as c3a
 from c3a_jax import _nnx
@@ -31,17 +33,50 @@ FAMILIES = {
 }
 
 
-def _checkpoint(exp: Experiment) -> str:
-  """The checkpoint's local directory (a hub name is downloaded, as transformers would)."""
-  name = exp.model.name
+# Tunix's package -> its model class.
+CLASSES = {"qwen3": "Qwen3", "llama3": "Llama3", "gemma3": "Gemma3"}
+
+
+def _checkpoint(name: str, revision: str | None, files: str | None = None) -> str:
+  """The checkpoint's local directory (a hub name is downloaded, as transformers would; only
+  the files matching the glob ``files``, if given)."""
   if os.path.isdir(name):
     return name
+  hub.check_local(name, "model.name", "model")
+  hub.offline_if_unreachable()
   import huggingface_hub
 
   try:
-    return huggingface_hub.snapshot_download(name, revision=exp.model.revision)
+    return huggingface_hub.snapshot_download(name, revision=revision, allow_patterns=files)
   except Exception as e:
-    raise ValueError(f"could not load model {name!r} ({hub._offline_hint(name)}): {e}") from None
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ValueError(
+      f"could not load model {name!r} ({hub._offline_hint(name)}): {first}"
+    ) from None
+
+
+def _tunix(family: str, module: str) -> Any:
+  """``tunix.models.<family>.<module>``, or a ValueError saying how to install Tunix."""
+  try:
+    return importlib.import_module(f"tunix.models.{family}.{module}")
+  except ImportError:
+    raise ValueError('model.library: tunix needs Tunix: pip install "c3a-jax[tunix]"') from None
+
+
+def _family(name: str, path: str) -> tuple[dict[str, Any], str, str, Any]:
+  """(the checkpoint's config.json, Tunix's package, its loader module, the key map)."""
+  try:
+    with open(os.path.join(path, "config.json")) as f:
+      hf = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"model {name!r}: no readable config.json in {path}: {e}") from None
+  family, loader, key_map = FAMILIES.get(hf.get("model_type"), (None, None, None))
+  if family is None:
+    raise ValueError(
+      f"model {name!r} is a {hf.get('model_type')!r}; Tunix runs "
+      f"{sorted(FAMILIES)} here (model.library: transformers runs the rest)"
+    )
+  return hf, family, loader, key_map
 
 
 def model_config(family: str, hf: dict[str, Any], path: str) -> Any:
@@ -116,27 +151,28 @@ def _gemma3(module: Any, hf: dict[str, Any], head_dim: int, refuse) -> dict[str,
 
 def load(exp: Experiment) -> tuple[Any, Any, str]:
   """(the Tunix model, its key map, the checkpoint directory)."""
-  path = _checkpoint(exp)
-  try:
-    with open(os.path.join(path, "config.json")) as f:
-      hf = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ValueError(f"model {exp.model.name!r}: no readable config.json in {path}: {e}") from None
-  family, loader, key_map = FAMILIES.get(hf.get("model_type"), (None, None, None))
-  if family is None:
-    raise ValueError(
-      f"model {exp.model.name!r} is a {hf.get('model_type')!r}; Tunix runs "
-      f"{sorted(FAMILIES)} here (model.library: transformers runs the rest)"
-    )
-  try:
-    params = __import__(
-      f"tunix.models.{family}.{loader}", fromlist=["create_model_from_safe_tensors"]
-    )
-  except ImportError:
-    raise ValueError('model.library: tunix needs Tunix: pip install "c3a-jax[tunix]"') from None
+  path = _checkpoint(exp.model.name, exp.model.revision)
+  hf, family, loader, key_map = _family(exp.model.name, path)
+  params = _tunix(family, loader)
   dtype = jnp.bfloat16 if exp.train.compute_dtype == "bfloat16" else None
   model = params.create_model_from_safe_tensors(path, model_config(family, hf, path), dtype=dtype)
   return model, key_map, path
+
+
+def shapes(name: str, revision: str | None = None) -> tuple[Any, str]:
+  """Tunix's model of checkpoint ``name`` with its shapes but no weights (only config.json is
+  read, or downloaded), and its Hugging Face model_type: what ``suggest-block-size`` needs."""
+  from flax import nnx
+
+  path = _checkpoint(name, revision, files="config.json")
+  hf, family, _, _ = _family(name, path)
+  cls = getattr(_tunix(family, "model"), CLASSES[family])
+  config = model_config(family, hf, path)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(params=0))))
+  # c3a reads each layer's kernel through its value: a zero-strided view of one zero holds none
+  # of a real checkpoint's memory.
+  state = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), state)
+  return nnx.merge(graphdef, state), hf["model_type"]
 
 
 def job(exp: Experiment, log: Log = print) -> Job:

@@ -4,8 +4,9 @@ data position; saved asynchronously, the last N kept, restored onto any mesh, re
 The frozen base is never written: it is the pretrained model, loaded again on resume. Orbax
 writes each step into a temporary directory and renames it when complete, so a process killed
 mid-save leaves the earlier checkpoints intact, and restore finds the newest complete one.
-Each save records checksums of its arrays; a checkpoint whose bytes changed on disk is refused,
-and restore falls back to the newest one that is whole.
+Each save records checksums of its arrays and a digest of its metadata (the step, the data
+position, the checksums); a checkpoint whose bytes changed on disk, or whose directory is named
+for another step, is refused, and restore falls back to the newest one that is whole.
 
 Example:
   >>> import tempfile, jax.numpy as jnp, optax, c3a_jax as c3a
@@ -21,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from typing import Any
@@ -81,7 +84,24 @@ def _sums(tree: Any) -> dict[str, list[int]]:
 
 
 class CorruptCheckpointError(ValueError):
-  """A checkpoint's files do not hold what was saved (flipped bytes, a truncated file)."""
+  """A checkpoint's files do not hold what was saved (flipped bytes, a truncated file), or its
+  directory is named for another step (a copy)."""
+
+
+# The metadata's keys as each version saves them: any other set is damage (a flipped bit in a
+# key's name), never a format to read without its digest.
+_META_KEYS = (
+  frozenset({"step", "data_position", "state", "config"}),  # c3a-jax 0.2.0 and before
+  frozenset({"step", "data_position", "state", "config", "checksums"}),  # before the digest
+  frozenset({"step", "data_position", "state", "config", "checksums", "digest"}),
+)
+
+
+def _digest(meta: dict) -> str:
+  """SHA-256 of the metadata but its digest: restore reads the data position and the checksums
+  from it, so a flipped bit there would resume elsewhere in the data, or pass damaged arrays."""
+  rest = {k: v for k, v in meta.items() if k != "digest"}
+  return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def _orbax() -> Any:
@@ -134,6 +154,14 @@ class Checkpointer:
       raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
     self.directory = os.path.abspath(directory)
     self.config = config
+    self._pending: int | None = None  # the step of an asynchronous save not yet waited for
+    if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+      # Orbax would log a traceback from a background thread before raising.
+      kind = "a file" if os.path.isfile(self.directory) else "a broken link"
+      raise NotADirectoryError(
+        f"checkpoint directory {self.directory} is {kind}, not a directory; move it away or "
+        "choose another directory"
+      )
     ocp = _orbax()
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
@@ -147,20 +175,37 @@ class Checkpointer:
 
   def save(self, state: TrainState, *, data_position: Any = None, force: bool = False) -> bool:
     """Starts saving ``state`` at its step; ``data_position`` is any JSON value (e.g. the
-    index of the next batch). Returns whether a save was started."""
+    index of the next batch). Returns whether a save was started.
+
+    Raises:
+      OSError: naming the checkpoint, when it (or the asynchronous save before it) could not be
+        written, e.g. on a full disk.
+    """
+    step = int(state.step)
     meta = {
-      "step": int(state.step),
+      "step": step,
       "data_position": data_position,
       "state": _shapes(state),
       "checksums": _sums(state),
       "config": None if self.config is None else self.config.to_dict(),
     }
+    meta["digest"] = _digest(meta)
+    self.wait()  # as orbax would; here a failure of the save before names that one
     ocp = _orbax()
-    return self._manager.save(
-      int(state.step),
-      force=force,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-    )
+    try:
+      started = self._manager.save(
+        step,
+        force=force,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      )
+    except Exception as e:
+      raise self._not_written(step, e) from e
+    self._pending = step if started else None
+    return started
+
+  def _not_written(self, step: int | None, error: Exception) -> OSError:
+    where = self.directory if step is None else f"{self.directory}/{step}"
+    return OSError(f"checkpoint {where} was not written: {_first(error)}")
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None."""
@@ -176,13 +221,17 @@ class Checkpointer:
     ``target`` gives structure, shapes, dtypes and placement: a TrainState built for this run
     (e.g. ``TrainState.create`` placed with ``jax.device_put(state, shardings)``), or one of
     ``jax.ShapeDtypeStruct``s with shardings. A different mesh or device count than at save
-    time is fine. Every restored array is checked against the checksums saved with it. Without
-    ``step``, a newest checkpoint that is corrupt (checksums differ, or its files do not read)
-    is skipped with a warning naming it, for the newest one that restores whole.
+    time is fine. Every restored array is checked against the checksums saved with it, and the
+    metadata (data position, step, checksums) against its digest. Without ``step``, a newest
+    checkpoint that is corrupt (checksums or digest differ, its files do not read, or its
+    directory holds another step) is skipped with a warning naming it, for the newest one that
+    restores whole, and moved aside to ``<step>.corrupt``.
 
     Raises:
       ValueError: naming what differs, when the checkpoint was made for another config or model.
-      CorruptCheckpointError: every candidate checkpoint is corrupt (``step`` given: that one).
+      CorruptCheckpointError: every candidate checkpoint is corrupt, each one named (``step``
+        given: that one).
+      OSError: an asynchronous save before could not be written.
       FileNotFoundError: there is no complete checkpoint.
     """
     self.wait()
@@ -206,18 +255,26 @@ class Checkpointer:
       if bad:
         self._set_aside(bad)
       return restored
-    raise errors[0]
+    if len(errors) == 1:
+      raise errors[0]
+    raise CorruptCheckpointError(  # every one named: the user decides what to keep
+      f"no checkpoint in {self.directory} is whole: " + "; ".join(map(str, errors))
+    ) from errors[0]
 
   def _set_aside(self, steps: list[int]) -> None:
     """Renames corrupt steps to ``<step>.corrupt`` (kept for inspection, never deleted), so that
     the resumed run can save those steps again."""
     for s in steps:
       path = os.path.join(self.directory, str(s))
-      os.rename(path, f"{path}.corrupt")
-      warnings.warn(f"checkpoint {path} moved aside to {path}.corrupt", stacklevel=3)
+      aside, n = f"{path}.corrupt", 1
+      while os.path.lexists(aside):  # set aside before, and saved again since
+        aside, n = f"{path}.corrupt.{n}", n + 1
+      os.rename(path, aside)
+      warnings.warn(f"checkpoint {path} moved aside to {aside}", stacklevel=3)
     self._manager.reload()
 
-  def _restore(self, target: TrainState, step: int) -> tuple[TrainState, Any]:
+  def _metadata(self, step: int) -> dict:
+    """The metadata of ``step``, checked against its digest and its directory's name."""
     ocp = _orbax()
     where = f"checkpoint {self.directory}/{step}"
     try:
@@ -227,6 +284,25 @@ class Checkpointer:
       raise CorruptCheckpointError(
         f"{where} is corrupt: its metadata does not read ({_first(e)})"
       ) from e
+    if not isinstance(meta, dict) or frozenset(meta) not in _META_KEYS:
+      keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+      raise CorruptCheckpointError(
+        f"{where} is corrupt: its metadata has keys {keys}, not those c3a-jax saves"
+      )
+    if "digest" in meta and meta["digest"] != _digest(meta):
+      raise CorruptCheckpointError(
+        f"{where} is corrupt: its metadata differs from what was saved (digest)"
+      )
+    if meta["step"] != step:  # e.g. `cp -r 100 250`: resumed at 100, it would save 200 again
+      raise CorruptCheckpointError(
+        f"{where} holds step {meta['step']!r}, not {step}: a step directory copied or renamed"
+      )
+    return meta
+
+  def _restore(self, target: TrainState, step: int) -> tuple[TrainState, Any]:
+    ocp = _orbax()
+    where = f"checkpoint {self.directory}/{step}"
+    meta = self._metadata(step)
     problems = _differences(meta["state"], _shapes(target), "state leaf")
     if self.config is not None and meta["config"] is not None:
       saved = {k: v for k, v in meta["config"].items() if k not in _DROPPED_CONFIG_FIELDS}
@@ -254,12 +330,20 @@ class Checkpointer:
     return restored, meta["data_position"]
 
   def wait(self) -> None:
-    """Blocks until an asynchronous save has finished."""
-    self._manager.wait_until_finished()
+    """Blocks until an asynchronous save has finished; an OSError names a checkpoint that could
+    not be written."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._not_written(self._pending, e) from e
+    self._pending = None
 
   def close(self) -> None:
-    """Finishes pending saves and releases orbax's resources."""
-    self._manager.close()
+    """Finishes pending saves and releases orbax's resources (an OSError as :meth:`wait`)."""
+    try:
+      self._manager.close()
+    except Exception as e:
+      raise self._not_written(self._pending, e) from e
 
   def __enter__(self) -> Checkpointer:
     return self
