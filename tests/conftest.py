@@ -10,6 +10,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 if os.environ.get("JAX_PLATFORMS") and "cpu" not in os.environ["JAX_PLATFORMS"].split(","):
   os.environ["JAX_PLATFORMS"] += ",cpu"
 
+# pytest -n N on one GPU: each worker takes the memory it needs, not 75% of the card.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 # The tests make everything they load; never wait on a hub that this machine cannot reach.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -27,28 +27,9 @@ from c3a_jax import cli
 from c3a_jax.cli import rundir, runner
 from c3a_jax.cli.experiment import Experiment
 from c3a_jax.cli.job import Job
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-  monkeypatch.setenv("C3A_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "c3a-cache"))
-
-
-def _exp(out, **train):
-  return Experiment.from_dict({"output_dir": str(out), "train": train})
-
-
-def _fake_run(out):
-  """A run directory as the runner leaves it, without training one."""
-  exp = _exp(out)
-  with rundir.locked(str(out)):
-    runner.prepare_dir(exp, resume=False, overwrite=False)
-  (out / "checkpoints" / "10").mkdir(parents=True)
-  (out / "checkpoints" / "10" / "state").write_text("weights")
-  (out / "summary.json").write_text("{}")
-  return exp
+from tests.run_dirs import ROOT, cache  # noqa: F401 (cache: an autouse fixture)
+from tests.run_dirs import exp as _exp
+from tests.run_dirs import fake_run as _fake_run
 
 
 def test_overwrite_refuses_a_directory_without_the_marker(tmp_path):

@@ -14,29 +14,11 @@ import yaml
 from c3a_jax import cli
 from c3a_jax.cli import commands, digits, rundir, runner
 from c3a_jax.cli.experiment import Experiment
+from tests.run_dirs import ROOT, cache  # noqa: F401 (cache: an autouse fixture)
+from tests.run_dirs import exp as _exp
+from tests.run_dirs import fake_run as _fake_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["train.steps=5", "train.eval_every=5", "train.save_every=5", "train.log_every=5"]
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-  monkeypatch.setenv("C3A_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "c3a-cache"))
-
-
-def _exp(out, **train):
-  return Experiment.from_dict({"output_dir": str(out), "train": train})
-
-
-def _fake_run(out):
-  """A run directory as the runner leaves it (newest checkpoint: step 10), without training."""
-  exp = _exp(out)
-  with rundir.locked(str(out)):
-    runner.prepare_dir(exp, resume=False, overwrite=False)
-  (out / "checkpoints" / "10").mkdir(parents=True)
-  (out / "checkpoints" / "10" / "state").write_text("weights")
-  (out / "summary.json").write_text("{}")
-  return exp
 
 
 def _no_model(monkeypatch):
