@@ -302,3 +302,15 @@ def test_merge_checkpoint_names_a_bad_shard_index(tmp_path):
     index.write_bytes(data)
     with pytest.raises(ValueError, match=rf"{re.escape(str(index))} {match}"):
       c3a.merge_checkpoint(str(base), str(adapter), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize(
+  "override", ["model.name=roberta-base", "data.name=glue", "model.from_pt=true"]
+)
+def test_a_model_or_data_setting_on_the_digits_task_is_refused(override):
+  # The digits task runs its own MLP and data: a model or data setting would be ignored.
+  base = {"task": "digits", "output_dir": "runs/x"}
+  Experiment.from_dict(base)
+  key = override.split("=")[0]
+  with pytest.raises(ValueError, match=rf"cfg: task 'digits' .* uses no {re.escape(key)}; drop"):
+    Experiment.from_dict(base, [override], source="cfg")

@@ -218,6 +218,15 @@ class Experiment(_Section):
 
   @pydantic.model_validator(mode="after")
   def _runnable(self) -> Experiment:
+    if self.task == "digits":
+      # The digits task runs its own MLP on scikit-learn's digits: a model or data section
+      # would be ignored, so a user who set one meant another task.
+      unused = [f"{s}.{k}" for s in ("model", "data") for k in getattr(self, s).model_fields_set]
+      if unused:
+        raise ValueError(
+          f"task 'digits' runs its built-in MLP on scikit-learn's digits and uses no "
+          f"{', '.join(sorted(unused))}; drop them, or set task to seq_cls, causal_lm or image_cls"
+        )
     if self.task != "digits" and not self.model.name:
       raise ValueError(f"task {self.task!r} needs model.name (a hub name or a path)")
     if self.model.library == "tunix" and self.task != "causal_lm":
