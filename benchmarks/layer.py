@@ -83,7 +83,7 @@ FULL = [
   (4096, 11008, 2048, 128),
   (768, 768, 8, 128),
 ]
-# Issue 12: extra / frozen in float32; in bfloat16, BF16_TARGET x LoRA r=8's extra.
+# RESULTS.md's targets: extra / frozen in float32; in bfloat16, BF16_TARGET x LoRA r=8's extra.
 TARGETS = {(4096, 4096, 2048, 256): 0.1, (768, 768, 4096, 128): 0.3}
 BF16_TARGET = 1.5
 

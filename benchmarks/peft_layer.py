@@ -8,7 +8,7 @@ backward of:
   c3a-jax        the adapted Dense as c3a.intercept runs it under "auto" (the fold where the
                  tokens pay for it: x @ (K + delta); else x @ K + the delta);
 and prints each adapter's extra over its own framework's frozen layer (the median over rounds
-of each round's ratio), and their ratio (the target of issue 12: c3a-jax's extra <= 1/5 of
+of each round's ratio), and their ratio (the target in RESULTS.md: c3a-jax's extra <= 1/5 of
 PEFT's). Both frameworks use every core.
 
     python benchmarks/peft_layer.py                     # the two LLM-width shapes (~3 minutes)

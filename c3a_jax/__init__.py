@@ -6,23 +6,22 @@ The library is pure functions of a Flax params tree: :func:`attach` adds C3A ker
 :func:`intercept` runs the model with them, :func:`split` / :func:`combine` separate what
 trains, :func:`merge` folds them in, :func:`save_adapter` / :func:`load_adapter` speak PEFT's
 format. :mod:`c3a_jax.ops` is the math; :mod:`c3a_jax.training` the training step, meshes,
-checkpoints and counters; :mod:`c3a_jax.cli` the ``c3a-jax`` command.
+checkpoints and counters; :mod:`c3a_jax.io` files written whole; :mod:`c3a_jax.cli` the
+``c3a-jax`` command.
 """
 
-import warnings as _warnings
-
-from c3a_jax import key_maps, ops, training
+from c3a_jax import _compat, io, key_maps, ops, training
 from c3a_jax._adapters import replace_slot, stack_adapters, weighted_sum
 from c3a_jax._config import C3AConfig
 from c3a_jax._hf_merge import merge_checkpoint
 from c3a_jax._intercept import intercept, wrap
 from c3a_jax._labels import labels
 from c3a_jax._lora_export import LoraExport, to_lora
-from c3a_jax._nnx import C3AParam, register_layer
+from c3a_jax._nnx import C3AParam, nnx_params, register_layer, set_nnx_params
 from c3a_jax._optim import optimizer
 from c3a_jax._peft_io import load_adapter, save_adapter
 from c3a_jax._summary import Summary, summary
-from c3a_jax._targets import Target, UnmatchedTargetWarning, select
+from c3a_jax._targets import Target, UnmatchedTargetWarning, default_targets, select
 from c3a_jax._transform import attach, combine, merge, split, unmerge
 from c3a_jax.training import TrainState, make_train_step
 
@@ -38,19 +37,23 @@ __all__ = [
   "UnmatchedTargetWarning",
   "attach",
   "combine",
+  "default_targets",
   "intercept",
+  "io",
   "key_maps",
   "labels",
   "load_adapter",
   "make_train_step",
   "merge",
   "merge_checkpoint",
+  "nnx_params",
   "ops",
   "optimizer",
   "register_layer",
   "replace_slot",
   "save_adapter",
   "select",
+  "set_nnx_params",
   "split",
   "stack_adapters",
   "summary",
@@ -61,22 +64,7 @@ __all__ = [
   "wrap",
 ]
 
-# Names that moved to c3a_jax.training in 0.2; the old spelling works for one release.
-_MOVED_TO_TRAINING = (
-  "Checkpointer",
-  "Throughput",
-  "batch_sharding",
-  "compiled_memory",
-  "make_mesh",
-  "param_shardings",
-  "shard_batch",
-)
-
 
 def __getattr__(name: str) -> object:
-  if name in _MOVED_TO_TRAINING:
-    _warnings.warn(
-      f"c3a_jax.{name} is deprecated; use c3a_jax.training.{name}", DeprecationWarning, stacklevel=2
-    )
-    return getattr(training, name)
-  raise AttributeError(f"module 'c3a_jax' has no attribute {name!r}")
+  # Old names (c3a_jax.make_mesh, ...) work, with a warning, until their release in _compat.
+  return _compat.moved_attribute(name, training)

@@ -22,8 +22,8 @@ import reprlib
 import warnings
 from typing import Any
 
-from c3a_jax import ops
-from c3a_jax._io import atomic_write, read_json
+from c3a_jax import _compat, ops
+from c3a_jax.io import atomic_write, read_json
 
 CONFIG_NAME = "adapter_config.json"
 BIAS = ("none", "all", "c3a_only")
@@ -215,14 +215,7 @@ class C3AConfig:
         f"{source}: peft_type is {brief(d['peft_type'])}, not 'C3A'; this is not a C3A adapter"
       )
     names = {f.name for f in dataclasses.fields(cls)}
-    if "strategy" in d:
-      warnings.warn(
-        f"{source}: ignoring strategy={brief(d['strategy'])}, which c3a-jax 0.1 stored in "
-        "the adapter config; pass it to c3a.intercept(strategy=...) instead (in a "
-        "CLI config: train.strategy)",
-        stacklevel=2,
-      )
-      d = {k: v for k, v in d.items() if k != "strategy"}
+    d = _compat.upgrade_adapter_config(d, source)
     unknown = set(d) - names - set(_PEFT_EXTRAS) - _PEFT_IGNORED
     if unknown:
       warnings.warn(f"{source}: ignoring fields unknown to C3A: {sorted(unknown)}", stacklevel=2)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,9 +38,9 @@ import safetensors.numpy
 
 from c3a_jax import ops
 from c3a_jax._config import C3AConfig
-from c3a_jax._io import atomic_write, current_umask, read_json
 from c3a_jax._peft_io import PREFIX, WEIGHTS_NAME
 from c3a_jax._transform import note_rounding, warn_rounding
+from c3a_jax.io import atomic_write, publish_directory, read_json
 
 _INDEX = "model.safetensors.index.json"
 
@@ -138,14 +137,8 @@ def merge_checkpoint(
   shards = _shards(base_dir)
   updates = _updates(adapter_dir)
   _check(base_dir, shards, updates, adapter_dir)
-  fresh = not os.path.exists(out_dir)
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  target = (
-    tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.") if fresh else out_dir
-  )
-  try:
-    lossy: list = []
+  lossy: list = []
+  with publish_directory(out_dir) as target:
     for shard in shards:
       tensors = safetensors.flax.load_file(os.path.join(base_dir, shard))
       for key in sorted(set(tensors) & set(updates)):
@@ -163,11 +156,4 @@ def merge_checkpoint(
       source = os.path.join(base_dir, name)
       if name not in shards and os.path.isfile(source) and not name.endswith((".bin", ".pt")):
         shutil.copy2(source, os.path.join(target, name))
-    if fresh:
-      os.chmod(target, 0o777 & ~current_umask())
-      os.rename(target, out_dir)
-  except BaseException:
-    if fresh:
-      shutil.rmtree(target, ignore_errors=True)
-    raise
   warn_rounding(lossy, "merge_checkpoint", "keep the checkpoint in float32 to keep the deltas")

@@ -45,7 +45,7 @@ from c3a_jax import _context, _contraction, _slots, ops
 from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._trace import stores_out_in
 from c3a_jax._tree import unbox
-from c3a_jax.ops._strategy import takes_fold
+from c3a_jax.ops import takes_fold
 
 C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
 F = TypeVar("F", bound=Callable[..., Any])

@@ -11,7 +11,7 @@ The SVD is exact and cheap because the delta is block-circulant: the DFT diagona
 ``b x b`` block at once, so the delta is, up to unitary maps, ``b`` matrices of shape ``(m, n)``
 (one per frequency), and its singular values are theirs. ``b // 2 + 1`` float64 SVDs of
 ``(m, n)`` matrices replace one of ``(d_out, d_in)``: for a 4096 x 11008 layer at block size 128,
-milliseconds instead of a minute.
+65 SVDs of 86 x 32 matrices instead of one of 11008 x 4096.
 
 One rank for all layers, as serving stacks take it (``r`` and ``--max-lora-rank`` in vLLM): a
 layer whose full rank ``min(d_in, d_out)`` is below ``r`` gets zero columns past it (it is
@@ -50,7 +50,7 @@ from c3a_jax._config import C3AConfig, brief
 from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._targets import layer_path
 from c3a_jax._tree import Params
-from c3a_jax.ops._kernel import kernel_shape
+from c3a_jax.ops import kernel_shape
 
 # A relative error above this is a served model that differs from the trained one: warn.
 LOSSY = 1e-3

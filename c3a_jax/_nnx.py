@@ -39,7 +39,7 @@ from flax import nnx
 
 from c3a_jax import _context, _contraction, _layout, _merge_record, _slots, _tree, ops
 from c3a_jax._trace import Traced
-from c3a_jax.ops._strategy import takes_fold
+from c3a_jax.ops import takes_fold
 
 C3A_KERNEL = _layout.C3A_LEAVES[0]
 
@@ -369,3 +369,42 @@ def view(model: nnx.Module) -> View:
           node = node.setdefault(part, {})
         node[leaf] = value
   return View(tree, modules, layers)
+
+
+def nnx_params(model: nnx.Module) -> dict:
+  """``model``'s ``nnx.Param`` values as a params tree, the library's view of an NNX model.
+
+  A nested dict keyed by module path (list indices as strings); each layer C3A adapts has its
+  weight under ``"kernel"`` whatever its attribute is called (in the layout rule's axis order),
+  and its C3A kernel under ``"c3a_kernel"``. With :func:`set_nnx_params`, an NNX model trains
+  as a pure function of such a tree (``c3a.make_train_step``; the ``c3a-jax`` command's Tunix
+  models): rebuild the model inside the traced step (``nnx.merge``) and set the tree into it.
+
+  Example:
+    >>> import jax, c3a_jax as c3a
+    >>> from flax import nnx
+    >>> model = c3a.attach(nnx.Linear(8, 4, rngs=nnx.Rngs(0)),
+    ...                    c3a.C3AConfig(block_size=4, target_modules=".*"), jax.random.key(1))
+    >>> params = c3a.nnx_params(model)
+    >>> {name: value.shape for name, value in sorted(params.items())}
+    {'bias': (4,), 'c3a_kernel': (1, 2, 4), 'kernel': (8, 4)}
+  """
+  return view(model).tree
+
+
+def set_nnx_params(model: nnx.Module, params: Mapping) -> None:
+  """Sets every leaf of ``params`` (a tree as :func:`nnx_params` gives) into ``model``, in place.
+
+  A ``"c3a_kernel"`` leaf attaches the layer's C3A kernel, or replaces it; ``"kernel"`` is the
+  layer's weight whatever its attribute is called. A path the model lacks is a ValueError
+  naming it.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, c3a_jax as c3a
+    >>> from flax import nnx
+    >>> model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+    >>> c3a.set_nnx_params(model, {"c3a_kernel": jnp.ones((1, 2, 4)), "bias": jnp.zeros(4)})
+    >>> type(model.c3a_kernel).__name__, model(jnp.ones((1, 8))).shape
+    ('C3AParam', (1, 4))
+  """
+  view(model).write(params)

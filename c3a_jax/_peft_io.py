@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -37,7 +35,6 @@ from flax import nnx
 
 from c3a_jax import _lora_export, _nnx, _tree, key_maps
 from c3a_jax._config import CONFIG_NAME, C3AConfig, brief
-from c3a_jax._io import atomic_write, current_umask
 from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._targets import (
   block_size_for,
@@ -49,6 +46,7 @@ from c3a_jax._targets import (
 )
 from c3a_jax._transform import combine, split
 from c3a_jax._tree import Params
+from c3a_jax.io import atomic_write, publish_directory
 from c3a_jax.key_maps import KeyMap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -243,29 +241,15 @@ def save_adapter(
     _lora_export.check_useful(as_lora, full_ranks, "save_adapter(as_lora=...)")
     lora_cfg = _lora_export.lora_config(cfg, as_lora, adapted)
 
-  def write(into: str) -> None:
-    # Each file is replaced atomically; the config goes last, as it is what readers open first.
+  with publish_directory(directory) as into:
+    # In an existing directory each file is replaced on its own: the config goes last, as it is
+    # what readers open first.
     atomic_write(os.path.join(into, WEIGHTS_NAME), safetensors.numpy.save(tensors))
     if as_lora is None:
       cfg.save(into)
     else:
       data = json.dumps(lora_cfg, indent=2, sort_keys=True).encode()
       atomic_write(os.path.join(into, CONFIG_NAME), data)
-
-  if os.path.exists(directory):
-    write(directory)
-  else:
-    # A new directory appears whole: built beside its final place, then renamed.
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.")
-    try:
-      write(tmp)
-      os.chmod(tmp, 0o777 & ~current_umask())
-      os.rename(tmp, directory)
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
-      raise
   if as_lora is None:
     return None
   _lora_export.warn_lossy(errors, as_lora, "save_adapter(as_lora=...)")

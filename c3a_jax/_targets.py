@@ -43,6 +43,27 @@ OUT_IN_LAYERS: dict[str, tuple[str, ...]] = {"gpt2": ("c_attn", "c_proj", "c_fc"
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
 
+def default_targets(model_type: str | None) -> tuple[str, ...]:
+  """PEFT's default ``target_modules`` for a Hugging Face ``model_type``: what a
+  :class:`~c3a_jax.C3AConfig` with ``target_modules=None`` selects.
+
+  Example:
+    >>> import c3a_jax as c3a
+    >>> c3a.default_targets("llama")
+    ('q_proj', 'v_proj')
+    >>> c3a.default_targets("resnet")
+    Traceback (most recent call last):
+    ...
+    ValueError: model_type='resnet' has no default targets (known: bart, ...); pass target_modules
+  """
+  if model_type not in DEFAULT_TARGETS:
+    known = ", ".join(sorted(DEFAULT_TARGETS))
+    raise ValueError(
+      f"model_type={model_type!r} has no default targets (known: {known}); pass target_modules"
+    )
+  return DEFAULT_TARGETS[model_type]
+
+
 class UnmatchedTargetWarning(UserWarning):
   """A ``target_modules`` or ``exclude_modules`` list entry names no module of the params: most
   likely a typo, which would otherwise leave a layer unadapted (or not excluded) without a word.
@@ -286,13 +307,12 @@ def _select(
 ) -> list[Target]:
   targets = cfg.target_modules
   if targets is None:
-    if model_type not in DEFAULT_TARGETS:
-      known = ", ".join(sorted(DEFAULT_TARGETS))
+    try:
+      targets = default_targets(model_type)
+    except ValueError as e:
       raise ValueError(
-        f"C3AConfig.target_modules is None and model_type={model_type!r} has no default "
-        f"targets (known: {known}); pass target_modules, e.g. ['query', 'value']"
-      )
-    targets = DEFAULT_TARGETS[model_type]
+        f"C3AConfig.target_modules is None and {e}, e.g. ['query', 'value']"
+      ) from None
   out_in_names = OUT_IN_LAYERS.get(model_type, ())
   selected = []
   unknown = []  # multi-axis kernels all-linear cannot classify without a trace

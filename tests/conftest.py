@@ -60,7 +60,7 @@ def maybe_jit(request):
   return jax.jit if request.param else (lambda f: f)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_fixtures():
   """../shared/fixtures (made by PEFT); skips cleanly where a fresh clone has none."""
   if not os.path.isdir(SHARED_FIXTURES):

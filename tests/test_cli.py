@@ -175,7 +175,14 @@ def test_unparsable_overrides_and_huge_integers_are_clear_errors():
 
 def test_optional_numbers_are_parsed_and_checked():
   # YAML reads 3e-3 (no dot) as a string; an optional float field takes it as a number.
-  exp = Experiment.from_dict({"train": {"head_lr": "3e-3"}, "data": {"num_labels": 4}})
+  exp = Experiment.from_dict(
+    {
+      "task": "seq_cls",
+      "model": {"name": "m"},
+      "train": {"head_lr": "3e-3"},
+      "data": {"name": "d", "num_labels": 4},
+    }
+  )
   assert exp.train.head_lr == 0.003 and exp.data.num_labels == 4
 
 

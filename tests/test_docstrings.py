@@ -17,7 +17,6 @@ MODULES = sorted(
 # they are re-exported, and the command-line app over the library.
 NO_EXAMPLE = {
   "c3a_jax._context",
-  "c3a_jax._io",
   "c3a_jax._tree",
   "c3a_jax.experimental",
   "c3a_jax.ops._fft",

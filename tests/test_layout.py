@@ -1,9 +1,14 @@
 """The package's shape: imports flow one way, and the library needs none of the app's packages.
 
 * No import cycle among c3a_jax's modules (every import counts, also those inside functions).
-* ``c3a_jax.ops`` imports nothing else from c3a_jax: it is the bottom layer.
+* ``c3a_jax.ops`` imports nothing else from c3a_jax but ``c3a_jax._compat`` (the deprecated
+  names), which imports nothing from it: together they are the bottom layer.
 * The library never imports ``c3a_jax.cli``; ``c3a_jax.training`` and ``c3a_jax.experimental``
   sit beside it, over the library.
+* No private import across package boundaries: a private module or name (``_x``) is used only
+  inside the package that holds it (``c3a_jax.ops._spectral`` only in ``c3a_jax.ops``,
+  ``c3a_jax.training._step`` only in ``c3a_jax.training``), and the command line, an app over
+  the library, uses none of the library's (``c3a_jax._nnx``), ``c3a_jax._compat`` aside.
 * ``import c3a_jax`` (and the README's quickstart) loads none of the ``[cli]`` extra's packages.
 """
 
@@ -89,8 +94,9 @@ def test_a_cycle_would_be_found():
 def test_ops_imports_nothing_else_from_the_package():
   for name, edges in _graph().items():
     if name == "c3a_jax.ops" or name.startswith("c3a_jax.ops."):
-      outside = {e for e in edges if not (e == "c3a_jax.ops" or e.startswith("c3a_jax.ops."))}
+      outside = {e for e in edges if not _inside(e, "c3a_jax.ops") and e != COMPAT}
       assert not outside, f"{name} imports {sorted(outside)}"
+  assert not _graph()[COMPAT], f"{COMPAT} imports {sorted(_graph()[COMPAT])}"
 
 
 def test_layers_import_one_way():
@@ -101,6 +107,7 @@ def test_layers_import_one_way():
       ("c3a_jax.training", 2),
       ("c3a_jax.experimental", 2),
       ("c3a_jax.ops", 0),
+      (COMPAT, -1),
     ):
       if name == prefix or name.startswith(prefix + "."):
         return rank
@@ -111,6 +118,109 @@ def test_layers_import_one_way():
       if name == "c3a_jax":
         continue  # the package's public list re-exports ops, the library and training
       assert layer(e) <= layer(name), f"{name} (layer {layer(name)}) imports {e} ({layer(e)})"
+
+
+COMPAT = "c3a_jax._compat"  # the deprecated names: for every layer, and it imports nothing
+APP = "c3a_jax.cli"  # the command line: over the library's public names
+
+
+def _inside(name: str, package: str) -> bool:
+  return name == package or name.startswith(package + ".")
+
+
+def _is_private(part: str) -> bool:
+  return part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+
+
+def _uses() -> dict[str, list[tuple[str, int]]]:
+  """module -> every c3a_jax name it imports or reaches by attribute (``ops._spectral.after``
+  from ``from c3a_jax import ops``), as a dotted path, with its line."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(PACKAGE) for f in fs if f.endswith(".py")]
+  uses = {}
+  for path in files:
+    name = _module_name(path)
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    bound, found = {}, []  # local name -> the c3a_jax path it stands for
+    tree = ast.parse(open(path).read(), path)
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        for a in node.names:
+          found.append((a.name, node.lineno))
+          bound[a.asname or a.name.partition(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:
+          up = package.split(".")[: len(package.split(".")) - node.level + 1]
+          base = ".".join(up + ([base] if base else []))
+        for a in node.names:
+          found.append((f"{base}.{a.name}", node.lineno))
+          bound[a.asname or a.name] = f"{base}.{a.name}"
+    for node in ast.walk(tree):
+      chain, value = [], node
+      while isinstance(value, ast.Attribute):
+        chain.append(value.attr)
+        value = value.value
+      if chain and isinstance(value, ast.Name) and value.id in bound:
+        found.append((".".join([bound[value.id], *reversed(chain)]), node.lineno))
+    uses[name] = [(n, line) for n, line in found if _inside(n, "c3a_jax")]
+  return uses
+
+
+def _packages() -> set[str]:
+  return {
+    _module_name(os.path.join(d, "__init__.py"))
+    for d, _, fs in os.walk(PACKAGE)
+    if "__init__.py" in fs
+  }
+
+
+def _private_owner(name: str, packages: set[str]) -> str | None:
+  """The package holding ``name``'s first private part (``c3a_jax.ops._spectral.after`` ->
+  ``c3a_jax.ops``; ``c3a_jax.cli.hub._limit`` -> ``c3a_jax.cli``), None if it has none."""
+  parts = name.split(".")
+  for i, part in enumerate(parts):
+    if _is_private(part):
+      owner = ".".join(parts[:i])
+      while owner not in packages:
+        owner = owner.rpartition(".")[0]
+      return owner
+  return None
+
+
+def _private_crossings(uses: dict, packages: set[str]) -> list[str]:
+  out = []
+  for module, names in uses.items():
+    for name, line in names:
+      owner = _private_owner(name, packages)
+      if owner is None or _inside(name, COMPAT):
+        continue
+      app = _inside(module, APP) or module == "c3a_jax.__main__"
+      if not _inside(module, owner) or (app and not _inside(owner, APP)):
+        out.append(f"{module}:{line} uses {name} (private to {owner})")
+  return sorted(set(out))
+
+
+def test_no_private_import_across_package_boundaries():
+  crossings = _private_crossings(_uses(), _packages())
+  assert not crossings, "\n".join(crossings)
+
+
+def test_a_private_crossing_would_be_found():
+  packages = {"c3a_jax", "c3a_jax.ops", "c3a_jax.training", "c3a_jax.cli"}
+  uses = {
+    "c3a_jax.cli.runner": [("c3a_jax._io.atomic_write", 1), ("c3a_jax.cli.hub._limit", 2)],
+    "c3a_jax._intercept": [("c3a_jax.ops._strategy.takes_fold", 3), ("c3a_jax._tree", 4)],
+    "c3a_jax.cli.commands": [("c3a_jax.training._step.make_train_step", 5)],
+    "c3a_jax.experimental.pallas": [("c3a_jax.ops._spectral.dft_halves", 6)],
+    "c3a_jax.ops._strategy": [("c3a_jax._compat.renamed_strategy", 7)],
+  }
+  assert _private_crossings(uses, packages) == [
+    "c3a_jax._intercept:3 uses c3a_jax.ops._strategy.takes_fold (private to c3a_jax.ops)",
+    "c3a_jax.cli.commands:5 uses c3a_jax.training._step.make_train_step (private to "
+    "c3a_jax.training)",
+    "c3a_jax.cli.runner:1 uses c3a_jax._io.atomic_write (private to c3a_jax)",
+    "c3a_jax.experimental.pallas:6 uses c3a_jax.ops._spectral.dft_halves (private to c3a_jax.ops)",
+  ]
 
 
 # The [cli] extra's packages and those of the other extras (pyyaml comes with flax itself).

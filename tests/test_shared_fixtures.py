@@ -12,12 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def roberta():
-  from tests.conftest import SHARED_FIXTURES
-
-  root = os.path.join(SHARED_FIXTURES, "peft_roberta_seqcls")
-  if not os.path.isdir(root):
-    pytest.skip("../shared/fixtures is absent (fresh clone)")
+def roberta(shared_fixtures):
+  root = os.path.join(shared_fixtures, "peft_roberta_seqcls")
   model = transformers.FlaxRobertaForSequenceClassification.from_pretrained(
     os.path.join(root, "base"), from_pt=True
   )

@@ -170,6 +170,11 @@ def test_default_targets_by_model_type():
     paths(cfg)
   with pytest.raises(ValueError, match="model_type='unknown-model'"):
     paths(cfg, model_type="unknown-model")
+  # What target_modules=None selects, by name (PEFT's table).
+  assert c3a.default_targets("roberta") == ("query", "value")
+  assert c3a.default_targets("gpt2") == ("mlp.c_proj",)
+  with pytest.raises(ValueError, match=r"model_type=None has no default targets \(known: bart,"):
+    c3a.default_targets(None)
 
 
 def test_conv1d_layout_for_gpt2():

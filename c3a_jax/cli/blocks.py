@@ -85,11 +85,12 @@ def report(
     params, model_type = _model(model, from_pt, library)
     targets = target_modules.split(",") if target_modules else None
   if targets is None:
-    from c3a_jax._targets import DEFAULT_TARGETS
-
-    if model_type not in DEFAULT_TARGETS:
-      raise ValueError(f"no default targets for model type {model_type!r}; pass --target-modules")
-    targets = list(DEFAULT_TARGETS[model_type])
+    try:
+      targets = list(c3a.default_targets(model_type))
+    except ValueError:
+      raise ValueError(
+        f"no default targets for model type {model_type!r}; pass --target-modules"
+      ) from None
   rows = suggest(params, targets, rank, model_type=model_type)
   lines = [
     f"targets: {targets}; LoRA rank {rank} trains {rows[0].lora_params:,} parameters",

@@ -358,7 +358,7 @@ def merge(args: argparse.Namespace) -> int:
   if job.save_merged is None:
     import flax.serialization
 
-    from c3a_jax._io import atomic_write
+    from c3a_jax.io import atomic_write
 
     os.makedirs(args.out_dir, exist_ok=True)
     atomic_write(os.path.join(args.out_dir, "params.msgpack"), flax.serialization.to_bytes(merged))
@@ -374,7 +374,6 @@ def export_lora(args: argparse.Namespace) -> int:
   import warnings
 
   import c3a_jax as c3a
-  from c3a_jax._lora_export import describe
   from c3a_jax.cli import runner
 
   exp, params = _load_run(args.run_dir)
@@ -397,7 +396,11 @@ def export_lora(args: argparse.Namespace) -> int:
   print(f"{'layer':<{width}}  relative error")
   for name, error in errors.items():
     print(f"{name:<{width}}  {error:>14.6f}")
-  print(f"rank {args.rank}: {describe(errors)}")
+  worst, mean = max(errors, key=errors.__getitem__), sum(errors.values()) / len(errors)
+  print(
+    f"rank {args.rank}: relative error max {errors[worst]:.4g} (layer {worst!r}), mean "
+    f"{mean:.4g} over {len(errors)} layers"
+  )
   print(f"LoRA adapter written to {args.out_dir}")
   return 0
 

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from c3a_jax._io import atomic_write
 from c3a_jax.cli.job import Job, Log, batches
+from c3a_jax.io import atomic_write
 
 HIDDEN = 128
 PRETRAIN_STEPS, PRETRAIN_LR = 600, 3e-3

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import reprlib
 import types
 import typing
-import warnings
 from typing import Annotated, Any, Literal, Union
 
 import pydantic
@@ -33,8 +33,17 @@ import yaml
 from pydantic import Field
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
-from c3a_jax import C3AConfig, ops
-from c3a_jax._config import brief as _brief
+from c3a_jax import C3AConfig, _compat, ops
+
+# Errors show a config's values through this: a YAML alias bomb's full repr runs to billions of
+# strings (and takes hours).
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
+
+
+def _brief(value: Any, limit: int = 120) -> str:
+  text = _REPR.repr(value)
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _not_bool(value: Any) -> Any:
@@ -221,7 +230,12 @@ class Experiment(_Section):
     if self.task == "digits":
       # The digits task runs its own MLP on scikit-learn's digits: a model or data section
       # would be ignored, so a user who set one meant another task.
-      unused = [f"{s}.{k}" for s in ("model", "data") for k in getattr(self, s).model_fields_set]
+      unused = [
+        f"{s}.{k}"
+        for s in ("model", "data")
+        for k, v in getattr(self, s)
+        if v != type(getattr(self, s)).model_fields[k].default
+      ]
       if unused:
         raise ValueError(
           f"task 'digits' runs its built-in MLP on scikit-learn's digits and uses no "
@@ -244,7 +258,7 @@ class Experiment(_Section):
       raise ValueError(
         f"{source}: the top level must be a mapping of sections, got {type(d).__name__}"
       )
-    d = upgrade(_overridden(d, overrides), source)
+    d = _compat.upgrade_experiment(_overridden(d, overrides), source)
     try:
       return cls.model_validate(d)
     except pydantic.ValidationError as e:
@@ -295,36 +309,6 @@ def _overridden(d: dict, overrides: tuple[str, ...] | list[str]) -> dict:
         "e.g. data.name='my data'"
       ) from None
   return d
-
-
-# c3a-jax 0.1's strategies that 0.2 renamed or removed, and what computes the same now.
-_OLD_STRATEGIES = {"merged": "fold", "rfft": "fft", "dft": "freq_major", "pallas": "auto"}
-
-
-def upgrade(d: dict, source: str) -> dict:
-  """A config read from YAML, with what c3a-jax 0.1 wrote moved to where 0.2 reads it.
-
-  0.1 kept the strategy in the adapter config (``c3a.strategy``); it is a training setting
-  now: ``train.strategy`` (unless that is set), old names mapped to what computes the same.
-  A FutureWarning says so. ``d`` itself is not changed.
-  """
-  section = d.get("c3a") if isinstance(d, dict) else None
-  if not isinstance(section, dict) or "strategy" not in section:
-    return d
-  old = section["strategy"]
-  new = _OLD_STRATEGIES.get(old, old)
-  warnings.warn(
-    f"{source}: c3a.strategy is deprecated; it is read as train.strategy={new!r}"
-    + ("" if new == old else f" (c3a-jax 0.2 has no strategy {old!r})"),
-    FutureWarning,
-    stacklevel=3,
-  )
-  train = d.get("train")
-  train = dict(train) if isinstance(train, dict) else {} if train is None else train
-  if isinstance(train, dict):
-    train.setdefault("strategy", new)
-  c3a = {k: v for k, v in section.items() if k != "strategy"}
-  return {**d, "c3a": c3a, "train": train}
 
 
 def _message(error: pydantic.ValidationError) -> str:

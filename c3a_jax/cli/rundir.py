@@ -38,7 +38,7 @@ import stat
 from collections.abc import Iterator
 
 from c3a_jax import __version__
-from c3a_jax._io import atomic_write
+from c3a_jax.io import atomic_write
 
 MARKER = ".c3a-jax-run.json"
 LOCK = ".c3a-jax.lock"

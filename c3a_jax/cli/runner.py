@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.serialization
@@ -34,12 +34,12 @@ import optax
 import yaml
 
 import c3a_jax as c3a
-from c3a_jax import _tree
-from c3a_jax._io import atomic_write
+from c3a_jax import _compat
 from c3a_jax.cli import rundir
-from c3a_jax.cli.experiment import Experiment, upgrade
+from c3a_jax.cli.experiment import Experiment
 from c3a_jax.cli.job import Job, Log, batches, eval_batches
 from c3a_jax.cli.rundir import RunDirError
+from c3a_jax.io import atomic_write
 from c3a_jax.training import Checkpointer, TrainState, cast_frozen, make_train_step
 
 # The shell's exit status for a process stopped by a signal: 128 + its number.
@@ -60,7 +60,7 @@ def _check_dir(exp: Experiment, *, resume: bool, overwrite: bool) -> None:
         f"--resume: {out} holds no run (no config.yaml); start one without --resume"
       )
     with open(config_path) as f:
-      saved = upgrade(yaml.safe_load(f), config_path)
+      saved = _compat.upgrade_experiment(yaml.safe_load(f), config_path)
     now = exp.to_dict()
     # A resumed run may go on for more steps and log, evaluate or save at other intervals;
     # nothing that changes the training itself may differ.
@@ -201,10 +201,18 @@ def _typos_refused(params: Any) -> Iterator[None]:
 
 def _layer_names(params: Any, limit: int = 16) -> str:
   """The distinct last names of the linear layers (a ``kernel``) in ``params``, in tree order."""
-  linear = (path for path, node in _tree.modules(params) if "kernel" in node)
-  names = dict.fromkeys(path.rsplit(".", 1)[-1] for path in linear)
+  names = dict.fromkeys(_linear_names(params))
   shown = ", ".join(list(names)[:limit])
   return shown + (" ..." if len(names) > limit else "")
+
+
+def _linear_names(tree: Any) -> Iterator[str]:
+  """The name of every module in ``tree`` that holds a ``kernel``, parents before children."""
+  for name, node in tree.items():
+    if isinstance(node, Mapping):
+      if "kernel" in node:
+        yield str(name)
+      yield from _linear_names(node)
 
 
 # How the console, plots and tables name each train.mode.

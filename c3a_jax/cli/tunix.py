@@ -1,7 +1,7 @@
 """A causal LM from a Hugging Face safetensors checkpoint, run by Tunix's NNX Qwen 3, Llama 3
 or Gemma 3 (text).
 
-The runner trains params trees; an NNX model is read as one (:func:`c3a_jax._nnx.view`: its
+The runner trains params trees; an NNX model is read as one (:func:`c3a_jax.nnx_params`: its
 ``nnx.Param`` values by module path) and rebuilt from one inside each traced step, so every
 weight is an argument of the jitted function. The adapter is saved under Hugging Face's names
 (``c3a.key_maps``), so PEFT loads it on the PyTorch model, and ``c3a-jax merge`` writes the
@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import c3a_jax as c3a
-from c3a_jax import _nnx
 from c3a_jax.cli import hub
 from c3a_jax.cli.experiment import Experiment
 from c3a_jax.cli.job import Job, Log
@@ -192,7 +191,7 @@ def job(exp: Experiment, log: Log = print) -> Job:
 
   def build(params):
     m = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))  # fresh Variables, this trace's
-    _nnx.view(m).write(params)  # every nnx.Param from the params (C3A kernels attach)
+    c3a.set_nnx_params(m, params)  # every nnx.Param from the params (C3A kernels attach)
     return m
 
   def logits_fn(params, batch, rng, train):
@@ -203,11 +202,11 @@ def job(exp: Experiment, log: Log = print) -> Job:
     return build(params)(tokens, positions, None, mask)[0]
 
   def attach(params, cfg, rng):
-    return _nnx.view(c3a.attach(build(params), cfg, rng)).tree
+    return c3a.nnx_params(c3a.attach(build(params), cfg, rng))
 
   return Job(
     logits_fn=logits_fn,
-    params=jax.tree.map(jnp.asarray, _nnx.view(model).tree),
+    params=jax.tree.map(jnp.asarray, c3a.nnx_params(model)),
     train_data=hub._text(spec, train, spec.train_split, tokenizer, True),
     eval_data=hub._text(spec, evals, spec.eval_split, tokenizer, True)
     if evals is not None

@@ -45,8 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from c3a_jax.ops import PRECISION
-from c3a_jax.ops._spectral import dft_halves, kernel_spectrum
+from c3a_jax.ops import PRECISION, dft_halves, kernel_spectrum
 
 TOKEN_TILE = 128
 """Tokens per program at most (fewer for large blocks): a power of two, a multiple of 8 (TPU

@@ -8,7 +8,8 @@ matrix whose ``(i, j)`` block is circulant with first row ``w[i, j]``::
 The ``1 / d_in`` scale is PEFT's; keeping it makes adapters interchangeable with PEFT. Every
 matmul here runs at :data:`PRECISION` (``HIGHEST``), so a float32 layer's delta is float32-exact
 on every backend, whatever ``jax_default_matmul_precision`` says. This sub-package imports
-nothing else from ``c3a_jax``: it is the bottom layer.
+nothing else from ``c3a_jax`` but the deprecated names (``c3a_jax._compat``, which imports
+nothing): it is the bottom layer.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -22,15 +23,17 @@ Example:
 
 from c3a_jax.ops._fold import fold
 from c3a_jax.ops._init import INIT_WEIGHTS, InitWeights, init
-from c3a_jax.ops._kernel import PRECISION, compute_dtype, delta_weight
+from c3a_jax.ops._kernel import PRECISION, compute_dtype, delta_weight, kernel_shape
 from c3a_jax.ops._matmul import block_circulant_matmul
 from c3a_jax.ops._mixed import mixed_matmul
+from c3a_jax.ops._spectral import dft_halves, kernel_spectrum
 from c3a_jax.ops._strategy import (
   STRATEGIES,
   Strategy,
   can_fold,
   check_strategy,
   choose_strategy,
+  takes_fold,
 )
 
 __all__ = [
@@ -45,7 +48,11 @@ __all__ = [
   "choose_strategy",
   "compute_dtype",
   "delta_weight",
+  "dft_halves",
   "fold",
   "init",
+  "kernel_shape",
+  "kernel_spectrum",
   "mixed_matmul",
+  "takes_fold",
 ]

@@ -10,7 +10,18 @@ import jax.numpy as jnp
 
 
 def kernel_shape(w: Any, where: str) -> tuple[int, int, int]:
-  """``(m, n, b)`` of a C3A kernel (an array or a shape); a ValueError naming ``where`` if not."""
+  """``(m, n, b)`` of a C3A kernel (an array or a shape); a ValueError naming ``where`` if not.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from c3a_jax import ops
+    >>> ops.kernel_shape(jnp.zeros((3, 2, 4)), "my_layer")   # d_out = 12, d_in = 8, b = 4
+    (3, 2, 4)
+    >>> ops.kernel_shape((12, 8), "my_layer")
+    Traceback (most recent call last):
+    ...
+    ValueError: my_layer: a C3A kernel has shape (d_out // b, d_in // b, b), got (12, 8)
+  """
   shape = tuple(getattr(w, "shape", w))
   if len(shape) != 3 or min(shape) < 1:
     raise ValueError(f"{where}: a C3A kernel has shape (d_out // b, d_in // b, b), got {shape}")

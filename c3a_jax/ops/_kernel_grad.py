@@ -9,9 +9,9 @@ arrays and a thin correlation (``n`` and ``m`` are a few blocks) over all tokens
 On CPU both are memory-bound when done over whole arrays (each spectrum is written out and
 read back, and the correlation runs far below matmul rate with ``tokens`` as its only long
 axis), so there the tokens go through in chunks that stay in cache: each chunk's ``rfft``
-spectra are correlated at once and summed (benchmarks/RESULTS.md section 5: at 768 wide, 4096
-tokens, b = 128, 38 ms become 15). Elsewhere the whole-array forms stay: frequency-major DFT
-matmuls up to ``b = 256`` (matrix units; TPUs' FFT is slow), FFTs beyond.
+spectra are correlated at once and summed (measured in benchmarks/RESULTS.md, section 5).
+Elsewhere the whole-array forms stay: frequency-major DFT matmuls up to ``b = 256`` (matrix
+units; TPUs' FFT is slow), FFTs beyond.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from c3a_jax.ops._spectral import after, conj_product_parts
 _DFT_MAX_B = 256
 
 # Bytes of float32 activations per chunk on CPU, so that a chunk's x, g and their spectra stay
-# in cache (0.25-2 MiB measured alike, benchmarks/RESULTS.md section 5); at most _MAX_CHUNKS
-# chunks, unrolled, which bounds what the compiler sees.
+# in cache (sizes on either side of it measured alike, benchmarks/RESULTS.md section 5); at most
+# _MAX_CHUNKS chunks, unrolled, which bounds what the compiler sees.
 _CHUNK_BYTES = 2**20
 _MAX_CHUNKS = 16
 

@@ -17,7 +17,19 @@ import numpy as np
 
 @functools.cache
 def dft_halves(b: int) -> tuple[np.ndarray, np.ndarray]:
-  """(F, b) cosine and minus-sine rows: ``[cos; -sin] @ x`` is the real/imaginary rfft of x."""
+  """(F, b) cosine and minus-sine rows: ``[cos; -sin] @ x`` is the real/imaginary rfft of x.
+
+  The forward transform of the DFT-as-matmul paths (``"freq_major"``, the Pallas kernel): a
+  ``(b, b)`` transform on the matrix units, where a TPU's FFT is slow.
+
+  Example:
+    >>> import numpy as np
+    >>> from c3a_jax import ops
+    >>> cos, sin = ops.dft_halves(4)
+    >>> x = np.array([1.0, 2.0, 0.0, -1.0])
+    >>> bool(np.allclose(cos @ x + 1j * (sin @ x), np.fft.rfft(x)))
+    True
+  """
   angle = 2 * np.pi * np.outer(np.arange(b // 2 + 1), np.arange(b)) / b
   return np.cos(angle).astype(np.float32), (-np.sin(angle)).astype(np.float32)
 
@@ -34,7 +46,20 @@ def irfft_weights(b: int) -> np.ndarray:
 def kernel_spectrum(w: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(m, n, F) real and imaginary parts of rfft(w) / d_in, times irfft's weights (1 or 2) / b.
 
-  With these weights folded in, the inverse DFT is the transpose of :func:`dft_halves`.
+  With these weights folded in, the inverse DFT is the transpose of :func:`dft_halves`: with
+  ``X = [cos; -sin] @ x`` per input block, the product's output block ``i`` is
+  ``cos.T @ Re(sum_j conj(K[i, j]) X_j) + sin.T @ Im(...)``: the C3A product in matmuls.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from c3a_jax import ops
+    >>> w = jax.random.normal(jax.random.key(0), (1, 1, 4))   # one block: d_in = b = 4
+    >>> x = jnp.array([1.0, 2.0, 0.0, -1.0])
+    >>> (cos, sin), (kr, ki) = ops.dft_halves(4), ops.kernel_spectrum(w)
+    >>> xr, xi = cos @ x, sin @ x
+    >>> y = cos.T @ (kr[0, 0] * xr + ki[0, 0] * xi) + sin.T @ (kr[0, 0] * xi - ki[0, 0] * xr)
+    >>> bool(jnp.allclose(y, x @ ops.delta_weight(w), atol=1e-5))
+    True
   """
   _, n, b = w.shape
   wf = jnp.fft.rfft(w.astype(jnp.float32), axis=-1) * jnp.asarray(

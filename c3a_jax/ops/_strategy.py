@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
+from c3a_jax import _compat
 from c3a_jax.ops._kernel import kernel_shape
 
 Strategy = Literal["auto", "fft", "freq_major", "dense", "fold"]
 STRATEGIES: tuple[Strategy, ...] = ("auto", "fft", "freq_major", "dense", "fold")
 """How :func:`block_circulant_matmul` computes the same product (see its docstring)."""
-
-# Old names, accepted for one release with a DeprecationWarning.
-_RENAMED = {"merged": "fold"}
 
 # "auto" thresholds on CPU, from benchmarks/layer.py on a 2-core machine (benchmarks/RESULTS.md).
 _DENSE_MAX_B = 8
@@ -37,14 +34,7 @@ def check_strategy(strategy: str, where: str, *, stacklevel: int = 3) -> Strateg
     >>> ops.check_strategy("fold", "intercept")
     'fold'
   """
-  if strategy in _RENAMED:
-    new = _RENAMED[strategy]
-    warnings.warn(
-      f"{where}: strategy={strategy!r} is deprecated; it is now called {new!r}",
-      DeprecationWarning,
-      stacklevel=stacklevel,
-    )
-    return new
+  strategy = _compat.renamed_strategy(strategy, where, stacklevel=stacklevel)
   if strategy not in STRATEGIES:
     raise ValueError(f"{where}: strategy={strategy!r} is not one of {STRATEGIES}")
   return strategy
@@ -62,8 +52,9 @@ def can_fold(
   bit-identical), so the float32 ``W + delta`` rounds nothing the base layer does not, and
   costs no more. On accelerators only a float32 layer at ``HIGHEST`` (its own ``precision``, or
   else ``jax_default_matmul_precision``): XLA's default float32 matmul is TF32 on NVIDIA GPUs
-  and one bfloat16 pass on TPUs (a folded 4096x4096 delta came out 1.9% off on an H200), and a
-  low-precision matmul is native there (``W + delta`` in bfloat16 would round the delta away).
+  and one bfloat16 pass on TPUs (a folded delta measured percents off on an H200,
+  benchmarks/RESULTS.md), and a low-precision matmul is native there (``W + delta`` in bfloat16
+  would round the delta away).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -96,7 +87,15 @@ def _full_float32(precision: jax.lax.PrecisionLike) -> bool:
 def takes_fold(strategy: str, x_shape: tuple[int, ...], w_shape: tuple[int, int, int]) -> bool:
   """Whether a layer whose kernel can absorb the delta (:func:`can_fold`) computes
   ``x @ (W + delta)`` under ``strategy``: always for ``"fold"``, for ``"auto"`` where
-  :func:`choose_strategy` (``with_base=True``) picks it."""
+  :func:`choose_strategy` (``with_base=True``) picks it.
+
+  Example:
+    >>> from c3a_jax import ops
+    >>> ops.takes_fold("fold", (4, 768), (6, 6, 128)), ops.takes_fold("fft", (4, 768), (6, 6, 128))
+    (True, False)
+    >>> ops.takes_fold("auto", (2048, 4096), (16, 16, 256)) == (jax.default_backend() == "cpu")
+    True
+  """
   return strategy == "fold" or (
     strategy == "auto" and choose_strategy(x_shape, w_shape, with_base=True) == "fold"
   )
@@ -120,7 +119,7 @@ def choose_strategy(
     ``d_in * d_out / (2 * (d_in + d_out))``; ``"dense"`` for ``b <= 8`` or at most 16 tokens;
     ``"freq_major"`` for many blocks (``max(m, n) >= 16``) of ``b <= 256``; else ``"fft"``.
   * GPU (measured on an NVIDIA H200, bfloat16 and float32 layers of 768 to 4096 x 11008,
-    ``b`` of 64 to 256, 16,384 tokens): ``"fft"``, which beat ``"freq_major"`` (1.3-2x),
+    ``b`` of 64 to 256, 16,384 tokens): ``"fft"``, which beat ``"freq_major"``,
     ``"dense"`` and a folded Dense at every one of those shapes. Token counts of a few dozen
     and ``b <= 8`` are not measured there yet.
   * TPU (not measured: no TPU has been lent to this project): ``"freq_major"`` up to

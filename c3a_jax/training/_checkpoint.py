@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from c3a_jax import _compat
 from c3a_jax._config import C3AConfig
 from c3a_jax.training._step import TrainState
 
@@ -109,10 +110,6 @@ def _orbax() -> Any:
   import orbax.checkpoint
 
   return orbax.checkpoint
-
-
-# Saved by c3a-jax 0.1, which kept the strategy in C3AConfig; a compute setting, not the run's.
-_DROPPED_CONFIG_FIELDS = ("strategy",)
 
 
 def _first(e: Exception) -> str:
@@ -305,7 +302,7 @@ class Checkpointer:
     meta = self._metadata(step)
     problems = _differences(meta["state"], _shapes(target), "state leaf")
     if self.config is not None and meta["config"] is not None:
-      saved = {k: v for k, v in meta["config"].items() if k not in _DROPPED_CONFIG_FIELDS}
+      saved = _compat.upgrade_checkpoint_config(meta["config"])
       problems += _differences(saved, self.config.to_dict(), "config field")
     if problems:
       raise ValueError(
