@@ -10,11 +10,13 @@ checkpoints and counters; :mod:`c3a_jax.io` files written whole; :mod:`c3a_jax.c
 ``c3a-jax`` command.
 """
 
-from c3a_jax import _compat, io, key_maps, ops, training
+import sys
+
+from c3a_jax import _compat, io, key_maps, ops, training, tree
 from c3a_jax._adapters import replace_slot, stack_adapters, weighted_sum
 from c3a_jax._config import C3AConfig
 from c3a_jax._hf_merge import merge_checkpoint
-from c3a_jax._intercept import intercept, wrap
+from c3a_jax._intercept import intercept, intercepted
 from c3a_jax._labels import labels
 from c3a_jax._lora_export import LoraExport, to_lora
 from c3a_jax._nnx import C3AParam, nnx_params, register_layer, set_nnx_params
@@ -39,6 +41,7 @@ __all__ = [
   "combine",
   "default_targets",
   "intercept",
+  "intercepted",
   "io",
   "key_maps",
   "labels",
@@ -59,12 +62,13 @@ __all__ = [
   "summary",
   "to_lora",
   "training",
+  "tree",
   "unmerge",
   "weighted_sum",
-  "wrap",
 ]
 
 
 def __getattr__(name: str) -> object:
-  # Old names (c3a_jax.make_mesh, ...) work, with a warning, until their release in _compat.
-  return _compat.moved_attribute(name, training)
+  # Old names (c3a_jax.make_mesh, c3a_jax.wrap, ...) work, with a warning, until their release
+  # in _compat.
+  return _compat.old_attribute(name, sys.modules[__name__])

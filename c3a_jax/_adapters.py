@@ -18,7 +18,7 @@ Example:
   >>> a, b = (c3a.split(c3a.attach(base, cfg, jax.random.key(i)))[0] for i in (1, 2))
   >>> both = c3a.combine(c3a.stack_adapters({"a": a, "b": b}), base)
   >>> x = jnp.ones((2, 8))
-  >>> run = c3a.wrap(lambda p, x: model.apply({"params": p["fc"]}, x))
+  >>> run = c3a.intercepted(lambda p, x: model.apply({"params": p["fc"]}, x))
   >>> with c3a.intercept(adapter_index=jnp.array([1, -1])):
   ...   y = model.apply({"params": both["fc"]}, x)
   >>> bool(jnp.allclose(y[0], run(c3a.combine(b, base), x)[0], atol=1e-5))

@@ -38,6 +38,9 @@ MOVED_TO_TRAINING: dict[str, str] = dict.fromkeys(
 """Top-level names that moved to ``c3a_jax.training`` in 0.2 -> the release that drops
 ``c3a_jax.<name>``."""
 
+RENAMED: dict[str, tuple[str, str]] = {"wrap": ("intercepted", "0.3")}
+"""Top-level names renamed in 0.2 -> (the new name, the release that drops the old one)."""
+
 OLD_STRATEGIES: dict[str, str] = {
   "merged": "fold",
   "rfft": "fft",
@@ -66,18 +69,24 @@ def _shown(value: Any) -> str:
   return text if len(text) <= 60 else text[:57] + "..."
 
 
-def moved_attribute(name: str, training: Any) -> Any:
-  """``c3a_jax.<name>`` for a name that moved to ``training`` (the ``c3a_jax.training``
-  module), with a DeprecationWarning naming the caller's line; AttributeError for any other."""
-  if name not in MOVED_TO_TRAINING:
+def old_attribute(name: str, package: Any) -> Any:
+  """``c3a_jax.<name>`` for a name that moved to ``c3a_jax.training`` or was renamed, read from
+  ``package`` (the ``c3a_jax`` module) with a DeprecationWarning naming the caller's line;
+  AttributeError for any other."""
+  if name in MOVED_TO_TRAINING:
+    new, owner, release = f"c3a_jax.training.{name}", package.training, MOVED_TO_TRAINING[name]
+    value = getattr(owner, name)
+  elif name in RENAMED:
+    current, release = RENAMED[name]
+    new, value = f"c3a_jax.{current}", getattr(package, current)
+  else:
     raise AttributeError(f"module 'c3a_jax' has no attribute {name!r}")
   warnings.warn(
-    f"c3a_jax.{name} is deprecated; use c3a_jax.training.{name} (c3a-jax "
-    f"{MOVED_TO_TRAINING[name]} drops c3a_jax.{name})",
+    f"c3a_jax.{name} is deprecated; use {new} (c3a-jax {release} drops c3a_jax.{name})",
     DeprecationWarning,
     stacklevel=3,  # past c3a_jax.__getattr__
   )
-  return getattr(training, name)
+  return value
 
 
 def renamed_strategy(strategy: Any, where: str, *, stacklevel: int = 2) -> Any:

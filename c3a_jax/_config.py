@@ -18,25 +18,14 @@ import json
 import numbers
 import os
 import re
-import reprlib
 import warnings
 from typing import Any
 
 from c3a_jax import _compat, ops
-from c3a_jax.io import atomic_write, read_json
+from c3a_jax.io import atomic_write, brief, read_json
 
 CONFIG_NAME = "adapter_config.json"
 BIAS = ("none", "all", "c3a_only")
-# Errors show values through this: a value may be huge (a YAML alias bomb's repr runs to
-# billions of strings).
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
-
-
-def brief(value: Any, limit: int = 120) -> str:
-  """``repr(value)`` bounded to ``limit`` characters, for error messages."""
-  text = _REPR.repr(value)
-  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # PEFT bookkeeping that is read and written but means nothing to c3a-jax.
@@ -77,6 +66,57 @@ def _positive_int(value: Any, field: str) -> int:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
     raise ValueError(f"C3AConfig.{field} must be a positive integer, got {brief(value)}")
   return int(value)
+
+
+def _block_size_pattern(pattern: Any) -> dict[str, int]:
+  if not isinstance(pattern, dict):
+    raise ValueError(
+      "C3AConfig.block_size_pattern must be a dict {name or regex: block_size}, "
+      f"got {brief(pattern)}"
+    )
+  for key in pattern:
+    _check_regex(key, "block_size_pattern key")
+  return {key: _positive_int(size, f"block_size_pattern[{key!r}]") for key, size in pattern.items()}
+
+
+def _with_task_heads(modules_to_save: Any, task_type: Any) -> tuple[str, ...] | None:
+  """``modules_to_save`` with the heads PEFT's task model for ``task_type`` trains, if any."""
+  if task_type is not None and task_type not in TASK_TYPES:
+    raise ValueError(
+      f"C3AConfig.task_type must be one of {TASK_TYPES} or None, got {brief(task_type)}"
+    )
+  if task_type not in TASK_HEADS:
+    return modules_to_save
+  return tuple(dict.fromkeys((*(modules_to_save or ()), *TASK_HEADS[task_type])))
+
+
+def _layers_to_transform(layers: Any) -> int | tuple[int, ...] | None:
+  if layers is None:
+    return None
+  if isinstance(layers, (list, tuple)):
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+      raise ValueError(
+        "C3AConfig.layers_to_transform must be a non-negative int or a list "
+        f"of them, got {brief(layers)}"
+      )
+    return tuple(layers)
+  if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+    raise ValueError(
+      "C3AConfig.layers_to_transform must be a non-negative int or a list of "
+      f"them, got {brief(layers)}"
+    )
+  return layers
+
+
+def _check_choices(bias: Any, init_weights: Any) -> None:
+  if bias not in BIAS:
+    raise ValueError(f"C3AConfig.bias must be one of {BIAS}, got {brief(bias)}")
+  if not any(
+    init_weights is v if isinstance(v, bool) else init_weights == v for v in ops.INIT_WEIGHTS
+  ):
+    raise ValueError(
+      f"C3AConfig.init_weights must be one of {ops.INIT_WEIGHTS}, got {brief(init_weights)}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,33 +164,12 @@ class C3AConfig:
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)
     set_("block_size", _positive_int(self.block_size, "block_size"))
-    if not isinstance(self.block_size_pattern, dict):
-      raise ValueError(
-        "C3AConfig.block_size_pattern must be a dict {name or regex: block_size}, "
-        f"got {brief(self.block_size_pattern)}"
-      )
-    for key in self.block_size_pattern:
-      _check_regex(key, "block_size_pattern key")
-    set_(
-      "block_size_pattern",
-      {
-        key: _positive_int(size, f"block_size_pattern[{key!r}]")
-        for key, size in self.block_size_pattern.items()
-      },
-    )
+    set_("block_size_pattern", _block_size_pattern(self.block_size_pattern))
     set_("target_modules", _strs(self.target_modules, "target_modules", allow_str=True))
     set_("exclude_modules", _strs(self.exclude_modules, "exclude_modules", allow_str=True))
     set_("layers_pattern", _strs(self.layers_pattern, "layers_pattern", allow_str=True))
     set_("modules_to_save", _strs(self.modules_to_save, "modules_to_save", allow_str=False))
-    if self.task_type is not None and self.task_type not in TASK_TYPES:
-      raise ValueError(
-        f"C3AConfig.task_type must be one of {TASK_TYPES} or None, got {brief(self.task_type)}"
-      )
-    if self.task_type in TASK_HEADS:
-      set_(
-        "modules_to_save",
-        tuple(dict.fromkeys((*(self.modules_to_save or ()), *TASK_HEADS[self.task_type]))),
-      )
+    set_("modules_to_save", _with_task_heads(self.modules_to_save, self.task_type))
     if isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear":
       set_("target_modules", "all-linear")  # PEFT accepts any case
     for field in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
@@ -158,21 +177,7 @@ class C3AConfig:
       for pattern in (value,) if isinstance(value, str) else value or ():
         if pattern != "all-linear":
           _check_regex(pattern, field)
-    layers = self.layers_to_transform
-    if layers is not None:
-      if isinstance(layers, (list, tuple)):
-        layers = tuple(layers)
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-          raise ValueError(
-            "C3AConfig.layers_to_transform must be a non-negative int or a list "
-            f"of them, got {brief(self.layers_to_transform)}"
-          )
-      elif isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
-        raise ValueError(
-          "C3AConfig.layers_to_transform must be a non-negative int or a list of "
-          f"them, got {brief(layers)}"
-        )
-      set_("layers_to_transform", layers)
+    set_("layers_to_transform", _layers_to_transform(self.layers_to_transform))
     if isinstance(self.target_modules, str) and (
       self.layers_to_transform is not None or self.layers_pattern is not None
     ):
@@ -180,15 +185,7 @@ class C3AConfig:
         "C3AConfig.layers_to_transform and layers_pattern need target_modules as a "
         f"list of names, not the regex string {brief(self.target_modules)}"
       )
-    if self.bias not in BIAS:
-      raise ValueError(f"C3AConfig.bias must be one of {BIAS}, got {brief(self.bias)}")
-    if not any(
-      self.init_weights is v if isinstance(v, bool) else self.init_weights == v
-      for v in ops.INIT_WEIGHTS
-    ):
-      raise ValueError(
-        f"C3AConfig.init_weights must be one of {ops.INIT_WEIGHTS}, got {brief(self.init_weights)}"
-      )
+    _check_choices(self.bias, self.init_weights)
 
   def __hash__(self) -> int:
     # block_size_pattern is a dict; hash the serialised form so configs work as static args.

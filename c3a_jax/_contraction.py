@@ -159,11 +159,19 @@ def as_axes(axis: int | Sequence[int]) -> tuple[int, ...]:
   return tuple(axis) if isinstance(axis, Sequence) else (axis,)
 
 
+def stores_out_in(module: nn.Module) -> bool:
+  """transformers' FlaxConv1D (GPT-2) keeps its kernel ``(out, in)``; matched by name so that
+  transformers stays an optional dependency."""
+  return type(module).__name__ == "FlaxConv1D"
+
+
 def of_module(module: nn.Module, args: tuple, kwargs: dict) -> Contraction:
   """The contraction of a linen ``module``'s ``__call__(*args, **kwargs)``; a ValueError if C3A
   cannot adapt it (the message says why, without the layer's path, which the caller adds)."""
   x = args[0] if args else kwargs.get("inputs")
   shape = tuple(np.shape(nn.unbox(module.get_variable("params", "kernel"))))
+  if stores_out_in(module):  # x @ kernel.T: the input contracts with the kernel's last axis
+    return Contraction.parse("...a,ba->...b", np.shape(x), shape, any_order=True)
   if isinstance(module, nn.Einsum):
     spec = args[1] if len(args) > 1 else kwargs.get("einsum_str") or module.einsum_str
     return Contraction.parse(spec, np.shape(x), shape)

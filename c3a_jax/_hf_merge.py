@@ -38,7 +38,7 @@ import safetensors.numpy
 
 from c3a_jax import ops
 from c3a_jax._config import C3AConfig
-from c3a_jax._peft_io import PREFIX, WEIGHTS_NAME
+from c3a_jax._peft_io import WEIGHTS_NAME, module_and_leaf
 from c3a_jax._transform import note_rounding, warn_rounding
 from c3a_jax.io import atomic_write, publish_directory, read_json
 
@@ -72,10 +72,10 @@ def _updates(adapter_dir: str) -> dict[str, tuple[str, np.ndarray]]:
     raise FileNotFoundError(f"merge_checkpoint: {path} does not exist")
   updates = {}
   for key, value in safetensors.numpy.load_file(path).items():
-    module, name = key.removeprefix(PREFIX).rsplit(".", 1)
-    module = ".".join(p for p in module.split(".") if p not in ("base_layer", "modules_to_save"))
-    if "original_module" in module.split("."):
-      continue
+    module_leaf = module_and_leaf(key)
+    if module_leaf is None:
+      continue  # PEFT's frozen copy of a modules_to_save module
+    module, name = module_leaf
     if name == "c3a_kernel":
       updates[f"{module}.weight"] = ("add", np.asarray(ops.delta_weight(value)).T)
     else:
@@ -140,20 +140,31 @@ def merge_checkpoint(
   lossy: list = []
   with publish_directory(out_dir) as target:
     for shard in shards:
-      tensors = safetensors.flax.load_file(os.path.join(base_dir, shard))
-      for key in sorted(set(tensors) & set(updates)):
-        how, value = updates[key]
-        base = tensors[key]
-        if how == "add":
-          merged = (base.astype(jnp.float32) + value).astype(base.dtype)
-          note_rounding(lossy, key, base, merged, value)
-        else:
-          merged = jnp.asarray(value, base.dtype)
-        tensors[key] = merged
-      data = safetensors.flax.save(tensors, metadata={"format": "pt"})
-      atomic_write(os.path.join(target, shard), data)
-    for name in os.listdir(base_dir):
-      source = os.path.join(base_dir, name)
-      if name not in shards and os.path.isfile(source) and not name.endswith((".bin", ".pt")):
-        shutil.copy2(source, os.path.join(target, name))
+      atomic_write(os.path.join(target, shard), _merged_shard(base_dir, shard, updates, lossy))
+    _copy_others(base_dir, shards, target)
   warn_rounding(lossy, "merge_checkpoint", "keep the checkpoint in float32 to keep the deltas")
+
+
+def _merged_shard(base_dir: str, shard: str, updates: dict, lossy: list) -> bytes:
+  """Checkpoint file ``shard`` with the adapter's ``updates`` applied, in the base's dtypes;
+  each bfloat16 delta that rounding loses is noted in ``lossy``."""
+  tensors = safetensors.flax.load_file(os.path.join(base_dir, shard))
+  for key in sorted(set(tensors) & set(updates)):
+    how, value = updates[key]
+    base = tensors[key]
+    if how == "add":
+      merged = (base.astype(jnp.float32) + value).astype(base.dtype)
+      note_rounding(lossy, key, base, merged, value)
+    else:
+      merged = jnp.asarray(value, base.dtype)
+    tensors[key] = merged
+  return safetensors.flax.save(tensors, metadata={"format": "pt"})
+
+
+def _copy_others(base_dir: str, shards: list[str], target: str) -> None:
+  """Every other file of the checkpoint (config, tokenizer) copied into ``target``, but
+  PyTorch weight files."""
+  for name in os.listdir(base_dir):
+    source = os.path.join(base_dir, name)
+    if name not in shards and os.path.isfile(source) and not name.endswith((".bin", ".pt")):
+      shutil.copy2(source, os.path.join(target, name))

@@ -17,23 +17,23 @@ Example:
   >>> params["c3a_kernel"] = jnp.ones((2, 2, 2))
   >>> with c3a.intercept():
   ...   y = model.apply({"params": params}, jnp.ones((1, 4)))
-  >>> y_jit = jax.jit(c3a.wrap(model.apply))({"params": params}, jnp.ones((1, 4)))
-  >>> y_fft = jax.jit(c3a.wrap(model.apply, strategy="fft"))({"params": params}, jnp.ones((1, 4)))
+  >>> y_jit = jax.jit(c3a.intercepted(model.apply))({"params": params}, jnp.ones((1, 4)))
+  >>> fft = c3a.intercepted(model.apply, strategy="fft")
+  >>> y_fft = jax.jit(fft)({"params": params}, jnp.ones((1, 4)))
   >>> bool(jnp.allclose(y, y_fft, atol=1e-6))
   True
 
 ``strategy`` (default ``"auto"``) picks how the delta is computed (see
 :func:`c3a_jax.ops.block_circulant_matmul`); every strategy gives the same values.
 
-Put the interceptor inside what you ``jit`` (as :func:`wrap` does): a function traced without it
-and cached by ``jit`` would not see it.
+Put the interceptor inside what you ``jit`` (as :func:`intercepted` does): a function traced
+without it and cached by ``jit`` would not see it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -41,11 +41,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax import nnx
 
-from c3a_jax import _context, _contraction, _slots, ops
+from c3a_jax import _context, _contraction, _layer_call, ops
+from c3a_jax._layer_call import LayerCall
 from c3a_jax._layout import C3A_LEAVES
-from c3a_jax._trace import stores_out_in
 from c3a_jax._tree import unbox
-from c3a_jax.ops import takes_fold
 
 C3A_KERNEL, C3A_KERNEL_OUT_IN = C3A_LEAVES
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,11 +60,37 @@ def _interceptor(next_fun, args, kwargs, context):
       "nnx.bridge.ToLinen and holds C3A kernels, which the linen interceptor cannot apply "
       "inside it; adapt the NNX model with c3a.attach(nnx_model, cfg, rng) before bridging"
     )
-  held = [n for n in C3A_LEAVES if module.has_variable("params", n)]
-  if not held:
+  if not any(module.has_variable("params", n) for n in C3A_LEAVES):
     return next_fun(*args, **kwargs)
+  return _layer_call.apply(_linen_call(module, args, kwargs, next_fun))
+
+
+def _linen_call(module: nn.Module, args: tuple, kwargs: dict, next_fun: Callable) -> LayerCall:
+  """A linen layer's call that holds a C3A kernel, as :func:`c3a_jax._layer_call.apply` reads it."""
   path = ".".join(module.scope.path)
-  out_in = stores_out_in(module)
+  w = unbox(module.get_variable("params", _c3a_leaf(module, path)))
+  try:
+    c = _contraction.of_module(module, args, kwargs)
+  except ValueError as e:
+    raise ValueError(f"layer {path!r} holds a C3A kernel, but: {e}") from None
+  x = args[0] if args else kwargs["inputs"]
+  fold_dtype = _fold_dtype(module, x)
+  return LayerCall(
+    path=path,
+    x=x,
+    w=w,
+    contraction=c,
+    base=lambda: next_fun(*args, **kwargs),
+    fold_dtype=fold_dtype,
+    operands=lambda: _operands(module, x, fold_dtype),
+    precision=module.precision,
+  )
+
+
+def _c3a_leaf(module: nn.Module, path: str) -> str:
+  """The C3A leaf ``module`` holds; a ValueError if it is the other layout's."""
+  held = [n for n in C3A_LEAVES if module.has_variable("params", n)]
+  out_in = _contraction.stores_out_in(module)
   name = C3A_KERNEL_OUT_IN if out_in else C3A_KERNEL
   if held != [name]:
     raise ValueError(
@@ -77,36 +102,10 @@ def _interceptor(next_fun, args, kwargs, context):
         else "(in, out), not (out, in)"
       )
     )
-  w = unbox(module.get_variable("params", name))
-  x = args[0] if args else kwargs["inputs"]
-  index = _slots.index_for(path, w)
-  strategy = _context.strategy.get()
-  if out_in:
-    rows_shape = (math.prod(x.shape[:-1]), x.shape[-1])
-    foldable = ops.can_fold(module.dtype, precision=module.precision)
-    if index is None and foldable and takes_fold(strategy, rows_shape, w.shape):
-      return _folded_conv1d(module, x, w)
-    y = next_fun(*args, **kwargs)
-    if index is not None:
-      return y + ops.mixed_matmul(x.astype(y.dtype), w, index)
-    return y + ops.block_circulant_matmul(x.astype(y.dtype), w, strategy=strategy)
-  try:
-    c = _contraction.of_module(module, args, kwargs)
-  except ValueError as e:
-    raise ValueError(f"layer {path!r} holds a C3A kernel, but: {e}") from None
-  _slots.check_fits(path, w, c, index is not None)
-  if index is not None:
-    y = next_fun(*args, **kwargs)
-    return y + c.from_rows(_slots.mixed_rows(path, c.to_rows(x).astype(y.dtype), w, index))
-  rows = c.to_rows(x)
-  fold_dtype = _fold_dtype(module, x)
-  if fold_dtype is not None and takes_fold(strategy, rows.shape, w.shape):
-    return _folded(module, c, x, w).astype(fold_dtype)
-  y = next_fun(*args, **kwargs)
-  # Cast x as the layer casts its inputs, so the delta sees what the base matmul saw.
-  return y + c.from_rows(ops.block_circulant_matmul(rows.astype(y.dtype), w, strategy=strategy))
+  return name
 
 
+# The layers whose call is exactly ``x @ kernel (+ bias)`` in their dtype: what "fold" rewrites.
 _PLAIN_CALLS = (nn.Dense.__call__, nn.DenseGeneral.__call__, nn.Einsum.__call__)
 
 
@@ -119,6 +118,8 @@ def _holds_c3a(tree: Any) -> bool:
 def _fold_dtype(module: nn.Module, x: Any) -> Any:
   """The dtype a plain layer computes in, if its kernel can absorb the delta (``"fold"``)
   without rounding (:func:`c3a_jax.ops.can_fold`); else None."""
+  if _contraction.stores_out_in(module):
+    return module.dtype if ops.can_fold(module.dtype, precision=module.precision) else None
   if (
     type(module).__call__ not in _PLAIN_CALLS
     or getattr(module, "dot_general", None) is not None
@@ -131,28 +132,13 @@ def _fold_dtype(module: nn.Module, x: Any) -> Any:
   return dtype if ops.can_fold(dtype, precision=module.precision) else None
 
 
-def _folded(module: nn.Module, c: _contraction.Contraction, x: Any, w: Any) -> Any:
-  """The layer's own call with ``kernel + delta`` for the kernel (:func:`c3a_jax.ops.fold`)."""
+def _operands(module: nn.Module, x: Any, dtype: Any) -> tuple[Any, Any, Any]:
+  """``x``, the kernel and the bias (or None) cast as ``module``'s call casts them."""
   kernel = unbox(module.get_variable("params", "kernel"))
   bias = unbox(module.get_variable("params", "bias")) if module.use_bias else None
-  x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
-  rows = ops.fold(c.to_rows(x), w, c.flat_kernel(kernel), precision=module.precision)
-  y = c.from_rows(rows)
-  if bias is not None:
-    y += jnp.reshape(bias, c.bias_shape())
-  return y
-
-
-def _folded_conv1d(module: nn.Module, x: Any, w: Any) -> Any:
-  """FlaxConv1D's own call (inputs and kernel in its dtype, the ``(out, in)`` kernel
-  transposed, the bias added) with ``kernel.T + delta`` for its kernel."""
-  dtype = module.dtype
-  kernel = jnp.asarray(unbox(module.get_variable("params", "kernel")), dtype).T
-  rows = jnp.asarray(x, dtype).reshape(-1, x.shape[-1])
-  y = ops.fold(rows, w, kernel, precision=module.precision)
-  if module.use_bias:
-    y += jnp.asarray(unbox(module.get_variable("params", "bias")), dtype)
-  return y.reshape(*x.shape[:-1], -1).astype(dtype)
+  if _contraction.stores_out_in(module):  # FlaxConv1D casts each to its dtype
+    return tuple(None if a is None else jnp.asarray(a, dtype) for a in (x, kernel, bias))
+  return module.promote_dtype(x, kernel, bias, dtype=module.dtype)
 
 
 @contextlib.contextmanager
@@ -170,7 +156,7 @@ def intercept(strategy: ops.Strategy = "auto", *, adapter_index: Any = None) -> 
       ``-1`` for the base model. Each row computes exactly what its adapter alone would
       (:func:`c3a_jax.ops.mixed_matmul`; ``strategy`` does not apply to such layers).
 
-  Re-entrant: nested ``intercept()`` (e.g. a ``wrap``-ped function called inside one) adds
+  Re-entrant: nested ``intercept()`` (e.g. an :func:`intercepted` function called inside one) adds
   each delta once; the innermost ``strategy`` applies, and the innermost ``adapter_index``
   that is given.
   """
@@ -196,9 +182,9 @@ def intercept(strategy: ops.Strategy = "auto", *, adapter_index: Any = None) -> 
       _context.adapter_index.reset(index_token)
 
 
-def wrap(fn: F, *, strategy: ops.Strategy = "auto") -> F:
+def intercepted(fn: F, *, strategy: ops.Strategy = "auto") -> F:
   """``fn`` (e.g. ``model.apply``) run under ``intercept(strategy)``; safe to ``jit``."""
-  strategy = ops.check_strategy(strategy, "wrap")
+  strategy = ops.check_strategy(strategy, "intercepted")
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):

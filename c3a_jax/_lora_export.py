@@ -46,10 +46,11 @@ import jax
 import numpy as np
 
 from c3a_jax import _nnx, _tree
-from c3a_jax._config import C3AConfig, brief
+from c3a_jax._config import C3AConfig
 from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._targets import layer_path
 from c3a_jax._tree import Params
+from c3a_jax.io import brief
 from c3a_jax.ops import kernel_shape
 
 # A relative error above this is a served model that differs from the trained one: warn.
@@ -66,10 +67,23 @@ class LoraExport(NamedTuple):
       multi-axis layer's ``d_in``, ``d_out`` flattened, as its torch ``Linear``).
     errors: ``{layer path: relative error}``, a stack's layers each by the name PEFT gives them
       (``layers.attn.q`` -> ``layers.0.attn.q``, ...).
+
+  :meth:`describe` says the errors in one line; for the errors
+  ``c3a.save_adapter(..., as_lora=r)`` returns, ``c3a.LoraExport({}, errors).describe()``.
   """
 
   factors: Params
   errors: dict[str, float]
+
+  def describe(self) -> str:
+    """One line: the largest relative error and its layer, and the mean over the layers.
+
+    Example:
+      >>> import c3a_jax as c3a
+      >>> c3a.LoraExport({}, {"layer.query": 0.25, "layer.value": 0.75}).describe()
+      "relative error max 0.75 (layer 'layer.value'), mean 0.5 over 2 layers"
+    """
+    return describe(self.errors)
 
 
 class Factors(NamedTuple):

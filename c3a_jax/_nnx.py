@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from c3a_jax import _context, _contraction, _layout, _merge_record, _slots, _tree, ops
-from c3a_jax._trace import Traced
-from c3a_jax.ops import takes_fold
+from c3a_jax import _contraction, _layer_call, _layout, _merge_record, _tree, ops
+from c3a_jax._layer_call import LayerCall
+from c3a_jax._probe import LayerShape
 
 C3A_KERNEL = _layout.C3A_LEAVES[0]
 
@@ -49,12 +50,12 @@ class C3AParam(nnx.Param):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Kind:
+class _LayerSpec:
   kernel: str  # the weight's attribute name
   einsum: Callable[[Any], str] | None  # the layer's einsum; None: Linear / LinearGeneral
 
 
-_REGISTERED: dict[type, _Kind] = {}
+_REGISTERED: dict[type, _LayerSpec] = {}
 
 
 def register_layer(cls: type, *, kernel: str, einsum: str | Callable[[Any], str]) -> None:
@@ -79,35 +80,35 @@ def register_layer(cls: type, *, kernel: str, einsum: str | Callable[[Any], str]
   if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
     raise TypeError(f"register_layer: {cls!r} is not an nnx.Module class")
   spec = (lambda _: einsum) if isinstance(einsum, str) else einsum
-  _REGISTERED[cls] = _Kind(kernel, spec)
+  _REGISTERED[cls] = _LayerSpec(kernel, spec)
 
 
 def is_module(x: Any) -> bool:
   return isinstance(x, nnx.Module)
 
 
-def _kind(layer: nnx.Module) -> _Kind | None:
+def _spec(layer: nnx.Module) -> _LayerSpec | None:
   for cls in type(layer).__mro__:
     if cls in _REGISTERED:
       return _REGISTERED[cls]
   if isinstance(layer, (nnx.Linear, nnx.LinearGeneral)):
-    return _Kind("kernel", None)
+    return _LayerSpec("kernel", None)
   if isinstance(layer, nnx.Einsum):
-    return _Kind("kernel", lambda m: m.einsum_str)
+    return _LayerSpec("kernel", lambda m: m.einsum_str)
   if isinstance(getattr(layer, "einsum_str", None), str):
     weights = [
       k for k, v in vars(layer).items() if isinstance(v, nnx.Param) and not isinstance(v, C3AParam)
     ]
     if len(weights) == 1:
-      return _Kind(weights[0], lambda m: m.einsum_str)
+      return _LayerSpec(weights[0], lambda m: m.einsum_str)
   if isinstance(getattr(layer, "kernel", None), nnx.Param):
-    return _Kind("kernel", None)  # a layer with a kernel C3A does not know: refused by name
+    return _LayerSpec("kernel", None)  # a layer with a kernel C3A does not know: refused by name
   return None
 
 
-def _supported(layer: nnx.Module, kind: _Kind) -> str | None:
+def _supported(layer: nnx.Module, layer_spec: _LayerSpec) -> str | None:
   """Why C3A cannot adapt ``layer``, or None."""
-  if kind.einsum is not None or isinstance(layer, (nnx.Linear, nnx.LinearGeneral)):
+  if layer_spec.einsum is not None or isinstance(layer, (nnx.Linear, nnx.LinearGeneral)):
     if isinstance(layer, nnx.LinearGeneral) and layer.batch_axis:
       return (
         f"LinearGeneral with batch_axis={dict(layer.batch_axis)} has one kernel per batch "
@@ -120,94 +121,94 @@ def _supported(layer: nnx.Module, kind: _Kind) -> str | None:
   )
 
 
-def _rank(layer: nnx.Module, kind: _Kind) -> tuple[int, str | None]:
+def _rank(layer: nnx.Module, layer_spec: _LayerSpec) -> tuple[int, str | None]:
   """The per-layer rank of the kernel, and its einsum if it has one."""
-  if kind.einsum is not None:
-    spec = kind.einsum(layer).replace(" ", "")
+  if layer_spec.einsum is not None:
+    spec = layer_spec.einsum(layer).replace(" ", "")
     return len(spec.split("->")[0].split(",")[1].replace("...", "")), spec
   if isinstance(layer, nnx.LinearGeneral):
     return len(layer.in_features) + len(layer.out_features), None
   return 2, None
 
 
-def _static(layer: nnx.Module, kind: _Kind) -> tuple[Traced, tuple[int, ...] | None]:
+def _static(layer: nnx.Module, layer_spec: _LayerSpec) -> tuple[LayerShape, tuple[int, ...] | None]:
   """What a call of ``layer`` contracts, read from its attributes (no call needed), and how
   its kernel (stack axes included) is transposed into the layout rule's "in"-first order
   (None where it already is)."""
   name = type(layer).__name__
-  shape = tuple(np.shape(getattr(layer, kind.kernel)[...]))
-  problem = _supported(layer, kind)
+  shape = tuple(np.shape(getattr(layer, layer_spec.kernel)[...]))
+  problem = _supported(layer, layer_spec)
   if problem:
-    return Traced(name, shape, problem=problem), None
-  rank, spec = _rank(layer, kind)
+    return LayerShape(name, shape, problem=problem), None
+  rank, spec = _rank(layer, layer_spec)
   if rank > len(shape):
     problem = f"its kernel {shape} has fewer axes than its einsum {spec}"
-    return Traced(name, shape, problem=problem), None
+    return LayerShape(name, shape, problem=problem), None
   n_stack = len(shape) - rank
   unstacked = shape[n_stack:]
   if spec is None:
     n_in = len(layer.in_features) if isinstance(layer, nnx.LinearGeneral) else 1
-    return Traced(name, unstacked, n_in), None
+    return LayerShape(name, unstacked, n_in), None
   x_letters, k_letters = re.sub(r"\.\.\.", "", spec.split("->")[0]).split(",")
   dims = dict(zip(k_letters, unstacked, strict=True))
   x_shape = [dims.get(a, 1) for a in x_letters]  # a made-up input: sizes from the kernel, or 1
   try:
     c = _contraction.Contraction.parse(spec, x_shape, unstacked, any_order=True)
   except ValueError as e:
-    return Traced(name, unstacked, problem=str(e)), None
-  permuted = Traced(name, tuple(unstacked[i] for i in c.perm), c.n_in)
+    return LayerShape(name, unstacked, problem=str(e)), None
+  permuted = LayerShape(name, tuple(unstacked[i] for i in c.perm), c.n_in)
   if c.perm == tuple(range(rank)):
     return permuted, None
   return permuted, (*range(n_stack), *(n_stack + p for p in c.perm))
 
 
-def traced(layer: nnx.Module, kind: _Kind) -> Traced:
+def shape_of(layer: nnx.Module, layer_spec: _LayerSpec) -> LayerShape:
   """What a call of ``layer`` contracts (its kernel's shape in "in"-first order)."""
-  return _static(layer, kind)[0]
+  return _static(layer, layer_spec)[0]
 
 
 def permutation(layer: nnx.Module) -> tuple[int, ...] | None:
   """How the layer's kernel (stack axes included) is transposed into the layout rule's order
   ("in" axes first), or None where it already is: Gemma's ``"BTD,NDH->BTNH"`` gives
   ``(1, 0, 2)``. The params view holds such kernels transposed."""
-  kind = _kind(layer)
-  return None if kind is None else _static(layer, kind)[1]
+  layer_spec = _spec(layer)
+  return None if layer_spec is None else _static(layer, layer_spec)[1]
 
 
 def contraction(layer: nnx.Module, args: tuple, kwargs: dict) -> _contraction.Contraction:
   """The contraction of ``layer(*args, **kwargs)``, with the actual input."""
-  kind = _kind(layer)
+  layer_spec = _spec(layer)
   x = args[0] if args else next(iter(kwargs.values()))
-  shape = np.shape(getattr(layer, kind.kernel)[...])
+  shape = np.shape(getattr(layer, layer_spec.kernel)[...])
   if isinstance(layer, nnx.Einsum):
     spec = args[1] if len(args) > 1 else kwargs.get("einsum_str") or layer.einsum_str
     return _contraction.Contraction.parse(spec, np.shape(x), shape, any_order=True)
-  if kind.einsum is not None:
-    return _contraction.Contraction.parse(kind.einsum(layer), np.shape(x), shape, any_order=True)
+  if layer_spec.einsum is not None:
+    spec = layer_spec.einsum(layer)
+    return _contraction.Contraction.parse(spec, np.shape(x), shape, any_order=True)
   axes = layer.axis if isinstance(layer, nnx.LinearGeneral) else -1
   return _contraction.over_axes(np.shape(x), shape, _contraction.as_axes(axes))
 
 
 def _adapted_call(self, *args, **kwargs):
-  c = contraction(self, args, kwargs)
-  w = self.c3a_kernel[...]
-  name = type(self).c3a_base.__name__
-  index = _slots.index_for(name, w)
-  _slots.check_fits(name, w, c, index is not None)
+  return _layer_call.apply(_nnx_call(self, args, kwargs))
+
+
+def _nnx_call(layer: nnx.Module, args: tuple, kwargs: dict) -> LayerCall:
+  """An adapted NNX layer's call, as :func:`c3a_jax._layer_call.apply` reads it."""
+  base = type(layer).c3a_base
   x = args[0] if args else next(iter(kwargs.values()))
-  if index is not None:
-    y = type(self).c3a_base.__call__(self, *args, **kwargs)
-    delta = _slots.mixed_rows(name, c.to_rows(x).astype(y.dtype), w, index)
-    return y + c.from_rows(delta).astype(y.dtype)
-  strategy = _context.strategy.get()
-  fold_dtype = _fold_dtype(self, x)
-  rows_shape = (*x.shape[: len(c.free)], c.d_in)
-  if fold_dtype is not None and takes_fold(strategy, rows_shape, w.shape):
-    return _folded(self, c, x, w, fold_dtype)
-  y = type(self).c3a_base.__call__(self, *args, **kwargs)
-  rows = c.to_rows(x).astype(y.dtype)
-  delta = ops.block_circulant_matmul(rows, w, strategy=strategy)
-  return y + c.from_rows(delta).astype(y.dtype)
+  fold_dtype = _fold_dtype(layer, x)
+  return LayerCall(
+    path=base.__name__,
+    x=x,
+    w=layer.c3a_kernel[...],
+    contraction=contraction(layer, args, kwargs),
+    base=lambda: base.__call__(layer, *args, **kwargs),
+    fold_dtype=fold_dtype,
+    operands=lambda: _operands(layer, x, fold_dtype),
+    precision=getattr(layer, "precision", None),
+  )
 
 
 _PLAIN = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
@@ -231,46 +232,35 @@ def _fold_dtype(layer: nnx.Module, x: Any) -> Any:
       return None
   elif not (base.__name__ == "Einsum" and base.__module__.startswith(_EXACT_EINSUM)):
     return None
-  kernel = getattr(layer, _kind(layer).kernel)[...]
+  kernel = getattr(layer, _spec(layer).kernel)[...]
   dtype = jnp.dtype(getattr(layer, "dtype", None) or jnp.result_type(x, kernel))
   precision = getattr(layer, "precision", None)
   foldable = all(ops.can_fold(d, precision=precision) for d in (dtype, kernel.dtype))
   return dtype if foldable else None
 
 
-def _folded(layer: nnx.Module, c: _contraction.Contraction, x: Any, w: Any, dtype: Any) -> Any:
-  """The layer's own call, in ``dtype``, with ``kernel + delta`` for its kernel
-  (:func:`c3a_jax.ops.fold`)."""
-  kernel = getattr(layer, _kind(layer).kernel)[...].astype(dtype)
+def _operands(layer: nnx.Module, x: Any, dtype: Any) -> tuple[Any, Any, Any]:
+  """``x``, the kernel and the bias (or None), in the dtype the layer computes in."""
+  kernel = getattr(layer, _spec(layer).kernel)[...]
   bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
-  precision = getattr(layer, "precision", None)
-  rows = ops.fold(c.to_rows(x.astype(dtype)), w, c.flat_kernel(kernel), precision=precision)
-  y = c.from_rows(rows)
-  if bias is not None:
-    y += jnp.reshape(bias.astype(dtype), c.bias_shape())
-  return y.astype(dtype)
+  return tuple(None if a is None else a.astype(dtype) for a in (x, kernel, bias))
 
 
-_ADAPTED: dict[type, type] = {}
-
-
+@functools.cache
 def _adapted_class(cls: type) -> type:
-  """``cls`` with a ``__call__`` that adds the C3A delta; one class per base, so that NNX
-  graph definitions (and jit caches) of equal models compare equal."""
-  if "c3a_base" in vars(cls):
-    return cls
-  if cls not in _ADAPTED:
-    _ADAPTED[cls] = type(
-      f"C3A{cls.__name__}",
-      (cls,),
-      {"__call__": _adapted_call, "c3a_base": cls, "__module__": cls.__module__},
-    )
-  return _ADAPTED[cls]
+  """``cls`` with a ``__call__`` that adds the C3A delta. Cached, so that NNX graph definitions
+  (and jit caches) of equal models compare equal: one class per base, as ``nnx.LoRALinear`` is
+  ``nnx.Linear``'s."""
+  return type(
+    f"C3A{cls.__name__}",
+    (cls,),
+    {"__call__": _adapted_call, "c3a_base": cls, "__module__": cls.__module__},
+  )
 
 
 def set_c3a(layer: nnx.Module, w: jax.Array, layout: _layout.Layout) -> None:
   """Gives ``layer`` the C3A kernel ``w``: named like its kernel's sharding, stack axes first."""
-  kernel = getattr(layer, _kind(layer).kernel).get_metadata()
+  kernel = getattr(layer, _spec(layer).kernel).get_metadata()
   metadata = {k: kernel[k] for k in ("eager_sharding",) if k in kernel}
   for key in ("out_sharding", "sharding_names", "sharding"):
     if kernel.get(key) is not None:
@@ -279,7 +269,8 @@ def set_c3a(layer: nnx.Module, w: jax.Array, layout: _layout.Layout) -> None:
     layer.c3a_kernel[...] = w
   else:
     layer.c3a_kernel = C3AParam(w, **metadata)
-  layer.__class__ = _adapted_class(type(layer))
+  if "c3a_base" not in vars(type(layer)):
+    layer.__class__ = _adapted_class(type(layer))
 
 
 def drop_c3a(layer: nnx.Module) -> None:
@@ -295,7 +286,7 @@ class View:
 
   tree: dict
   modules: dict[str, nnx.Module]
-  layers: dict[str, Traced]
+  layers: dict[str, LayerShape]
 
   def write(self, tree: Mapping) -> None:
     """Sets every leaf of ``tree`` into the model: a ``c3a_kernel`` attaches (or updates) the
@@ -306,14 +297,14 @@ class View:
         raise ValueError(f"the NNX model has no module {path!r}")
       perm = permutation(module)
       if name == C3A_KERNEL:
-        kernel = np.shape(getattr(module, _kind(module).kernel)[...])
+        kernel = np.shape(getattr(module, _spec(module).kernel)[...])
         if perm is not None:
           kernel = tuple(kernel[i] for i in perm)
         layout = _layout.of_shapes(kernel, np.shape(value), where=f"{path}.{name}")
         set_c3a(module, value, layout)
         continue
-      if name == "kernel" and _kind(module):
-        attr = _kind(module).kernel
+      if name == "kernel" and _spec(module):
+        attr = _spec(module).kernel
         if perm is not None:  # the view holds it in the layout rule's order
           value = _merge_record.carry(value, jnp.transpose(value, np.argsort(perm)))
       else:
@@ -338,7 +329,7 @@ def tree_of(state: Any) -> Any:
 def view(model: nnx.Module) -> View:
   """``model`` read as a params tree (see the module docstring)."""
   modules: dict[str, nnx.Module] = {}
-  layers: dict[str, Traced] = {}
+  layers: dict[str, LayerShape] = {}
   for path, node in nnx.iter_graph(model):
     if not isinstance(node, nnx.Module):
       continue
@@ -351,15 +342,15 @@ def view(model: nnx.Module) -> View:
         "c3a.unmerge"
       )
     modules[key] = node
-    kind = _kind(node)
-    if kind is not None:
-      layers[key] = traced(node, kind)
+    layer_spec = _spec(node)
+    if layer_spec is not None:
+      layers[key] = shape_of(node, layer_spec)
   tree: dict = {}
   for key, module in modules.items():
-    kind = _kind(module)
+    layer_spec = _spec(module)
     for name, var in vars(module).items():
       if isinstance(var, nnx.Param):
-        leaf = "kernel" if kind is not None and name == kind.kernel else name
+        leaf = "kernel" if layer_spec is not None and name == layer_spec.kernel else name
         value = var[...]
         perm = permutation(module) if leaf == "kernel" else None
         if perm is not None:

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import safetensors.numpy
 from flax import nnx
 
 from c3a_jax import _lora_export, _nnx, _tree, key_maps
-from c3a_jax._config import CONFIG_NAME, C3AConfig, brief
+from c3a_jax._config import CONFIG_NAME, C3AConfig
 from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._targets import (
   block_size_for,
@@ -46,7 +47,7 @@ from c3a_jax._targets import (
 )
 from c3a_jax._transform import combine, split
 from c3a_jax._tree import Params
-from c3a_jax.io import atomic_write, publish_directory
+from c3a_jax.io import atomic_write, brief, publish_directory
 from c3a_jax.key_maps import KeyMap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -84,6 +85,26 @@ def _from_torch(name: str, value: np.ndarray, module: Mapping | None, key: str) 
       )
     return found[0]
   return "scale" if value.ndim == 1 else "kernel"
+
+
+def module_and_leaf(key: str) -> tuple[str, str] | None:
+  """The module path and leaf name of PEFT state-dict ``key``, the path without PEFT's
+  ``base_model.model.`` prefix and its wrappers' segments (``base_layer``, ``modules_to_save``);
+  None for a key under ``original_module`` (PEFT's frozen copy of a ``modules_to_save`` module).
+
+  Example:
+    >>> module_and_leaf("base_model.model.encoder.query.base_layer.bias")
+    ('encoder.query', 'bias')
+    >>> module_and_leaf("base_model.model.classifier.modules_to_save.weight")
+    ('classifier', 'weight')
+    >>> module_and_leaf("base_model.model.classifier.original_module.weight") is None
+    True
+  """
+  path, name = key.removeprefix(PREFIX).rsplit(".", 1)
+  parts = path.split(".")
+  if "original_module" in parts:
+    return None
+  return ".".join(p for p in parts if p not in ("base_layer", "modules_to_save")), name
 
 
 def save_adapter(
@@ -131,19 +152,78 @@ def save_adapter(
   key_map = key_maps.check(key_map, "save_adapter")
   if as_lora is not None:
     as_lora = _lora_export.check_rank(as_lora, "save_adapter(as_lora=...)")
-  errors: dict[str, float] = {}
-  full_ranks: list[int] = []
+  adapter = _trainable(params, cfg)
+  stacks = _stacks(adapter)
+  peft = _peft_tensors(adapter, stacks, cfg, key_map, as_lora)
+  _check_loadable(peft, cfg)
+  cfg = _peft_config(cfg, peft, renamed=bool(stacks or key_map))
+  if as_lora is None:
+    _publish(directory, peft.tensors, cfg)
+    return None
+  _lora_export.check_useful(as_lora, peft.full_ranks, "save_adapter(as_lora=...)")
+  _publish(directory, peft.tensors, _lora_export.lora_config(cfg, as_lora, peft.adapted))
+  _lora_export.warn_lossy(peft.errors, as_lora, "save_adapter(as_lora=...)")
+  return peft.errors
+
+
+def _trainable(params: Any, cfg: C3AConfig) -> Params:
+  """The trainable part of ``params`` (a params tree, an adapter, or an NNX model's tree)."""
   if _nnx.is_module(params):
     params = _nnx.view(params).tree
   adapter, _ = split(params, cfg)
-  tensors: dict[str, np.ndarray] = {}
-  adapted, out_in, both = [], [], []
-  block_sizes: dict[str, int] = {}
-  stacks = {
+  return adapter
+
+
+def _stacks(adapter: Params) -> dict[str, tuple[int, ...]]:
+  """Each stacked C3A layer's path -> its stack axes (a kernel ``(*stack, m, n, b)``)."""
+  return {
     path: _tree.shape(value)[:-3]
     for path, name, value in _tree.leaves(adapter)
     if name in C3A_LEAVES and len(_tree.shape(value)) > 3
   }
+
+
+@dataclasses.dataclass
+class _PeftTensors:
+  """What :func:`save_adapter` gathers from the adapter: the tensors by PEFT key; the PEFT names
+  of the C3A layers, in order, with their block sizes; with ``as_lora``, each one's relative
+  error and full rank; and the layers PEFT could not load: kernels stored ``(out, in)``
+  (``out_in``), C3A layers that also train fully (``both``)."""
+
+  tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  adapted: list[str] = dataclasses.field(default_factory=list)
+  block_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+  errors: dict[str, float] = dataclasses.field(default_factory=dict)
+  full_ranks: list[int] = dataclasses.field(default_factory=list)
+  out_in: list[str] = dataclasses.field(default_factory=list)
+  both: list[str] = dataclasses.field(default_factory=list)
+
+  def add(self, peft_name: str, name: str, value: np.ndarray, as_lora: int | None) -> None:
+    """Leaf ``name`` of PEFT layer ``peft_name``; a C3A kernel as LoRA factors with ``as_lora``."""
+    if name == C3A_KERNEL:
+      self.adapted.append(peft_name)
+      self.block_sizes[peft_name] = value.shape[-1]
+      if as_lora is not None:
+        # PEFT's LoRA weights are torch's (out, in) Linear layout: A (r, in), B (out, r).
+        f = _lora_export.factorize(value, as_lora)
+        self.errors[peft_name] = f.error
+        self.full_ranks.append(f.full_rank)
+        self.tensors[f"{PREFIX}{peft_name}.lora_A.weight"] = np.ascontiguousarray(f.a.T)
+        self.tensors[f"{PREFIX}{peft_name}.lora_B.weight"] = np.ascontiguousarray(f.b.T)
+        return
+    self.tensors[f"{PREFIX}{peft_name}.{name}"] = np.ascontiguousarray(value)
+
+
+def _peft_tensors(
+  adapter: Params,
+  stacks: Mapping[str, tuple[int, ...]],
+  cfg: C3AConfig,
+  key_map: KeyMap,
+  as_lora: int | None,
+) -> _PeftTensors:
+  """Every leaf of ``adapter`` checked, in PyTorch layout, and keyed by PEFT's names: a stack
+  cut into its layers, a ``key_map`` split cut by output rows."""
+  peft = _PeftTensors()
   for path, name, value in _tree.leaves(adapter):
     value = np.asarray(_tree.unbox(value))
     problem = _finite_problem(value)
@@ -152,66 +232,81 @@ def save_adapter(
         f"save_adapter: {path}.{name} {problem}; an adapter file holds finite float32 values "
         "(load_adapter refuses others), so nothing was written"
       )
-    stack = stacks.get(path, ())
-    holds_c3a = any(n in _tree.get(adapter, path) for n in C3A_LEAVES)
     if name == C3A_KERNEL_OUT_IN:
-      out_in.append(path)
+      peft.out_in.append(path)
       continue
+    stack = stacks.get(path, ())
     if name == C3A_KERNEL:
       if cfg.modules_to_save and trains_fully(path, cfg):
-        both.append(path)
-      b = block_size_for(path, cfg)
-      if value.ndim < 3 or value.shape[-1] != b:
-        raise ValueError(
-          f"save_adapter: {path}.c3a_kernel has shape {value.shape} but the config "
-          f"gives layer {path!r} block size {b}; PEFT could not load it"
-        )
-      if len(stack) > 1:
-        raise ValueError(
-          f"save_adapter: {path}.c3a_kernel has shape {value.shape}, {len(stack)} stack axes; "
-          "PEFT layers are numbered along one stack axis"
-        )
-    elif name == "bias" and holds_c3a:
-      name = "base_layer.bias"  # PEFT wraps an adapted Linear; its own bias sits in base_layer.
-    else:
-      name, value = _to_torch(name, value)
-    if value.dtype == jnp.bfloat16:  # numpy safetensors has no bfloat16; PEFT casts on load.
-      value = value.astype(np.float32)
-    layers = [(path, value)]
-    if stack:
-      keep = stack_layers(path, stack[0], cfg)
-      dropped = [i for i in range(stack[0]) if i not in keep]
-      if name == C3A_KERNEL and np.any(value[dropped]):
-        raise ValueError(
-          f"save_adapter: {path}.c3a_kernel is non-zero in layers {dropped}, which "
-          f"layers_to_transform={cfg.layers_to_transform!r} leaves out: PEFT adapts those "
-          "layers not at all, so their training would be lost (c3a.optimizer keeps them zero)"
-        )
-      layers = [(layer_path(path, i, cfg), value[i]) for i in keep]
-    for layer, v in layers:
-      if name == "base_layer.bias":
-        v = v.reshape(-1)  # a multi-axis layer's bias, as its torch Linear holds it
+        peft.both.append(path)
+      _check_kernel(path, value, stack, cfg)
+    name, value = _torch_leaf(adapter, path, name, value)
+    for layer, v in _peft_layers(path, name, value, stack, cfg):
       peft_names = key_maps.apply(key_map, layer)
       for peft_name, part in zip(peft_names, _split_rows(layer, name, v, peft_names), strict=True):
-        if name == C3A_KERNEL:
-          adapted.append(peft_name)
-          block_sizes[peft_name] = v.shape[-1]
-          if as_lora is not None:
-            # PEFT's LoRA weights are torch's (out, in) Linear layout: A (r, in), B (out, r).
-            f = _lora_export.factorize(part, as_lora)
-            errors[peft_name] = f.error
-            full_ranks.append(f.full_rank)
-            tensors[f"{PREFIX}{peft_name}.lora_A.weight"] = np.ascontiguousarray(f.a.T)
-            tensors[f"{PREFIX}{peft_name}.lora_B.weight"] = np.ascontiguousarray(f.b.T)
-            continue
-        tensors[f"{PREFIX}{peft_name}.{name}"] = np.ascontiguousarray(part)
+        peft.add(peft_name, name, part, as_lora)
+  return peft
+
+
+def _check_kernel(path: str, value: np.ndarray, stack: tuple[int, ...], cfg: C3AConfig) -> None:
+  """Refuses a C3A kernel PEFT could not load: of another block size than ``cfg`` gives its
+  layer, or stacked on more than one axis."""
+  b = block_size_for(path, cfg)
+  if value.ndim < 3 or value.shape[-1] != b:
+    raise ValueError(
+      f"save_adapter: {path}.c3a_kernel has shape {value.shape} but the config "
+      f"gives layer {path!r} block size {b}; PEFT could not load it"
+    )
+  if len(stack) > 1:
+    raise ValueError(
+      f"save_adapter: {path}.c3a_kernel has shape {value.shape}, {len(stack)} stack axes; "
+      "PEFT layers are numbered along one stack axis"
+    )
+
+
+def _torch_leaf(adapter: Params, path: str, name: str, value: np.ndarray) -> tuple[str, Any]:
+  """Leaf ``name`` of module ``path`` as PEFT names and lays it out (bfloat16 as float32)."""
+  if name == "bias" and any(n in _tree.get(adapter, path) for n in C3A_LEAVES):
+    name = "base_layer.bias"  # PEFT wraps an adapted Linear; its own bias sits in base_layer.
+  elif name != C3A_KERNEL:
+    name, value = _to_torch(name, value)
+  if value.dtype == jnp.bfloat16:  # numpy safetensors has no bfloat16; PEFT casts on load.
+    value = value.astype(np.float32)
+  return name, value
+
+
+def _peft_layers(
+  path: str, name: str, value: np.ndarray, stack: tuple[int, ...], cfg: C3AConfig
+) -> list[tuple[str, np.ndarray]]:
+  """``(layer path, value)`` of each PEFT layer a leaf is saved as: the leaf itself, or each
+  layer of its stack that ``layers_to_transform`` keeps, named by :func:`layer_path`."""
+  layers = [(path, value)]
+  if stack:
+    keep = stack_layers(path, stack[0], cfg)
+    dropped = [i for i in range(stack[0]) if i not in keep]
+    if name == C3A_KERNEL and np.any(value[dropped]):
+      raise ValueError(
+        f"save_adapter: {path}.c3a_kernel is non-zero in layers {dropped}, which "
+        f"layers_to_transform={cfg.layers_to_transform!r} leaves out: PEFT adapts those "
+        "layers not at all, so their training would be lost (c3a.optimizer keeps them zero)"
+      )
+    layers = [(layer_path(path, i, cfg), value[i]) for i in keep]
+  if name == "base_layer.bias":  # a multi-axis layer's bias, as its torch Linear holds it
+    layers = [(layer, v.reshape(-1)) for layer, v in layers]
+  return layers
+
+
+def _check_loadable(peft: _PeftTensors, cfg: C3AConfig) -> None:
+  """Refuses an adapter PEFT could not load: kernels stored ``(out, in)``, no C3A layer, or a
+  C3A layer that also trains fully."""
+  out_in, both = peft.out_in, peft.both
   if out_in:
     raise ValueError(
       f"save_adapter: layers {out_in} store their kernel (out, in) (transformers' Conv1D, as in "
       "GPT-2). PEFT's C3A supports torch.nn.Linear only and would misread them, so no PEFT "
       "adapter was written; keep such adapters with c3a.split and orbax or np.savez."
     )
-  if not adapted:
+  if not peft.adapted:
     raise ValueError("save_adapter: params hold no c3a_kernel; call c3a.attach first")
   if both:
     raise ValueError(
@@ -220,40 +315,44 @@ def save_adapter(
       "'classifier' takes 'pre_classifier' too). PEFT cannot load such an adapter; attach "
       f"again with exclude_modules={both!r} (or name them out of target_modules)"
     )
-  if stacks or key_map:
+
+
+def _peft_config(cfg: C3AConfig, peft: _PeftTensors, *, renamed: bool) -> C3AConfig:
+  """The config as PEFT reads it: every adapted layer by name where PEFT's names differ from
+  the model's (``renamed``: a stack or a key_map; each block size that differs too) or where
+  PEFT would resolve ``cfg``'s targets its own way."""
+  if renamed:
     # PEFT's names differ from the model's: name every layer, and each block size that differs.
     cfg = cfg.replace(
-      target_modules=tuple(adapted),
+      target_modules=tuple(peft.adapted),
       exclude_modules=None,
       layers_to_transform=None,
       layers_pattern=None,
-      block_size_pattern={k: b for k, b in block_sizes.items() if b != cfg.block_size},
+      block_size_pattern={k: b for k, b in peft.block_sizes.items() if b != cfg.block_size},
     )
   elif cfg.target_modules is None or cfg.target_modules == "all-linear" or cfg.exclude_modules:
     # PEFT would resolve these its own way (and 0.21 has no exclude_modules): name the layers.
-    cfg = cfg.replace(target_modules=tuple(adapted), exclude_modules=None)
-  if "" in adapted:
+    cfg = cfg.replace(target_modules=tuple(peft.adapted), exclude_modules=None)
+  if "" in peft.adapted:
     raise ValueError(
       "save_adapter: the C3A layer sits at the params root, so it has no module "
       "name for PEFT; nest the params under the layer's name"
     )
-  if as_lora is not None:
-    _lora_export.check_useful(as_lora, full_ranks, "save_adapter(as_lora=...)")
-    lora_cfg = _lora_export.lora_config(cfg, as_lora, adapted)
+  return cfg
 
+
+def _publish(directory: str, tensors: dict[str, np.ndarray], config: Any) -> None:
+  """The adapter's files, published with :func:`c3a_jax.io.publish_directory`: ``config`` is a
+  :class:`C3AConfig`, or a LoRA adapter_config.json's fields."""
   with publish_directory(directory) as into:
     # In an existing directory each file is replaced on its own: the config goes last, as it is
     # what readers open first.
     atomic_write(os.path.join(into, WEIGHTS_NAME), safetensors.numpy.save(tensors))
-    if as_lora is None:
-      cfg.save(into)
+    if isinstance(config, C3AConfig):
+      config.save(into)
     else:
-      data = json.dumps(lora_cfg, indent=2, sort_keys=True).encode()
+      data = json.dumps(config, indent=2, sort_keys=True).encode()
       atomic_write(os.path.join(into, CONFIG_NAME), data)
-  if as_lora is None:
-    return None
-  _lora_export.warn_lossy(errors, as_lora, "save_adapter(as_lora=...)")
-  return errors
 
 
 def _split_rows(layer: str, name: str, value: np.ndarray, names: tuple[str, ...]) -> list:
@@ -477,17 +576,33 @@ def load_adapter(
       ``params``.
   """
   if _nnx.is_module(params):
-    model = nnx.clone(params)
-    view = _nnx.view(model)
-    adapter, cfg = load_adapter(directory, view.tree, key_map=key_map)
-    view.write(adapter)
-    return model, cfg
+    return _load_into_nnx(directory, params, key_map)
   key_map = key_maps.check(key_map, "load_adapter")
   if key_map and params is None:
     raise ValueError(
       "load_adapter: key_map needs the model's params, to find the module each PEFT name "
       "maps to: load_adapter(directory, params, key_map=...)"
     )
+  cfg, weights, tensors = _read_files(directory)
+  loaded = _map_keys(tensors, weights, cfg, params, key_map)
+  if not any(name in C3A_LEAVES for _, name, _ in _tree.leaves(loaded.adapter)):
+    raise ValueError(f"load_adapter: {weights} holds no c3a_kernel tensors; not a C3A adapter")
+  if params is not None:
+    _check_against_model(directory, weights, params, cfg, key_map, loaded)
+  return loaded.adapter, cfg
+
+
+def _load_into_nnx(directory: str, model: Any, key_map: KeyMap | None) -> tuple[Any, C3AConfig]:
+  """A copy of NNX ``model`` adapted by the adapter in ``directory`` (the input is untouched)."""
+  model = nnx.clone(model)
+  view = _nnx.view(model)
+  adapter, cfg = load_adapter(directory, view.tree, key_map=key_map)
+  view.write(adapter)
+  return model, cfg
+
+
+def _read_files(directory: str) -> tuple[C3AConfig, str, dict[str, np.ndarray]]:
+  """The adapter's config, the path of its weights file, and the tensors in that file."""
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"load_adapter: {directory} is not a directory")
   cfg = C3AConfig.load(directory)
@@ -503,82 +618,148 @@ def load_adapter(
     tensors = safetensors.numpy.load_file(weights)
   except Exception as e:  # safetensors raises its own error types for corrupt files.
     raise ValueError(f"load_adapter: {weights} is not a readable safetensors file: {e}") from None
-  adapter: Params = {}
-  names = None if params is None else _model_names(params, key_map)
-  expanded = False
-  # (module path, leaf) -> ({(stack index or None, part): tensor}, parts)
-  pieces: dict[tuple[str, str], tuple[dict, int]] = {}
-  stacked_at: dict[str, int | None] = {}  # a stack's path -> segments before its index
+  return cfg, weights, tensors
+
+
+class _Locator:
+  """Where each PEFT module's tensors go in the model's ``params`` (as named, without them).
+
+  The names of a stack's layers are built only when a file names a module the model lacks: they
+  are many (a DenseGeneral's leading axis is a width)."""
+
+  def __init__(self, params: Mapping | None, key_map: KeyMap):
+    self.params, self.key_map = params, key_map
+    self.names = None if params is None else _model_names(params, key_map)
+    self.expanded = False
+
+  def __call__(self, path: str, where: str) -> tuple[_Place, Mapping | None]:
+    """Where PEFT module ``path``'s tensors go, and the model's module there (None without
+    the model); ``where`` names the key in errors."""
+    if self.names is None:
+      return _Place(path), None
+    if path not in self.names and not self.expanded:
+      # A module's own name comes first.
+      self.names = {**_layer_names(self.params, self.key_map), **self.names}
+      self.expanded = True
+    if path not in self.names:
+      try:
+        _tree.get(self.params, path)
+      except KeyError as e:
+        mapped = " under key_map" if self.key_map else ""
+        raise ValueError(
+          f"{where} names module {path!r}, which the model does not have{mapped} (no {e.args[0]!r})"
+        ) from None
+    place = self.names.get(path, _Place(path))
+    return place, _tree.get(self.params, place.path)
+
+
+@dataclasses.dataclass
+class _Loaded:
+  """What :func:`load_adapter` reads: the adapter tree; the pieces of leaves that a stack or a
+  key_map split cut up, ``(module path, leaf) -> ({(stack index or None, part): tensor},
+  parts)``; and each stack's path -> how many segments precede its index in PEFT's names."""
+
+  adapter: Params = dataclasses.field(default_factory=dict)
+  pieces: dict[tuple[str, str], tuple[dict, int]] = dataclasses.field(default_factory=dict)
+  stacked_at: dict[str, int | None] = dataclasses.field(default_factory=dict)
+
+  def add(self, place: _Place, name: str, value: np.ndarray, module: Mapping | None) -> None:
+    """Leaf ``name`` of the PEFT module at ``place``: whole, or one piece of a leaf."""
+    if place.index is None and place.parts == 1:
+      _tree.set_leaf(self.adapter, place.path, name, _like(value, module, name, None))
+      return
+    got = self.pieces.setdefault((place.path, name), ({}, place.parts))[0]
+    got[(place.index, place.part)] = value
+    if place.index is not None and name == C3A_KERNEL:
+      self.stacked_at.setdefault(place.path, place.at)
+
+  def assemble(self, params: Mapping, weights: str) -> None:
+    """Each cut-up leaf joined from its pieces into the adapter (:func:`_assemble`)."""
+    for (path, name), (got, parts) in self.pieces.items():
+      leaf = _assemble(got, parts, name, _tree.get(params, path), f"{weights}: layer {path!r}")
+      _tree.set_leaf(self.adapter, path, name, leaf)
+
+
+def _map_keys(
+  tensors: Mapping[str, np.ndarray],
+  weights: str,
+  cfg: C3AConfig,
+  params: Mapping | None,
+  key_map: KeyMap,
+) -> _Loaded:
+  """Each tensor of the file checked, as the Flax leaf it is, at its place in the model."""
+  locate = _Locator(params, key_map)
+  loaded = _Loaded()
   for key, value in tensors.items():
     where = f"{weights}: key {key!r}"
     if not key.startswith(PREFIX) or key.count(".") < 3:
       raise ValueError(f"{where} is not a PEFT adapter key ({PREFIX}<module path>.<name>)")
-    path, name = key[len(PREFIX) :].rsplit(".", 1)
-    parts = path.split(".")
-    if "original_module" in parts:
+    module_leaf = module_and_leaf(key)
+    if module_leaf is None:
       continue  # PEFT's frozen copy of a modules_to_save module (saved under bias="all")
-    path = ".".join(p for p in parts if p not in ("base_layer", "modules_to_save"))
-    place, module = _Place(path), None
-    if names is not None:
-      if path not in names and not expanded:
-        names = {**_layer_names(params, key_map), **names}  # a module's own name comes first
-        expanded = True
-      if path not in names:
-        try:
-          _tree.get(params, path)
-        except KeyError as e:
-          mapped = " under key_map" if key_map else ""
-          raise ValueError(
-            f"{where} names module {path!r}, which the model does not have{mapped} "
-            f"(no {e.args[0]!r})"
-          ) from None
-      place = names.get(path, _Place(path))
-      module = _tree.get(params, place.path)
-    _check_tensor(where, path, name, value, cfg)
-    if name == C3A_KERNEL:
-      b = block_size_for(path, cfg)
-      if value.ndim != 3 or value.shape[2] != b:
-        raise ValueError(
-          f"{where} has shape {value.shape}; adapter_config.json gives block "
-          f"size {b}, so (d_out // {b}, d_in // {b}, {b}) was expected"
-        )
-    else:
-      name = _from_torch(name, value, module, where)
-      if name == "kernel":
-        value = _kernel_from_torch(value)
-    if place.parts > 1 and name not in (C3A_KERNEL, "bias"):
+    path, name = module_leaf
+    place, module = locate(path, where)
+    name, value = _flax_leaf(where, path, name, value, cfg, place, module)
+    loaded.add(place, name, value, module)
+  loaded.assemble(params, weights)
+  return loaded
+
+
+def _flax_leaf(
+  where: str,
+  path: str,
+  name: str,
+  value: np.ndarray,
+  cfg: C3AConfig,
+  place: _Place,
+  module: Mapping | None,
+) -> tuple[str, np.ndarray]:
+  """Tensor ``name`` of PEFT module ``path`` checked (:func:`_check_tensor`, its block size),
+  as the Flax leaf it is: its name and layout."""
+  _check_tensor(where, path, name, value, cfg)
+  if name == C3A_KERNEL:
+    b = block_size_for(path, cfg)
+    if value.ndim != 3 or value.shape[2] != b:
       raise ValueError(
-        f"{where}: key_map makes {path!r} part {place.part + 1} of {place.parts} of layer "
-        f"{place.path!r}; only a c3a_kernel or a bias joins by output rows"
+        f"{where} has shape {value.shape}; adapter_config.json gives block "
+        f"size {b}, so (d_out // {b}, d_in // {b}, {b}) was expected"
       )
-    if place.index is None and place.parts == 1:
-      _tree.set_leaf(adapter, place.path, name, _like(value, module, name, None))
-    else:
-      got = pieces.setdefault((place.path, name), ({}, place.parts))[0]
-      got[(place.index, place.part)] = value
-      if place.index is not None and name == C3A_KERNEL:
-        stacked_at.setdefault(place.path, place.at)
-  for (path, name), (got, parts) in pieces.items():
-    leaf = _assemble(got, parts, name, _tree.get(params, path), f"{weights}: layer {path!r}")
-    _tree.set_leaf(adapter, path, name, leaf)
-  if not any(name in C3A_LEAVES for _, name, _ in _tree.leaves(adapter)):
-    raise ValueError(f"load_adapter: {weights} holds no c3a_kernel tensors; not a C3A adapter")
-  if params is not None:
-    try:
-      combine(adapter, params)
-    except ValueError as e:
-      raise ValueError(f"load_adapter({directory}): {e}") from None
-    missing = _missing_layers(params, cfg, key_map, adapter, pieces, stacked_at)
-    if missing:
-      (name, place), more = missing[0], [n for n, _ in missing[1:]]
-      also = f" (and {len(more)} more: {brief(more)})" if more else ""
-      raise ValueError(
-        f"load_adapter: {weights} holds no c3a_kernel for layer {name!r}{_describe(place)}, "
-        f"which its target_modules {brief(cfg.target_modules)} select in this model{also}. "
-        "PEFT would give such a layer a fresh random kernel, so the two libraries would compute "
-        "different models from this file: is it cut short, or for another model?"
-      )
-  return adapter, cfg
+  else:
+    name = _from_torch(name, value, module, where)
+    if name == "kernel":
+      value = _kernel_from_torch(value)
+  if place.parts > 1 and name not in (C3A_KERNEL, "bias"):
+    raise ValueError(
+      f"{where}: key_map makes {path!r} part {place.part + 1} of {place.parts} of layer "
+      f"{place.path!r}; only a c3a_kernel or a bias joins by output rows"
+    )
+  return name, value
+
+
+def _check_against_model(
+  directory: str,
+  weights: str,
+  params: Mapping,
+  cfg: C3AConfig,
+  key_map: KeyMap,
+  loaded: _Loaded,
+) -> None:
+  """Refuses an adapter whose keys or shapes do not fit ``params``, or that lacks the C3A
+  kernel of a layer its own target_modules select in them (:func:`_missing_layers`)."""
+  try:
+    combine(loaded.adapter, params)
+  except ValueError as e:
+    raise ValueError(f"load_adapter({directory}): {e}") from None
+  missing = _missing_layers(params, cfg, key_map, loaded.adapter, loaded.pieces, loaded.stacked_at)
+  if missing:
+    (name, place), more = missing[0], [n for n, _ in missing[1:]]
+    also = f" (and {len(more)} more: {brief(more)})" if more else ""
+    raise ValueError(
+      f"load_adapter: {weights} holds no c3a_kernel for layer {name!r}{_describe(place)}, "
+      f"which its target_modules {brief(cfg.target_modules)} select in this model{also}. "
+      "PEFT would give such a layer a fresh random kernel, so the two libraries would compute "
+      "different models from this file: is it cut short, or for another model?"
+    )
 
 
 def _assemble(got: dict, parts: int, name: str, module: Mapping, where: str) -> jax.Array:

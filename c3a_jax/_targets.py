@@ -24,7 +24,7 @@ from typing import Any
 from c3a_jax import _nnx, _tree
 from c3a_jax._config import C3AConfig
 from c3a_jax._layout import Layout
-from c3a_jax._trace import Traced, trace
+from c3a_jax._probe import LayerShape, probe
 
 # PEFT's TRANSFORMERS_MODELS_TO_C3A_TARGET_MODULES_MAPPING for the models transformers has in Flax.
 # ViT is not in PEFT's table; c3a-jax adds it (its attention is named like BERT's).
@@ -233,14 +233,18 @@ def _divisors(a: int, b: int) -> list[int]:
   return [d for d in range(1, g + 1) if g % d == 0]
 
 
-def _layout(path: str, node: Mapping, traced: Mapping[str, Traced] | None, out_in: bool) -> Layout:
+def _layout(
+  path: str, node: Mapping, traced: Mapping[str, LayerShape] | None, out_in: bool
+) -> Layout:
   """How ``node``'s kernel lies: from the trace where there is one, else a 2-D kernel is a
   Dense ``(d_in, d_out)`` (``(d_out, d_in)`` with ``out_in``)."""
   shape = _tree.shape(node["kernel"])
   seen = (traced or {}).get(path)
   if seen is not None:
     if seen.problem:
-      raise ValueError(f"C3A target {path!r} ({seen.kind}, kernel {seen.shape}): {seen.problem}")
+      raise ValueError(
+        f"C3A target {path!r} ({seen.layer_class}, kernel {seen.shape}): {seen.problem}"
+      )
     n_stack = len(shape) - len(seen.shape)
     if n_stack < 0 or shape[n_stack:] != seen.shape:
       raise ValueError(
@@ -299,20 +303,13 @@ def select(
   if _nnx.is_module(params):
     model = _nnx.view(params)
     return _select(model.tree, cfg, model_type, model.layers)
-  return _select(params, cfg, model_type, None if forward is None else trace(forward, params))
+  return _select(params, cfg, model_type, None if forward is None else probe(forward, params))
 
 
 def _select(
-  params: Mapping, cfg: C3AConfig, model_type: str | None, traced: Mapping[str, Traced] | None
+  params: Mapping, cfg: C3AConfig, model_type: str | None, traced: Mapping[str, LayerShape] | None
 ) -> list[Target]:
-  targets = cfg.target_modules
-  if targets is None:
-    try:
-      targets = default_targets(model_type)
-    except ValueError as e:
-      raise ValueError(
-        f"C3AConfig.target_modules is None and {e}, e.g. ['query', 'value']"
-      ) from None
+  targets = _targets_of(cfg, model_type)
   out_in_names = OUT_IN_LAYERS.get(model_type, ())
   selected = []
   unknown = []  # multi-axis kernels all-linear cannot classify without a trace
@@ -326,15 +323,7 @@ def _select(
       if targets == "all-linear" and traced is None and is_linear(node) and not linear:
         unknown.append(path)
       continue
-    if not is_linear(node):
-      leaves = {
-        k: (_tree.shape(v) if not isinstance(v, Mapping) else "{...}") for k, v in node.items()
-      }
-      raise ValueError(
-        f"C3A target {path!r} (matched by target_modules={targets!r}) is not a linear layer: it "
-        f"holds {leaves}. C3A adapts layers with a 'kernel' (nn.Dense, nn.DenseGeneral, "
-        "nn.Einsum); narrow target_modules."
-      )
+    _check_linear(path, node, targets)
     out_in = _ends_with(path, out_in_names)
     if model_type is None and _ends_with(path, OUT_IN_LAYERS["gpt2"]) and seen is None:
       warnings.warn(
@@ -342,28 +331,9 @@ def _select(
         "(out, in); if this is GPT-2, pass model_type='gpt2' or merge will be wrong",
         stacklevel=3,
       )
-    layout = _layout(path, node, traced, out_in)
-    layers = None
-    if layout.stack and cfg.layers_to_transform not in (None, ()):
-      if len(layout.stack) > 1:
-        raise ValueError(
-          f"layers_to_transform: layer {path!r} is stacked on {len(layout.stack)} axes "
-          f"{layout.stack}; layer indices number one stack axis"
-        )
-      layers = stack_layers(path, layout.stack[0], cfg)
-      if not layers:
-        continue
-      layers = None if len(layers) == layout.stack[0] else layers
-    elif maybe_stack and not _in_layers(path, cfg):
-      continue
-    b = block_size_for(path, cfg)
-    if layout.d_in % b or layout.d_out % b:
-      raise ValueError(
-        f"block size {b} does not divide layer {path!r}: kernel {_tree.shape(node['kernel'])} "
-        f"has d_in={layout.d_in}, d_out={layout.d_out}; block sizes that divide both: "
-        f"{_divisors(layout.d_in, layout.d_out)}"
-      )
-    selected.append(Target(path, b, layout, layers))
+    target = _target(path, node, cfg, _layout(path, node, traced, out_in), maybe_stack)
+    if target is not None:
+      selected.append(target)
   if unknown:
     warnings.warn(
       f"target_modules='all-linear' leaves out {unknown[:8]}{' ...' if len(unknown) > 8 else ''}: "
@@ -379,6 +349,62 @@ def _select(
       + (" ..." if len(linear) > 8 else "")
     )
   _warn_unmatched(params, cfg)
+  _check_pattern_keys(cfg, selected)
+  return selected
+
+
+def _targets_of(cfg: C3AConfig, model_type: str | None) -> str | tuple[str, ...]:
+  """``cfg.target_modules``, or the model type's default targets where it is None."""
+  if cfg.target_modules is not None:
+    return cfg.target_modules
+  try:
+    return default_targets(model_type)
+  except ValueError as e:
+    raise ValueError(f"C3AConfig.target_modules is None and {e}, e.g. ['query', 'value']") from None
+
+
+def _check_linear(path: str, node: Any, targets: Any) -> None:
+  if not is_linear(node):
+    leaves = {
+      k: (_tree.shape(v) if not isinstance(v, Mapping) else "{...}") for k, v in node.items()
+    }
+    raise ValueError(
+      f"C3A target {path!r} (matched by target_modules={targets!r}) is not a linear layer: it "
+      f"holds {leaves}. C3A adapts layers with a 'kernel' (nn.Dense, nn.DenseGeneral, "
+      "nn.Einsum); narrow target_modules."
+    )
+
+
+def _target(
+  path: str, node: Mapping, cfg: C3AConfig, layout: Layout, maybe_stack: bool
+) -> Target | None:
+  """The matched linear layer at ``path`` as a target, None where the config's layers leave
+  it out; a ValueError where its stack or sizes do not fit the config."""
+  layers = None
+  if layout.stack and cfg.layers_to_transform not in (None, ()):
+    if len(layout.stack) > 1:
+      raise ValueError(
+        f"layers_to_transform: layer {path!r} is stacked on {len(layout.stack)} axes "
+        f"{layout.stack}; layer indices number one stack axis"
+      )
+    layers = stack_layers(path, layout.stack[0], cfg)
+    if not layers:
+      return None
+    layers = None if len(layers) == layout.stack[0] else layers
+  elif maybe_stack and not _in_layers(path, cfg):
+    return None
+  b = block_size_for(path, cfg)
+  if layout.d_in % b or layout.d_out % b:
+    raise ValueError(
+      f"block size {b} does not divide layer {path!r}: kernel {_tree.shape(node['kernel'])} "
+      f"has d_in={layout.d_in}, d_out={layout.d_out}; block sizes that divide both: "
+      f"{_divisors(layout.d_in, layout.d_out)}"
+    )
+  return Target(path, b, layout, layers)
+
+
+def _check_pattern_keys(cfg: C3AConfig, selected: list[Target]) -> None:
+  """A ValueError for a ``block_size_pattern`` key that matches none of the ``selected``."""
   used = {_pattern_key(t.path, cfg) for t in selected}
   for key in cfg.block_size_pattern:
     if key not in used and not any(re.match(rf".*\.{key}$", t.path) for t in selected):
@@ -386,7 +412,6 @@ def _select(
         f"block_size_pattern key {key!r} matches no C3A target; targets are "
         f"{[t.path for t in selected][:8]}"
       )
-  return selected
 
 
 def _warn_unmatched(params: Mapping, cfg: C3AConfig) -> None:

@@ -15,7 +15,7 @@ Example:
   >>> adapter, base = c3a.split(params)
   >>> sorted(adapter), sorted(base)
   (['c3a_kernel'], ['bias', 'kernel'])
-  >>> y = c3a.wrap(model.apply)({"params": c3a.combine(adapter, base)}, jnp.ones((1, 8)))
+  >>> y = c3a.intercepted(model.apply)({"params": c3a.combine(adapter, base)}, jnp.ones((1, 8)))
   >>> bool(jnp.allclose(y, model.apply({"params": c3a.merge(params)}, jnp.ones((1, 8))),
   ...                   atol=1e-5))
   True

@@ -3,7 +3,8 @@
 What the library writes (adapters, merged checkpoints, configs) goes through here, and so may
 code over it (the ``c3a-jax`` command writes its run directories with it):
 :func:`atomic_write` for a file, :func:`publish_directory` for a directory of them,
-:func:`read_json` for a JSON file whose errors name it. Files get the mode ``open()`` would give
+:func:`read_json` for a JSON file whose errors name it, and :func:`brief` for a value read from
+one, shown in an error message. Files get the mode ``open()`` would give
 them (``0o666`` less the umask), directories ``0o777`` less the umask.
 
 Example:
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import reprlib
 import shutil
 import stat
 import sys
@@ -30,9 +32,13 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["atomic_write", "publish_directory", "read_json"]
+__all__ = ["atomic_write", "brief", "publish_directory", "read_json"]
 
 _STATUS = "/proc/self/status"  # Linux's account of the process, its umask included
+# Errors show values through this: a value may be huge (a YAML alias bomb's full repr runs to
+# billions of strings, and takes hours).
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
 
 
 def atomic_write(path: str, data: bytes) -> None:
@@ -165,3 +171,20 @@ def read_json(path: str) -> Any:
     ) from None
   except ValueError as e:  # JSONDecodeError, and int()'s digit limit
     raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def brief(value: Any, limit: int = 120) -> str:
+  """``repr(value)`` bounded to ``limit`` characters, for error messages.
+
+  Nested containers show 2 levels and 4 items each, strings and other values 60 characters: a
+  value read from a file may be huge (a YAML alias bomb), and its full ``repr`` with it.
+
+  Example:
+    >>> from c3a_jax import io
+    >>> io.brief({"block_size": 64, "target_modules": ["q", "k", "v", "o", "up"]})
+    "{'block_size': 64, 'target_modules': ['q', 'k', 'v', 'o', ...]}"
+    >>> io.brief("x" * 1000, limit=20)
+    "'xxxxxxxxxxxxxxxx..."
+  """
+  text = _REPR.repr(value)
+  return text if len(text) <= limit else text[: limit - 3] + "..."

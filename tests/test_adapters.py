@@ -40,7 +40,7 @@ def three():
 
 
 def _alone(adapter, base, x):
-  return c3a.wrap(MODEL.apply)({"params": c3a.combine(adapter, base)}, x)
+  return c3a.intercepted(MODEL.apply)({"params": c3a.combine(adapter, base)}, x)
 
 
 def _mixed(stacked, base, x, index):
@@ -221,7 +221,7 @@ def test_a_set_over_a_scanned_stack_keeps_the_layer_axis_first():
   index = jnp.array([1, 0, -1, 1])
   with c3a.intercept(adapter_index=index):
     y = jax.jit(model.apply)({"params": both}, x)
-  run = jax.jit(c3a.wrap(model.apply))
+  run = jax.jit(c3a.intercepted(model.apply))
   alone = [run({"params": c3a.combine(ad, base)}, x) for ad in (a, b)]
   plain = model.apply({"params": base}, x)
   assert not np.allclose(alone[0], alone[1], atol=1e-3)

@@ -2,8 +2,8 @@
 
 The behaviour of each old name (warning, mapping) is tested where its new name is:
 test_strategies.py (``"merged"``, a 0.1 ``adapter_config.json``), test_config.py and
-test_cli.py (a 0.1 command config). Here: the moved top-level names, that every entry names a
-release still to come, and that no other module spells an old strategy name.
+test_cli.py (a 0.1 command config). Here: the moved and renamed top-level names, that every
+entry names a release still to come, and that no other module spells an old strategy name.
 """
 
 import ast
@@ -29,6 +29,15 @@ def test_a_moved_name_warns_naming_the_callers_line_and_its_release(name):
   assert name not in c3a.__all__
 
 
+@pytest.mark.parametrize("old", sorted(_compat.RENAMED))
+def test_a_renamed_name_warns_and_is_the_new_one(old):
+  new, _ = _compat.RENAMED[old]
+  with pytest.warns(DeprecationWarning, match=rf"c3a_jax.{old} is deprecated; use c3a_jax.{new}"):
+    value = getattr(c3a, old)
+  assert value is getattr(c3a, new)
+  assert old not in c3a.__all__ and new in c3a.__all__
+
+
 def test_an_unknown_top_level_name_is_an_attribute_error():
   with pytest.raises(AttributeError, match="module 'c3a_jax' has no attribute 'make_meshes'"):
     c3a.make_meshes  # noqa: B018
@@ -39,6 +48,7 @@ def test_every_deprecation_goes_in_a_release_still_to_come():
   releases = {
     **{f"c3a_jax.{n}": r for n, r in _compat.MOVED_TO_TRAINING.items()},
     **{f"strategy={n!r}": r for n, r in _compat.RENAMED_STRATEGIES.items()},
+    **{f"c3a_jax.{n}": r for n, (_, r) in _compat.RENAMED.items()},
     "the 0.1 strategy field": _compat.STRATEGY_FIELD,
   }
   for what, release in releases.items():

@@ -122,7 +122,7 @@ def test_public_api_names():
   for name in [
     "C3AConfig",
     "attach",
-    "wrap",
+    "intercepted",
     "intercept",
     "split",
     "combine",

@@ -354,7 +354,7 @@ def test_a_key_committed_to_another_device_does_not_strand_the_kernels():
   cfg = c3a.C3AConfig(block_size=4, target_modules=["fc"])
   adapted = c3a.attach(params, cfg, jax.device_put(jax.random.key(1), devices[1]))
   assert adapted["fc"]["c3a_kernel"].devices() != {devices[1]}
-  apply = jax.jit(c3a.wrap(lambda p, x: model.apply({"params": p["fc"]}, x)))
+  apply = jax.jit(c3a.intercepted(lambda p, x: model.apply({"params": p["fc"]}, x)))
   assert apply(adapted, jnp.ones((2, 8))).devices() == {devices[2]}  # with the params
 
 

@@ -280,9 +280,9 @@ def test_bert_peft_to_jax(bert, tmp_path):
   _close(_jax_logits(bert, params), want, "bert peft->jax adapter logits")
   _close(
     np.asarray(
-      jax.jit(c3a.wrap(lambda p: bert.flax(bert.ids, attention_mask=bert.mask, params=p).logits))(
-        params
-      )
+      jax.jit(
+        c3a.intercepted(lambda p: bert.flax(bert.ids, attention_mask=bert.mask, params=p).logits)
+      )(params)
     ),
     want,
     "bert peft->jax adapter logits (jit)",
@@ -445,7 +445,7 @@ def test_one_layer_gradients(d_in, d_out, b):
   x, g = jnp.asarray(x_t.numpy()), jnp.asarray(g_t.numpy())
 
   def f(w, x):
-    y = c3a.wrap(dense_layer.apply)({"params": {**params, "c3a_kernel": w}}, x)
+    y = c3a.intercepted(dense_layer.apply)({"params": {**params, "c3a_kernel": w}}, x)
     return (y * g).sum(), y
 
   (_, y), (gw, gx) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(

@@ -77,7 +77,7 @@ def test_linen_layers_fold_and_add_with_their_bias(name, strategy, monkeypatch):
   kernel = adapted["kernel"].T if leaf == "c3a_kernel_out_in" else adapted["kernel"]
   assert (leaf == "c3a_kernel_out_in") == (name == "conv1d")
   calls = _counting_fold(monkeypatch)
-  got = jax.jit(c3a.wrap(layer.apply, strategy=strategy))({"params": adapted}, x)
+  got = jax.jit(c3a.intercepted(layer.apply, strategy=strategy))({"params": adapted}, x)
   _check(got, x, kernel, adapted[leaf], adapted["bias"], n_in, strategy, calls)
 
 

@@ -61,7 +61,7 @@ def test_multi_axis_layers_equal_the_reference(name, strategy):
   d_out, d_in = dense_reference(np.asarray(w)).shape
   assert d_in * d_out == kernel.size
   want = layer.apply({"params": {**params, "kernel": _reference_kernel(kernel, w)}}, x)
-  got = jax.jit(c3a.wrap(layer.apply, strategy=strategy))({"params": adapted}, x)
+  got = jax.jit(c3a.intercepted(layer.apply, strategy=strategy))({"params": adapted}, x)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
   merged = c3a.merge(adapted)
   np.testing.assert_allclose(layer.apply({"params": merged}, x), want, atol=2e-5, rtol=1e-5)
@@ -80,7 +80,7 @@ def test_multi_axis_layers_equal_the_reference(name, strategy):
     base = {k: v for k, v in p.items() if k != "c3a_kernel"}
     return layer.apply({"params": {**base, "kernel": kernel + delta}}, x)
 
-  wrapped = c3a.wrap(layer.apply, strategy=strategy)
+  wrapped = c3a.intercepted(layer.apply, strategy=strategy)
   got_grad = jax.jit(jax.grad(loss, argnums=0), static_argnums=1)(
     w, lambda p: wrapped({"params": p}, x)
   )
@@ -106,7 +106,7 @@ def test_attention_adapts_query_key_value_and_out():
   }
   reference = {k: {n: a for n, a in v.items() if n != "c3a_kernel"} for k, v in reference.items()}
   want = attn.apply({"params": reference}, x)
-  np.testing.assert_allclose(c3a.wrap(attn.apply)({"params": adapted}, x), want, atol=2e-5)
+  np.testing.assert_allclose(c3a.intercepted(attn.apply)({"params": adapted}, x), want, atol=2e-5)
   assert not np.allclose(attn.apply({"params": params}, x), want, atol=1e-3)
 
 
@@ -242,8 +242,10 @@ def test_scanned_stack_equals_its_unrolled_twin(scanned, strategy):
   specs = nn.get_partition_spec(adapted)
   assert specs["layers"]["query"]["c3a_kernel"] == P("layers", None, None, None)
 
-  got = jax.jit(c3a.wrap(model.apply, strategy=strategy))({"params": adapted}, x)
-  want = jax.jit(c3a.wrap(Unrolled().apply, strategy="dense"))({"params": _unroll(adapted, 3)}, x)
+  got = jax.jit(c3a.intercepted(model.apply, strategy=strategy))({"params": adapted}, x)
+  want = jax.jit(c3a.intercepted(Unrolled().apply, strategy="dense"))(
+    {"params": _unroll(adapted, 3)}, x
+  )
   np.testing.assert_allclose(got, want, atol=2e-5)
   assert not np.allclose(model.apply({"params": params}, x), want, atol=1e-3)
 
@@ -251,7 +253,7 @@ def test_scanned_stack_equals_its_unrolled_twin(scanned, strategy):
 @pytest.mark.integration
 def test_a_merged_stack_equals_its_adapted_self(scanned):
   model, x, params, _cfg, adapted = scanned
-  want = jax.jit(c3a.wrap(model.apply))({"params": adapted}, x)
+  want = jax.jit(c3a.intercepted(model.apply))({"params": adapted}, x)
   merged = c3a.merge(adapted)
   assert isinstance(merged["layers"]["query"]["kernel"], nn.LogicallyPartitioned)
   np.testing.assert_allclose(jax.jit(model.apply)({"params": merged}, x), want, atol=2e-5)
@@ -291,7 +293,7 @@ def test_scanned_stack_trains_its_c3a_kernels_only(scanned):
 
 
 def _loss(model, x):
-  return lambda p: jnp.mean(c3a.wrap(model.apply)({"params": p}, x) ** 2)
+  return lambda p: jnp.mean(c3a.intercepted(model.apply)({"params": p}, x) ** 2)
 
 
 def test_fsdp_places_a_stacked_c3a_kernel_by_its_output_blocks(scanned):
@@ -476,7 +478,7 @@ def test_vmapped_layers_get_a_stacked_kernel_each_member_its_slice():
     params, cfg, jax.random.key(2), forward=lambda p: ensemble.apply({"params": p}, x)
   )
   assert adapted["c3a_kernel"].shape == (3, 4, 4, 4)
-  got = c3a.wrap(ensemble.apply)({"params": adapted}, x)
+  got = c3a.intercepted(ensemble.apply)({"params": adapted}, x)
   for i in range(3):
     kernel = _reference_kernel(adapted["kernel"][i], adapted["c3a_kernel"][i])
     np.testing.assert_allclose(got[i], x[i] @ kernel + adapted["bias"][i], atol=2e-5)

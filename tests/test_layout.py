@@ -7,8 +7,10 @@
   sit beside it, over the library.
 * No private import across package boundaries: a private module or name (``_x``) is used only
   inside the package that holds it (``c3a_jax.ops._spectral`` only in ``c3a_jax.ops``,
-  ``c3a_jax.training._step`` only in ``c3a_jax.training``), and the command line, an app over
-  the library, uses none of the library's (``c3a_jax._nnx``), ``c3a_jax._compat`` aside.
+  ``c3a_jax.training._step`` only in ``c3a_jax.training``), and what sits over the library
+  (``c3a_jax.training``, ``c3a_jax.experimental``, the command line) uses none of the library's
+  (``c3a_jax._nnx``), only its public names, ``c3a_jax._compat`` aside.
+* No function in the library (the command line aside) runs past 60 lines, its docstring aside.
 * ``import c3a_jax`` (and the README's quickstart) loads none of the ``[cli]`` extra's packages.
 """
 
@@ -16,6 +18,7 @@ import ast
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -29,31 +32,83 @@ def _module_name(path: str) -> str:
   return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
 
 
-def _graph() -> dict[str, set[str]]:
-  """module -> the c3a_jax modules it imports (``from pkg import sub`` names the submodule)."""
+def _modules() -> dict[str, str]:
+  """c3a_jax's modules by dotted name, each with its file."""
   files = [os.path.join(d, f) for d, _, fs in os.walk(PACKAGE) for f in fs if f.endswith(".py")]
-  modules = {_module_name(f): f for f in files}
+  return {_module_name(f): f for f in files}
+
+
+def _from_base(node: ast.ImportFrom, package: str) -> str:
+  """The module a ``from ... import`` in ``package`` reads (relative imports resolved)."""
+  base = node.module or ""
+  if node.level:
+    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+    base = ".".join(up + ([base] if base else []))
+  return base
+
+
+def _home(base: str, attr: str, modules: dict[str, str], exports: dict) -> str:
+  """The module ``base.attr`` comes from: the submodule, else the module ``base``'s
+  ``__init__`` imports the name from, else ``base``."""
+  full = f"{base}.{attr}"
+  return full if full in modules else exports.get(base, {}).get(attr, base)
+
+
+def _exports(modules: dict[str, str]) -> dict[str, dict[str, str]]:
+  """package -> {each name its ``__init__`` imports: the module it comes from}
+  (``c3a_jax``: ``{"combine": "c3a_jax._transform", "io": "c3a_jax.io", ...}``)."""
+  out = {}
+  for name, path in modules.items():
+    if path.endswith("__init__.py"):
+      out[name] = {
+        a.asname or a.name: _home(_from_base(node, name), a.name, modules, {})
+        for node in ast.parse(open(path).read(), path).body
+        if isinstance(node, ast.ImportFrom)
+        for a in node.names
+      }
+  return out
+
+
+def _reached(tree: ast.AST, alias: str, package: str, modules: dict, exports: dict) -> list[str]:
+  """The modules behind each ``alias.name`` in ``tree`` (``import package as alias``), and
+  ``package`` itself where ``alias`` is used otherwise than for an attribute."""
+  names = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == alias]
+  attrs = [
+    n.attr
+    for n in ast.walk(tree)
+    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == alias
+  ]
+  bare = len(names) > len(attrs)  # the package itself passed on or read: all of it
+  return [_home(package, a, modules, exports) for a in attrs] + ([package] if bare else [])
+
+
+def _graph() -> dict[str, set[str]]:
+  """module -> the c3a_jax modules it imports (``from pkg import sub`` names the submodule).
+
+  After ``import c3a_jax as c3a``, ``c3a.combine`` is an edge to the module the package's
+  ``__init__`` takes the name from (``c3a_jax._transform``), not to the package: a name read
+  from the package when called needs only its module. So ``c3a_jax.training``, which the
+  package imports, uses the library's public names (read at import time, before ``c3a_jax``
+  binds them, they would fail ``import c3a_jax``, and every test). ``from c3a_jax import
+  combine`` needs the package itself, whole: an edge to it."""
+  modules = _modules()
+  exports = _exports(modules)
   graph = {}
   for name, path in modules.items():
     package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
-    edges = set()
-    for node in ast.walk(ast.parse(open(path).read(), path)):
+    tree = ast.parse(open(path).read(), path)
+    targets = []
+    for node in ast.walk(tree):
       if isinstance(node, ast.Import):
-        targets = [a.name for a in node.names]
+        for a in node.names:
+          if a.name in exports and (a.asname or "." not in a.name):
+            targets += _reached(tree, a.asname or a.name, a.name, modules, exports)
+          else:
+            targets.append(a.name)
       elif isinstance(node, ast.ImportFrom):
-        base = node.module or ""
-        if node.level:
-          base = ".".join(
-            package.split(".")[: len(package.split(".")) - node.level + 1]
-            + ([base] if base else [])
-          )
-        targets = [
-          f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
-        ]
-      else:
-        continue
-      edges |= {t for t in targets if t in modules and t != name}
-    graph[name] = edges
+        base = _from_base(node, package)
+        targets += [_home(base, a.name, modules, {}) for a in node.names]
+    graph[name] = {t for t in targets if t in modules and t != name}
   return graph
 
 
@@ -81,6 +136,21 @@ def test_the_graph_is_read():
   assert "c3a_jax.ops._fold" in graph["c3a_jax.ops._matmul"]
   assert "c3a_jax._transform" in graph["c3a_jax"]
   assert "c3a_jax.cli.job" in graph["c3a_jax.cli.runner"]
+
+
+def test_names_read_from_the_package_lead_to_their_modules():
+  modules = dict.fromkeys(["c3a_jax", "c3a_jax._transform", "c3a_jax.ops"], "")
+  exports = {"c3a_jax": {"combine": "c3a_jax._transform", "ops": "c3a_jax.ops"}}
+  tree = ast.parse("import c3a_jax as c3a\ndef f(x):\n  return c3a.combine(x, c3a.ops.PRECISION)")
+  assert sorted(_reached(tree, "c3a", "c3a_jax", modules, exports)) == [
+    "c3a_jax._transform",
+    "c3a_jax.ops",
+  ]
+  tree = ast.parse("import c3a_jax as c3a\nc3a.__version__, print(c3a)")  # not a re-export; bare
+  assert _reached(tree, "c3a", "c3a_jax", modules, exports) == ["c3a_jax", "c3a_jax"]
+  graph = _graph()  # training reads the library's names when called: c3a_jax imports training
+  assert {"c3a_jax._intercept", "c3a_jax._transform"} <= graph["c3a_jax.training._step"]
+  assert "c3a_jax" not in graph["c3a_jax.training._step"]
 
 
 def test_no_import_cycle():
@@ -122,6 +192,8 @@ def test_layers_import_one_way():
 
 COMPAT = "c3a_jax._compat"  # the deprecated names: for every layer, and it imports nothing
 APP = "c3a_jax.cli"  # the command line: over the library's public names
+# Over the library too, and so on its public names: what they need is public in the library.
+OVER = (APP, "c3a_jax.training", "c3a_jax.experimental")
 
 
 def _inside(name: str, package: str) -> bool:
@@ -133,12 +205,11 @@ def _is_private(part: str) -> bool:
 
 
 def _uses() -> dict[str, list[tuple[str, int]]]:
-  """module -> every c3a_jax name it imports or reaches by attribute (``ops._spectral.after``
-  from ``from c3a_jax import ops``), as a dotted path, with its line."""
-  files = [os.path.join(d, f) for d, _, fs in os.walk(PACKAGE) for f in fs if f.endswith(".py")]
+  """module -> every c3a_jax name it imports or reaches by attribute
+  (``ops._spectral.ordered_after`` from ``from c3a_jax import ops``), as a dotted path, with its
+  line."""
   uses = {}
-  for path in files:
-    name = _module_name(path)
+  for name, path in _modules().items():
     package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
     bound, found = {}, []  # local name -> the c3a_jax path it stands for
     tree = ast.parse(open(path).read(), path)
@@ -148,10 +219,7 @@ def _uses() -> dict[str, list[tuple[str, int]]]:
           found.append((a.name, node.lineno))
           bound[a.asname or a.name.partition(".")[0]] = a.name if a.asname else a.name.split(".")[0]
       elif isinstance(node, ast.ImportFrom):
-        base = node.module or ""
-        if node.level:
-          up = package.split(".")[: len(package.split(".")) - node.level + 1]
-          base = ".".join(up + ([base] if base else []))
+        base = _from_base(node, package)
         for a in node.names:
           found.append((f"{base}.{a.name}", node.lineno))
           bound[a.asname or a.name] = f"{base}.{a.name}"
@@ -175,7 +243,7 @@ def _packages() -> set[str]:
 
 
 def _private_owner(name: str, packages: set[str]) -> str | None:
-  """The package holding ``name``'s first private part (``c3a_jax.ops._spectral.after`` ->
+  """The package holding ``name``'s first private part (``c3a_jax.ops._spectral.ordered_after`` ->
   ``c3a_jax.ops``; ``c3a_jax.cli.hub._limit`` -> ``c3a_jax.cli``), None if it has none."""
   parts = name.split(".")
   for i, part in enumerate(parts):
@@ -187,6 +255,13 @@ def _private_owner(name: str, packages: set[str]) -> str | None:
   return None
 
 
+def _over(module: str) -> str | None:
+  """The package over the library that holds ``module`` (``__main__`` runs the app's), or None."""
+  if module == "c3a_jax.__main__":
+    return APP
+  return next((p for p in OVER if _inside(module, p)), None)
+
+
 def _private_crossings(uses: dict, packages: set[str]) -> list[str]:
   out = []
   for module, names in uses.items():
@@ -194,8 +269,8 @@ def _private_crossings(uses: dict, packages: set[str]) -> list[str]:
       owner = _private_owner(name, packages)
       if owner is None or _inside(name, COMPAT):
         continue
-      app = _inside(module, APP) or module == "c3a_jax.__main__"
-      if not _inside(module, owner) or (app and not _inside(owner, APP)):
+      over = _over(module)
+      if not _inside(module, owner) or (over and not _inside(owner, over)):
         out.append(f"{module}:{line} uses {name} (private to {owner})")
   return sorted(set(out))
 
@@ -211,15 +286,96 @@ def test_a_private_crossing_would_be_found():
     "c3a_jax.cli.runner": [("c3a_jax._io.atomic_write", 1), ("c3a_jax.cli.hub._limit", 2)],
     "c3a_jax._intercept": [("c3a_jax.ops._strategy.takes_fold", 3), ("c3a_jax._tree", 4)],
     "c3a_jax.cli.commands": [("c3a_jax.training._step.make_train_step", 5)],
-    "c3a_jax.experimental.pallas": [("c3a_jax.ops._spectral.dft_halves", 6)],
     "c3a_jax.ops._strategy": [("c3a_jax._compat.renamed_strategy", 7)],
+    "c3a_jax.training._step": [
+      ("c3a_jax._intercept.intercept", 8),
+      ("c3a_jax.intercept", 9),
+      ("c3a_jax.training._counters.Throughput", 10),
+      ("c3a_jax._compat.upgrade_checkpoint_config", 11),
+    ],
+    "c3a_jax.experimental.pallas": [
+      ("c3a_jax.ops._spectral.dft_halves", 6),
+      ("c3a_jax._tree.is_box", 12),
+    ],
+    "c3a_jax.tree": [("c3a_jax._tree.is_box", 13)],
   }
   assert _private_crossings(uses, packages) == [
     "c3a_jax._intercept:3 uses c3a_jax.ops._strategy.takes_fold (private to c3a_jax.ops)",
     "c3a_jax.cli.commands:5 uses c3a_jax.training._step.make_train_step (private to "
     "c3a_jax.training)",
     "c3a_jax.cli.runner:1 uses c3a_jax._io.atomic_write (private to c3a_jax)",
+    "c3a_jax.experimental.pallas:12 uses c3a_jax._tree.is_box (private to c3a_jax)",
     "c3a_jax.experimental.pallas:6 uses c3a_jax.ops._spectral.dft_halves (private to c3a_jax.ops)",
+    "c3a_jax.training._step:8 uses c3a_jax._intercept.intercept (private to c3a_jax)",
+  ]
+
+
+MAX_LINES = 60  # of a function: from its first statement past the docstring to its last line
+
+
+def _long_functions(source: str, where: str, limit: int = MAX_LINES) -> list[str]:
+  """``where:line name: n lines`` for each function in ``source`` (methods and nested ones
+  too, named ``Class.method``, ``outer.inner``) longer than ``limit`` lines, its docstring
+  aside: split into named steps, each is read on its own."""
+  out = []
+
+  def visit(node: ast.AST, prefix: str) -> None:
+    for child in ast.iter_child_nodes(node):
+      name = prefix
+      if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+        name = f"{prefix}{child.name}."
+      if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        body = child.body[1:] if ast.get_docstring(child, clean=False) is not None else child.body
+        lines = child.end_lineno - body[0].lineno + 1 if body else 0
+        if lines > limit:
+          out.append(f"{where}:{child.lineno} {name[:-1]}: {lines} lines")
+      visit(child, name)
+
+  visit(ast.parse(source, where), "")
+  return out
+
+
+def test_no_function_runs_past_60_lines():
+  """The library's functions (the command line's aside) stay short enough to read whole."""
+  root = os.path.dirname(PACKAGE)
+  found = [
+    long
+    for name, path in sorted(_modules().items())
+    if not _inside(name, APP)
+    for long in _long_functions(open(path).read(), os.path.relpath(path, root))
+  ]
+  assert not found, f"over {MAX_LINES} lines; split into named steps:\n" + "\n".join(found)
+
+
+def test_a_long_function_would_be_found():
+  source = textwrap.dedent(
+    '''\
+    def short():
+      """A docstring
+      of four lines,
+      not counted."""
+      x = 1
+      return x
+
+
+    class Box:
+      def long(self):
+        """One line."""
+        x = 1
+
+        def inner():
+          return x
+
+        return inner
+    '''
+  )
+  assert _long_functions(source, "m.py", limit=6) == []
+  assert _long_functions(source, "m.py", limit=5) == ["m.py:10 Box.long: 6 lines"]
+  # short's docstring is not counted (with it, short would be 5 lines); inner is 1 line.
+  assert _long_functions(source, "m.py", limit=2) == ["m.py:10 Box.long: 6 lines"]
+  assert _long_functions(source, "m.py", limit=1) == [
+    "m.py:1 short: 2 lines",
+    "m.py:10 Box.long: 6 lines",
   ]
 
 
@@ -251,7 +407,7 @@ mlp = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(8)])
 params = mlp.init(jax.random.key(0), jnp.ones((1, 16)))["params"]
 cfg = c3a.C3AConfig(block_size=8, target_modules="all-linear")
 params = c3a.attach(params, cfg, jax.random.key(1))
-y = jax.jit(c3a.wrap(mlp.apply))({{"params": params}}, jnp.ones((2, 16)))
+y = jax.jit(c3a.intercepted(mlp.apply))({{"params": params}}, jnp.ones((2, 16)))
 assert y.shape == (2, 8)
 print("ok")
 """

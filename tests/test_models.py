@@ -121,7 +121,7 @@ class Case:
     if key not in self._fns:
       f = self.run
       if under_c3a:
-        f = c3a.wrap(f)  # interceptor inside what is jitted
+        f = c3a.intercepted(f)  # interceptor inside what is jitted
       self._fns[key] = jax.jit(f) if jit else f
     return self._fns[key]
 
@@ -437,7 +437,7 @@ def test_gpt2_conv1d_folds_under_auto(monkeypatch):
   calls = []
   real = c3a.ops.fold
   monkeypatch.setattr(c3a.ops, "fold", lambda *a, **k: calls.append(1) or real(*a, **k))
-  loss = lambda p, s: jnp.sum(jnp.sin(c3a.wrap(case.run, strategy=s)(p, case.inputs)))
+  loss = lambda p, s: jnp.sum(jnp.sin(c3a.intercepted(case.run, strategy=s)(p, case.inputs)))
   grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
   got = grad(case.adapted, "auto")
   assert len(calls) == len(case.targets)
@@ -455,9 +455,9 @@ def test_gpt2_without_model_type_is_a_clear_error():
   wrong = c3a.attach(case.base, cfg, jax.random.key(1))  # no model_type
   assert wrong["transformer"]["h"]["0"]["attn"]["c_attn"]["c3a_kernel"].shape == (4, 12, 8)
   with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn.*model_type"):
-    c3a.wrap(case.run)(wrong, case.inputs)
+    c3a.intercepted(case.run)(wrong, case.inputs)
   with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn.*model_type"):
-    jax.jit(c3a.wrap(case.run))(wrong, case.inputs)
+    jax.jit(c3a.intercepted(case.run))(wrong, case.inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -523,7 +523,7 @@ def test_scan_over_layers(remat, jit):
 
   y_base = run(base, x)
   np.testing.assert_array_equal(run(adapted, x), y_base)
-  y_c3a = (jax.jit if jit else lambda f: f)(c3a.wrap(run))(adapted, x)
+  y_c3a = (jax.jit if jit else lambda f: f)(c3a.intercepted(run))(adapted, x)
   assert_changes(y_c3a, y_base, "scan")
   assert_close(y_c3a, reference(adapted), "scan: interceptor vs unrolled merged reference")
 
@@ -550,7 +550,7 @@ def _train_setup():
   def loss_plain(p):
     return optax.softmax_cross_entropy_with_integer_labels(case.run(p, x), y).mean()
 
-  loss = c3a.wrap(loss_plain)
+  loss = c3a.intercepted(loss_plain)
   grad = jax.jit(jax.grad(loss))
   return cfg, params, loss, loss_plain, grad
 

@@ -99,7 +99,7 @@ def _base_and_adapted(layer, x, params, strategy):
   with respect to x and its C3A kernel."""
   kernel = params.pop("c3a_kernel")
   frozen = lambda x: layer.apply({"params": params}, x)
-  adapted = lambda x, w: c3a.wrap(layer.apply, strategy=strategy)(
+  adapted = lambda x, w: c3a.intercepted(layer.apply, strategy=strategy)(
     {"params": {**params, "c3a_kernel": w}}, x
   )
   return dot_precisions(fwd_bwd(frozen), x), dot_precisions(fwd_bwd(adapted), x, kernel)

@@ -158,8 +158,8 @@ def test_unknown_strategy_is_an_error():
     ops.block_circulant_matmul(jnp.ones((2, 4)), jnp.ones((1, 1, 4)), strategy="pallas")
   with pytest.raises(ValueError, match=r"intercept: strategy='x'"), c3a.intercept(strategy="x"):
     pass
-  with pytest.raises(ValueError, match=r"wrap: strategy='x'"):
-    c3a.wrap(lambda: None, strategy="x")
+  with pytest.raises(ValueError, match=r"intercepted: strategy='x'"):
+    c3a.intercepted(lambda: None, strategy="x")
 
 
 @pytest.mark.backend_precision
@@ -208,14 +208,14 @@ def test_interceptor_strategies_agree(strategy):
   params = model.init(jax.random.key(1), x)["params"]
   params["layers_0"]["c3a_kernel"] = jax.random.normal(jax.random.key(2), (4, 3, 3))
   params["layers_2"]["c3a_kernel"] = jax.random.normal(jax.random.key(3), (2, 4, 3))
-  ref = jax.jit(c3a.wrap(model.apply, strategy="fft"))({"params": params}, x)
-  y = jax.jit(c3a.wrap(model.apply, strategy=strategy))({"params": params}, x)
+  ref = jax.jit(c3a.intercepted(model.apply, strategy="fft"))({"params": params}, x)
+  y = jax.jit(c3a.intercepted(model.apply, strategy=strategy))({"params": params}, x)
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
   with c3a.intercept(strategy=strategy):
     y2 = model.apply({"params": params}, x)
   np.testing.assert_allclose(y2, ref, rtol=1e-5, atol=1e-5)
   grad = lambda s: jax.jit(
-    jax.grad(lambda p: jnp.sum(c3a.wrap(model.apply, strategy=s)({"params": p}, x) ** 2))
+    jax.grad(lambda p: jnp.sum(c3a.intercepted(model.apply, strategy=s)({"params": p}, x) ** 2))
   )(params)
   for a, b in zip(jax.tree.leaves(grad(strategy)), jax.tree.leaves(grad("fft")), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -268,7 +268,7 @@ def test_interceptor_folds_where_the_layer_computes_in_float32(monkeypatch, back
     model = nn.Dense(12, dtype=dtype, param_dtype=dtype, precision=precision)
     params = dict(model.init(jax.random.key(1), x)["params"])
     params["c3a_kernel"] = jax.random.normal(jax.random.key(2), (3, 4, 4))
-    apply = lambda p, x, s: c3a.wrap(model.apply, strategy=s)({"params": p}, x)
+    apply = lambda p, x, s: c3a.intercepted(model.apply, strategy=s)({"params": p}, x)
     loss = lambda p, x, s: jnp.sum(jnp.sin(apply(p, x, s)))
     calls.clear()
     y = jax.jit(apply, static_argnums=2)(params, x, strategy)
@@ -299,7 +299,7 @@ def test_interceptor_folds_boxed_params(monkeypatch):
   params = dict(model.init(jax.random.key(1), x)["params"])
   assert isinstance(params["kernel"], nn.Partitioned)
   params["c3a_kernel"] = jax.random.normal(jax.random.key(2), (2, 2, 4))
-  got = c3a.wrap(model.apply)({"params": params}, x)
+  got = c3a.intercepted(model.apply)({"params": params}, x)
   want = x @ (nn.unbox(params["kernel"]) + ops.delta_weight(params["c3a_kernel"])) + params["bias"]
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert calls

@@ -79,7 +79,7 @@ def test_merge_matches_dense_reference_and_interceptor(maybe_jit):
     atol=1e-6,
   )
   x = jax.random.normal(jax.random.key(2), (4, 16))
-  adapted = maybe_jit(c3a.wrap(model.apply))({"params": params}, x)
+  adapted = maybe_jit(c3a.intercepted(model.apply))({"params": params}, x)
   base = model.apply({"params": params}, x)  # unwrapped: the extra leaf is ignored
   np.testing.assert_allclose(adapted, model.apply({"params": merged}, x), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(base, model.apply({"params": c3a.split(params)[1]}, x))
@@ -183,7 +183,7 @@ def test_property_attach_then_wrap_equals_merge(case):
   params = c3a.attach(params, cfg, jax.random.key(seed + 1))
   x = jax.random.normal(jax.random.key(seed + 2), (3, d_in))
   # Eager: a compilation per drawn example would cost more than the example.
-  y = c3a.wrap(model.apply)({"params": params["fc"]}, x)
+  y = c3a.intercepted(model.apply)({"params": params["fc"]}, x)
   ym = model.apply({"params": c3a.merge(params)["fc"]}, x)
   scale = 1 + float(jnp.abs(ym).max())
   np.testing.assert_allclose(y, ym, atol=2e-6 * scale * d_in**0.5, rtol=1e-5)
@@ -221,9 +221,9 @@ def test_nested_interceptors_add_the_delta_once():
     jax.random.key(1),
   )
   x = jnp.ones((2, 8))
-  once = c3a.wrap(model.apply)({"params": params}, x)
+  once = c3a.intercepted(model.apply)({"params": params}, x)
   with c3a.intercept():
-    twice = jax.jit(c3a.wrap(model.apply))({"params": params}, x)
+    twice = jax.jit(c3a.intercepted(model.apply))({"params": params}, x)
   np.testing.assert_allclose(twice, once, rtol=1e-6)
   np.testing.assert_allclose(once, model.apply({"params": c3a.merge(params)}, x), atol=1e-5)
 
@@ -233,7 +233,7 @@ def test_a_c3a_kernel_on_a_layer_the_interceptor_cannot_adapt_is_an_error():
   params = dict(model.init(jax.random.key(0), jnp.ones((2, 8)))["params"])
   params["c3a_kernel"] = jnp.ones((2, 2, 4))
   with pytest.raises(ValueError, match=r"holds a C3A kernel, but: DenseGeneral with batch_dims"):
-    c3a.wrap(model.apply)({"params": params}, jnp.ones((2, 8)))
+    c3a.intercepted(model.apply)({"params": params}, jnp.ones((2, 8)))
 
 
 def test_root_level_dense_and_bad_keys():
@@ -244,7 +244,7 @@ def test_root_level_dense_and_bad_keys():
   assert adapted["c3a_kernel"].shape == (2, 2, 4)
   x = jnp.ones((2, 8))
   np.testing.assert_allclose(
-    c3a.wrap(model.apply)({"params": adapted}, x),
+    c3a.intercepted(model.apply)({"params": adapted}, x),
     model.apply({"params": c3a.merge(adapted)}, x),
     atol=1e-5,
   )

@@ -396,11 +396,7 @@ def export_lora(args: argparse.Namespace) -> int:
   print(f"{'layer':<{width}}  relative error")
   for name, error in errors.items():
     print(f"{name:<{width}}  {error:>14.6f}")
-  worst, mean = max(errors, key=errors.__getitem__), sum(errors.values()) / len(errors)
-  print(
-    f"rank {args.rank}: relative error max {errors[worst]:.4g} (layer {worst!r}), mean "
-    f"{mean:.4g} over {len(errors)} layers"
-  )
+  print(f"rank {args.rank}: {c3a.LoraExport({}, errors).describe()}")
   print(f"LoRA adapter written to {args.out_dir}")
   return 0
 
@@ -427,28 +423,7 @@ def parser() -> argparse.ArgumentParser:
   description = __doc__.split("\n\n")[0].replace("``", "")
   p = argparse.ArgumentParser(prog="c3a-jax", description=description)
   sub = p.add_subparsers(dest="command", required=True)
-  t = sub.add_parser(
-    "train",
-    help="fine-tune (no config: the offline digits default)",
-    epilog=fields_help(DIGITS_DEFAULT),
-    formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog is a table
-  )
-  t.add_argument(
-    "--config",
-    metavar="FILE",
-    help=f"a YAML config file, or a shipped config's name: {', '.join(shipped_configs())}",
-  )
-  group = t.add_mutually_exclusive_group()
-  group.add_argument("--resume", action="store_true", help="continue the run in output_dir")
-  group.add_argument("--overwrite", action="store_true", help="replace the run in output_dir")
-  t.add_argument("--quiet", action="store_true", help="no progress bars")
-  t.add_argument(
-    "overrides",
-    nargs="*",
-    metavar="key=value",
-    help="config overrides, e.g. train.lr=0.3 c3a.block_size=128",
-  )
-  t.set_defaults(fn=train)
+  _add_train(sub)
   e = sub.add_parser("eval", help="evaluate finished runs (several C3A runs: in mixed batches)")
   e.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
   e.set_defaults(fn=evaluate)
@@ -471,6 +446,36 @@ def parser() -> argparse.ArgumentParser:
     "--overwrite", action="store_true", help="write into a non-empty OUT_DIR (deletes nothing)"
   )
   x.set_defaults(fn=export_lora)
+  _add_suggest(sub)
+  return p
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+  t = sub.add_parser(
+    "train",
+    help="fine-tune (no config: the offline digits default)",
+    epilog=fields_help(DIGITS_DEFAULT),
+    formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog is a table
+  )
+  t.add_argument(
+    "--config",
+    metavar="FILE",
+    help=f"a YAML config file, or a shipped config's name: {', '.join(shipped_configs())}",
+  )
+  group = t.add_mutually_exclusive_group()
+  group.add_argument("--resume", action="store_true", help="continue the run in output_dir")
+  group.add_argument("--overwrite", action="store_true", help="replace the run in output_dir")
+  t.add_argument("--quiet", action="store_true", help="no progress bars")
+  t.add_argument(
+    "overrides",
+    nargs="*",
+    metavar="key=value",
+    help="config overrides, e.g. train.lr=0.3 c3a.block_size=128",
+  )
+  t.set_defaults(fn=train)
+
+
+def _add_suggest(sub: argparse._SubParsersAction) -> None:
   s = sub.add_parser(
     "suggest-block-size", help="block sizes near a LoRA rank's parameter budget, for a model"
   )
@@ -488,7 +493,6 @@ def parser() -> argparse.ArgumentParser:
     "transformers has no Flax model of, such as qwen3)",
   )
   s.set_defaults(fn=suggest)
-  return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import reprlib
 import types
 import typing
 from typing import Annotated, Any, Literal, Union
@@ -34,16 +33,7 @@ from pydantic import Field
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
 from c3a_jax import C3AConfig, _compat, ops
-
-# Errors show a config's values through this: a YAML alias bomb's full repr runs to billions of
-# strings (and takes hours).
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
-
-
-def _brief(value: Any, limit: int = 120) -> str:
-  text = _REPR.repr(value)
-  return text if len(text) <= limit else text[: limit - 3] + "..."
+from c3a_jax.io import brief
 
 
 def _not_bool(value: Any) -> Any:
@@ -305,7 +295,7 @@ def _overridden(d: dict, overrides: tuple[str, ...] | list[str]) -> dict:
     except yaml.YAMLError as e:
       problem = str(e).splitlines()[0] if str(e) else type(e).__name__
       raise ValueError(
-        f"override {item!r}: {_brief(value)} is not a YAML value ({problem}); quote strings, "
+        f"override {item!r}: {brief(value)} is not a YAML value ({problem}); quote strings, "
         "e.g. data.name='my data'"
       ) from None
   return d
@@ -325,7 +315,7 @@ def _message(error: pydantic.ValidationError) -> str:
   elif first["type"] == "value_error":  # this module's own checks name their keys
     text = str(first["ctx"]["error"])
   else:
-    text = f"{'.'.join(loc)}: {first['msg']}, got {_brief(first['input'])}"
+    text = f"{'.'.join(loc)}: {first['msg']}, got {brief(first['input'])}"
   return text[:400] + (f" (and {more} more)" if more else "")
 
 

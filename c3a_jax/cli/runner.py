@@ -36,7 +36,7 @@ import yaml
 import c3a_jax as c3a
 from c3a_jax import _compat
 from c3a_jax.cli import rundir
-from c3a_jax.cli.experiment import Experiment
+from c3a_jax.cli.experiment import Experiment, TrainSpec
 from c3a_jax.cli.job import Job, Log, batches, eval_batches
 from c3a_jax.cli.rundir import RunDirError
 from c3a_jax.io import atomic_write
@@ -461,30 +461,8 @@ def _loop(
   from tqdm.auto import tqdm
 
   t = exp.train
-  dtype = jnp.bfloat16 if t.compute_dtype == "bfloat16" else None
-  step_fn = jax.jit(
-    make_train_step(
-      lambda params, batch, rng: job.loss(params, batch, rng, True),
-      tx,
-      grad_accum=t.grad_accum,
-      compute_dtype=dtype,
-      strategy=t.strategy,
-    ),
-    donate_argnums=0,
-  )
-  # A copy: the step donates its state, and the job's params must outlive this run.
-  state = TrainState.create(jax.tree.map(jnp.copy, trainable), tx, rng=t.seed)
-  _refuse_link(out, "adapter" if t.mode == "c3a" else "params.msgpack")  # before training
-  _quiet_orbax()
-  ckpt = Checkpointer(
-    os.path.join(out, "checkpoints"),
-    max_to_keep=t.keep_checkpoints,
-    config=exp.c3a if t.mode == "c3a" else None,
-  )
-  position = 0
-  if resume and ckpt.latest_step() is not None:
-    state, position = ckpt.restore(state)
-    log(f"resumed {out} at step {int(state.step)}")
+  step_fn = _step_function(t, job, tx)
+  state, position, ckpt = _start(exp, out, trainable, tx, resume=resume, log=log)
   step = saved = logged = int(state.step)  # host-side counters: no device sync per step
   metrics = _Metrics.resume(os.path.join(out, "metrics.jsonl"), step)
   tokens = t.batch_size * job.tokens_per_example
@@ -530,18 +508,66 @@ def _loop(
       _checkpoint(ckpt, state, position, step, saved)
       ckpt.close()  # waits for the save: one that failed is an error here, naming its step
     except KeyboardInterrupt:  # a second signal: stop at once, even inside a step or a save
-      _abandon(ckpt)
-      log(
-        f"interrupted at step {step}; a checkpoint cut short is never restored: --resume "
-        "continues from the newest complete one"
-      )
-      raise SystemExit(EXIT_STATUS[signal.SIGINT]) from None
+      _interrupted(ckpt, step, log)
     except BaseException:
       _abandon(ckpt)
       raise
     if received:  # said under the handler: a second signal meanwhile is still one line
       _stopped(received, f"at step {step}: checkpoint saved; continue with --resume", log)
   return state, last_eval, metrics
+
+
+def _step_function(t: TrainSpec, job: Job, tx: optax.GradientTransformation) -> Callable:
+  """The jitted training step of ``train`` settings ``t``; it donates its state."""
+  dtype = jnp.bfloat16 if t.compute_dtype == "bfloat16" else None
+  return jax.jit(
+    make_train_step(
+      lambda params, batch, rng: job.loss(params, batch, rng, True),
+      tx,
+      grad_accum=t.grad_accum,
+      compute_dtype=dtype,
+      strategy=t.strategy,
+    ),
+    donate_argnums=0,
+  )
+
+
+def _start(
+  exp: Experiment,
+  out: str,
+  trainable: Any,
+  tx: optax.GradientTransformation,
+  *,
+  resume: bool,
+  log: Log,
+) -> tuple[TrainState, int, Checkpointer]:
+  """The state to train from (the last checkpoint's with ``resume``, else a fresh one), its
+  position in the training data, and the run's checkpointer."""
+  t = exp.train
+  # A copy: the step donates its state, and the job's params must outlive this run.
+  state = TrainState.create(jax.tree.map(jnp.copy, trainable), tx, rng=t.seed)
+  _refuse_link(out, "adapter" if t.mode == "c3a" else "params.msgpack")  # before training
+  _quiet_orbax()
+  ckpt = Checkpointer(
+    os.path.join(out, "checkpoints"),
+    max_to_keep=t.keep_checkpoints,
+    config=exp.c3a if t.mode == "c3a" else None,
+  )
+  position = 0
+  if resume and ckpt.latest_step() is not None:
+    state, position = ckpt.restore(state)
+    log(f"resumed {out} at step {int(state.step)}")
+  return state, position, ckpt
+
+
+def _interrupted(ckpt: Checkpointer, step: int, log: Log) -> None:
+  """Exits with 130 after a second signal, the checkpointer abandoned."""
+  _abandon(ckpt)
+  log(
+    f"interrupted at step {step}; a checkpoint cut short is never restored: --resume "
+    "continues from the newest complete one"
+  )
+  raise SystemExit(EXIT_STATUS[signal.SIGINT]) from None
 
 
 def _stopped(received: list[int], what: str, log: Log) -> None:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from c3a_jax.ops._kernel import PRECISION, delta_weight, kernel_shape
 from c3a_jax.ops._kernel_grad import kernel_grad
-from c3a_jax.ops._spectral import after
+from c3a_jax.ops._spectral import ordered_after
 
 
 def fold(
@@ -97,7 +97,7 @@ def _fold_bwd(precision, residuals, g):
   x, w, kernel = residuals
   # Rebuilt after g arrives: left free, XLA would reuse the forward's W', holding every
   # adapted layer's until the backward pass.
-  dx = jnp.matmul(g, _weight(after(w, g), kernel).T, precision=precision)
+  dx = jnp.matmul(g, _weight(ordered_after(w, g), kernel).T, precision=precision)
   dw = kernel_grad(x, g, w)
   dkernel = None
   if kernel is not None:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from c3a_jax.ops._kernel import PRECISION
-from c3a_jax.ops._spectral import after, conj_product_parts, dft_halves, kernel_spectrum
+from c3a_jax.ops._spectral import conj_product_parts, dft_halves, kernel_spectrum, ordered_after
 
 
 def apply(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -87,7 +87,7 @@ def _correlate(a: jax.Array, g: jax.Array) -> jax.Array:
 
 def _correlation(x, gr, gi, n):
   """(F, n, m) real and imaginary sum_t conj(G) X, for x (tokens, n * b) and G's spectrum."""
-  xr, xi = _spectrum(after(x, gr), n)
+  xr, xi = _spectrum(ordered_after(x, gr), n)
   c = _correlate(jnp.concatenate([xr, xi], -1), jnp.concatenate([gr, gi], -1))
   return conj_product_parts(c, n, gr.shape[-1])
 

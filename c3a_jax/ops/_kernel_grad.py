@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from c3a_jax.ops import _fft, _freq_major
 from c3a_jax.ops._kernel import PRECISION
-from c3a_jax.ops._spectral import after, conj_product_parts
+from c3a_jax.ops._spectral import conj_product_parts, ordered_after
 
 # Above this block size the whole-array kernel gradient's transforms are FFTs, below it DFT
 # matmuls (a (b, b) DFT matmul per block costs more than an FFT for large b).
@@ -72,7 +72,7 @@ def _whole(x, g, w):
   if w.shape[-1] <= _DFT_MAX_B:
     return _freq_major.kernel_grad(x, g, w)
   # Only the kernel gradient of the FFT path is used; XLA drops its forward.
-  x_late = after(x, g)
+  x_late = ordered_after(x, g)
   _, vjp = jax.vjp(lambda w: _fft.apply(x_late, w), w)
   return vjp(g)[0]
 
@@ -87,7 +87,7 @@ def _chunked_correlation(x, g, n, b, rows):
   for start, stop in itertools.pairwise(bounds):
     # Each chunk waits for the sum so far: one chunk's spectra alive at a time. (A loop op
     # would need x and g whole, in its own layout: a copy of each per layer in a model.)
-    xs, gs = (after(z[start:stop], total) for z in (x, g))
+    xs, gs = (ordered_after(z[start:stop], total) for z in (x, g))
     total = total + jnp.einsum(
       "tjf,tif->fji", _parts(xs, n, b), _parts(gs, m, b), precision=PRECISION
     )

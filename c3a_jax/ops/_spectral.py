@@ -75,7 +75,7 @@ def conj_product_parts(c: jax.Array, n: int, m: int) -> tuple[jax.Array, jax.Arr
   return c[:, :n, :m] + c[:, n:, m:], c[:, n:, :m] - c[:, :n, m:]
 
 
-def after(value: jax.Array, signal: jax.Array) -> jax.Array:
+def ordered_after(value: jax.Array, signal: jax.Array) -> jax.Array:
   """``value`` plus a zero taken from ``signal``: whatever is computed from it waits for ``signal``.
 
   A backward pass recomputes things (W', the spectrum of x) that depend on the forward pass

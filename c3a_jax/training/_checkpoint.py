@@ -31,8 +31,8 @@ from typing import Any
 import jax
 import numpy as np
 
+import c3a_jax as c3a  # the library's public names, read at call time: c3a_jax imports training
 from c3a_jax import _compat
-from c3a_jax._config import C3AConfig
 from c3a_jax.training._step import TrainState
 
 
@@ -145,7 +145,7 @@ class Checkpointer:
     *,
     max_to_keep: int = 3,
     async_save: bool = True,
-    config: C3AConfig | None = None,
+    config: c3a.C3AConfig | None = None,
   ):
     if not isinstance(max_to_keep, int) or max_to_keep < 1:
       raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")

@@ -28,8 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from c3a_jax._layout import C3A_LEAVES, rebox
-from c3a_jax._tree import is_box, unbox
+from c3a_jax.tree import C3A_LEAVES, is_box, rebox, unbox
 
 DATA, FSDP = "data", "fsdp"
 AXES = (DATA, FSDP)

@@ -40,10 +40,9 @@ import numpy as np
 import optax
 from flax import struct
 
+import c3a_jax as c3a  # the library's public names, read at call time: c3a_jax imports training
 from c3a_jax import ops
-from c3a_jax._intercept import intercept
-from c3a_jax._layout import C3A_LEAVES
-from c3a_jax._transform import combine
+from c3a_jax.tree import C3A_LEAVES
 
 LossFn = Callable[[Any, Any, jax.Array], jax.Array | tuple[jax.Array, dict]]
 
@@ -121,8 +120,8 @@ def make_train_step(
     if base is None:
       params = trainable if compute_dtype is None else cast_frozen(trainable, compute_dtype)
     else:
-      params = combine(trainable, base)
-    with intercept(strategy):
+      params = c3a.combine(trainable, base)
+    with c3a.intercept(strategy):
       out = loss_fn(params, batch, rng)
     loss, aux = out if isinstance(out, tuple) else (out, {})
     return loss.astype(jnp.float32), aux

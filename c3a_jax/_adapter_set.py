@@ -1,16 +1,21 @@
 """A layer holding a set of adapters (:func:`c3a_jax.stack_adapters`): ``(K, m, n, b)`` C3A
 kernels, one slot per adapter, and ``intercept(adapter_index=...)`` naming each row's slot.
 
-Shared by the linen interceptor and NNX's adapted layers: when a layer's C3A kernel is a set,
-which row takes which adapter, and the check that the kernel fits the layer's contraction.
+The words: a *set* of adapters is what ``stack_adapters`` builds; a *slot* is one adapter's
+place on its leading axis. A *stack* is always a layer stack (``nn.scan`` / ``nnx.scan``),
+whose axes come before the slot axis.
+
+Read by :func:`c3a_jax._layer_call.apply` for every adapted layer: when a layer's C3A kernel
+is a set, which row takes which adapter, and the check that the kernel fits the layer's
+contraction.
 
 Example:
   >>> import jax.numpy as jnp, c3a_jax as c3a
-  >>> from c3a_jax import _slots
-  >>> _slots.index_for("fc", jnp.ones((2, 2, 4))) is None      # one adapter
+  >>> from c3a_jax import _adapter_set
+  >>> _adapter_set.index_for("fc", jnp.ones((2, 2, 4))) is None      # one adapter
   True
   >>> with c3a.intercept(adapter_index=jnp.array([1, -1])):
-  ...   _slots.index_for("fc", jnp.ones((3, 2, 2, 4))).tolist()  # a set of 3
+  ...   _adapter_set.index_for("fc", jnp.ones((3, 2, 2, 4))).tolist()  # a set of 3
   [1, -1]
 """
 

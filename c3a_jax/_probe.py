@@ -1,4 +1,4 @@
-"""Learns each linear layer's kernel layout by tracing the model once, abstractly.
+"""Probes each linear layer's kernel layout by running the model once, abstractly.
 
 A params tree alone cannot tell a scanned ``nn.Dense`` (kernel ``(L, d_in, d_out)``) from an
 ``nn.DenseGeneral`` (kernel ``(d_in, heads, head_dim)``). The model can: under
@@ -10,7 +10,7 @@ Example:
   >>> import jax, jax.numpy as jnp, flax.linen as nn
   >>> model = nn.DenseGeneral((2, 4))
   >>> params = model.init(jax.random.key(0), jnp.ones((1, 8)))["params"]
-  >>> found = trace(lambda p: model.apply({"params": p}, jnp.ones((1, 8))), params)
+  >>> found = probe(lambda p: model.apply({"params": p}, jnp.ones((1, 8))), params)
   >>> found[""].shape, found[""].n_in
   ((8, 2, 4), 1)
 """
@@ -30,36 +30,29 @@ from c3a_jax._tree import unbox
 
 
 @dataclasses.dataclass(frozen=True)
-class Traced:
+class LayerShape:
   """One layer as its call saw it: its kernel's shape (per layer, in a stack), how many
   leading axes are "in", whether stored ``(out, in)``, and why C3A cannot adapt it, if so."""
 
-  kind: str
+  layer_class: str  # the layer's class name, for errors
   shape: tuple[int, ...]
   n_in: int = 1
   out_in: bool = False
   problem: str | None = None
 
 
-def stores_out_in(module: nn.Module) -> bool:
-  """transformers' FlaxConv1D (GPT-2) keeps its kernel ``(out, in)``; matched by name so that
-  transformers stays an optional dependency."""
-  return type(module).__name__ == "FlaxConv1D"
-
-
-def of_call(module: nn.Module, args: tuple, kwargs: dict) -> Traced:
+def of_call(module: nn.Module, args: tuple, kwargs: dict) -> LayerShape:
   """What a call of ``module`` contracts (a layer holding a ``kernel``)."""
-  kind = type(module).__name__
+  layer_class = type(module).__name__
   shape = tuple(np.shape(unbox(module.get_variable("params", "kernel"))))
-  if stores_out_in(module):
-    return Traced(kind, shape, 1, out_in=True)
+  out_in = _contraction.stores_out_in(module)
   try:
-    return Traced(kind, shape, _contraction.of_module(module, args, kwargs).n_in)
+    return LayerShape(layer_class, shape, _contraction.of_module(module, args, kwargs).n_in, out_in)
   except ValueError as e:
-    return Traced(kind, shape, problem=str(e))
+    return LayerShape(layer_class, shape, problem=str(e))
 
 
-def trace(forward: Callable[[Any], Any], params: Mapping) -> dict[str, Traced]:
+def probe(forward: Callable[[Any], Any], params: Mapping) -> dict[str, LayerShape]:
   """Every layer with a ``kernel`` that ``forward(params)`` calls, by dotted module path.
 
   Args:
@@ -70,7 +63,7 @@ def trace(forward: Callable[[Any], Any], params: Mapping) -> dict[str, Traced]:
   Raises:
     ValueError: ``forward`` fails on ``params``, or calls no layer that holds a kernel.
   """
-  found: dict[str, Traced] = {}
+  found: dict[str, LayerShape] = {}
 
   def record(next_fun, args, kwargs, context):
     module = context.module

@@ -1,0 +1,99 @@
+"""The one place C3A meets a layer's call: :class:`LayerCall` and :func:`apply`.
+
+Every adapted layer, whatever its framework, reaches the adapter through here: the linen
+interceptor (``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum``, transformers' ``FlaxConv1D``) and
+NNX's adapted layers (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``, Tunix's einsum
+modules, registered classes) each describe their call as a :class:`LayerCall`, and
+:func:`apply` returns its output with the C3A delta: added to the layer's own output, per row
+for a stack of adapters, or folded into its kernel (``x @ (kernel + delta)``) where the layer's
+product is exact enough to hold it (:func:`c3a_jax.ops.can_fold`). ``"auto"`` is resolved here,
+once per call, and the fold is decided here alone.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from c3a_jax import _contraction
+  >>> x, kernel, w = jnp.ones((2, 8)), jnp.zeros((8, 4)), jnp.ones((1, 2, 4))
+  >>> c = _contraction.Contraction.parse("ba,ac->bc", x.shape, kernel.shape)
+  >>> call = LayerCall(path="fc", x=x, w=w, contraction=c, base=lambda: x @ kernel,
+  ...                  fold_dtype=jnp.float32, operands=lambda: (x, kernel, None))
+  >>> apply(call).tolist()  # each output sums 8 inputs times w / d_in = 1
+  [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from c3a_jax import _adapter_set, _context, _contraction, ops
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+  """One call of an adapted layer, as C3A needs it.
+
+  Attributes:
+    path: the layer's name in errors (its module path).
+    x: the call's input, as given.
+    w: its C3A kernel ``(m, n, b)``, or a stack of them ``(K, m, n, b)`` (one per slot,
+      :func:`c3a_jax.stack_adapters`).
+    contraction: what the call contracts (:mod:`c3a_jax._contraction`).
+    base: the layer's own call, unadapted.
+    fold_dtype: the dtype the layer computes in, where its call is a plain
+      ``x @ kernel (+ bias)`` whose kernel can absorb the delta without rounding it; else None.
+    operands: ``(x, kernel, bias)`` cast as the layer's call casts them (``bias`` may be None);
+      called only to fold.
+    precision: the layer's own matmul precision, kept by the folded product.
+  """
+
+  path: str
+  x: jax.Array
+  w: jax.Array
+  contraction: _contraction.Contraction
+  base: Callable[[], jax.Array]
+  fold_dtype: Any = None
+  operands: Callable[[], tuple[jax.Array, jax.Array, jax.Array | None]] | None = None
+  precision: jax.lax.PrecisionLike = None
+
+
+def apply(call: LayerCall) -> jax.Array:
+  """The layer's output with its C3A delta, under the strategy ``c3a.intercept`` set."""
+  c, w = call.contraction, call.w
+  index = _adapter_set.index_for(call.path, w)
+  _adapter_set.check_fits(call.path, w, c, index is not None)
+  strategy = None if index is not None else _strategy(call)
+  if strategy == "fold" and call.fold_dtype is not None:
+    return _folded(call)
+  y = call.base()
+  # Cast x as the layer casts its inputs, so the delta sees what the base matmul saw.
+  rows = c.to_rows(call.x).astype(y.dtype)
+  if index is not None:
+    delta = _adapter_set.mixed_rows(call.path, rows, w, index)
+  else:
+    delta = ops.block_circulant_matmul(rows, w, strategy=strategy)
+  return y + c.from_rows(delta).astype(y.dtype)
+
+
+def _strategy(call: LayerCall) -> ops.Strategy:
+  """The strategy ``intercept`` set, with ``"auto"`` resolved for this call's shapes."""
+  strategy = _context.strategy.get()
+  if strategy != "auto":
+    return strategy
+  d_in = call.contraction.d_in
+  rows_shape = (call.x.size // d_in, d_in)
+  return ops.choose_strategy(rows_shape, call.w.shape, with_base=call.fold_dtype is not None)
+
+
+def _folded(call: LayerCall) -> jax.Array:
+  """The layer's own product with ``kernel + delta`` for its kernel (:func:`c3a_jax.ops.fold`)."""
+  c = call.contraction
+  x, kernel, bias = call.operands()
+  rows = ops.fold(c.to_rows(x), call.w, c.flat_kernel(kernel), precision=call.precision)
+  y = c.from_rows(rows)
+  if bias is not None:
+    y += jnp.reshape(bias, c.bias_shape())
+  return y.astype(call.fold_dtype)
