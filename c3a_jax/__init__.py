@@ -12,7 +12,7 @@ checkpoints and counters; :mod:`c3a_jax.io` files written whole; :mod:`c3a_jax.c
 
 import sys
 
-from c3a_jax import _compat, io, key_maps, ops, training, tree
+from c3a_jax import _compat, io, key_maps, ops, quantize, training, tree
 from c3a_jax._adapters import replace_slot, stack_adapters, weighted_sum
 from c3a_jax._config import C3AConfig
 from c3a_jax._hf_merge import merge_checkpoint
@@ -52,6 +52,7 @@ __all__ = [
   "nnx_params",
   "ops",
   "optimizer",
+  "quantize",
   "register_layer",
   "replace_slot",
   "save_adapter",

@@ -41,7 +41,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax import nnx
 
-from c3a_jax import _context, _contraction, _layer_call, ops
+from c3a_jax import _context, _contraction, _layer_call, _qwix, ops
 from c3a_jax._layer_call import LayerCall
 from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._tree import unbox
@@ -74,7 +74,9 @@ def _linen_call(module: nn.Module, args: tuple, kwargs: dict, next_fun: Callable
   except ValueError as e:
     raise ValueError(f"layer {path!r} holds a C3A kernel, but: {e}") from None
   x = args[0] if args else kwargs["inputs"]
-  fold_dtype = _fold_dtype(module, x)
+  kernel = unbox(module.get_variable("params", "kernel"))
+  quantized = _qwix.qtype(kernel) if _qwix.is_quantized(kernel) else None
+  fold_dtype = None if quantized else _fold_dtype(module, x)
   return LayerCall(
     path=path,
     x=x,
@@ -84,6 +86,7 @@ def _linen_call(module: nn.Module, args: tuple, kwargs: dict, next_fun: Callable
     fold_dtype=fold_dtype,
     operands=lambda: _operands(module, x, fold_dtype),
     precision=module.precision,
+    quantized=quantized,
   )
 
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import jax
 
-from c3a_jax import _tree
+from c3a_jax import _qwix, _tree
 from c3a_jax._config import C3AConfig
 from c3a_jax._layout import C3A_LEAVES
 from c3a_jax._targets import trains_fully
@@ -45,11 +45,14 @@ def label(params: Mapping, path: str, name: str, cfg: C3AConfig | None = None) -
 
 def labels(params: Mapping, cfg: C3AConfig | None = None) -> Any:
   """A tree shaped like ``params`` (same container types) holding each leaf's :func:`label`;
-  a Flax box (``nn.Partitioned``) counts as one leaf, so the result is a prefix of ``params``,
-  as optax's ``partition`` and ``masked`` take it."""
+  a Flax box (``nn.Partitioned``) or a Qwix-quantized weight counts as one leaf, so the result
+  is a prefix of ``params``, as optax's ``partition`` and ``masked`` take it."""
 
   def one(path, _):
     keys = [getattr(k, "key", k) for k in path]
     return label(params, ".".join(keys[:-1]), keys[-1], cfg)
 
-  return jax.tree_util.tree_map_with_path(one, params, is_leaf=_tree.is_box)
+  def is_leaf(x):
+    return _tree.is_box(x) or _qwix.is_quantized(x)
+
+  return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_leaf)

@@ -6,8 +6,9 @@ NNX's adapted layers (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum``, Tun
 modules, registered classes) each describe their call as a :class:`LayerCall`, and
 :func:`apply` returns its output with the C3A delta: added to the layer's own output, per row
 for a stack of adapters, or folded into its kernel (``x @ (kernel + delta)``) where the layer's
-product is exact enough to hold it (:func:`c3a_jax.ops.can_fold`). ``"auto"`` is resolved here,
-once per call, and the fold is decided here alone.
+product is exact enough to hold it (:func:`c3a_jax.ops.can_fold`) and not quantized
+(:mod:`c3a_jax._qwix`). ``"auto"`` is resolved here, once per call, and the fold is decided
+here alone.
 
 Example:
   >>> import jax.numpy as jnp
@@ -29,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from c3a_jax import _adapter_set, _context, _contraction, ops
+from c3a_jax import _adapter_set, _context, _contraction, _qwix, ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,8 @@ class LayerCall:
     operands: ``(x, kernel, bias)`` cast as the layer's call casts them (``bias`` may be None);
       called only to fold.
     precision: the layer's own matmul precision, kept by the folded product.
+    quantized: how the layer's kernel is quantized (Qwix, e.g. ``"int8"``), or None; such a
+      kernel never folds.
   """
 
   path: str
@@ -58,34 +61,49 @@ class LayerCall:
   fold_dtype: Any = None
   operands: Callable[[], tuple[jax.Array, jax.Array, jax.Array | None]] | None = None
   precision: jax.lax.PrecisionLike = None
+  quantized: str | None = None
 
 
 def apply(call: LayerCall) -> jax.Array:
   """The layer's output with its C3A delta, under the strategy ``c3a.intercept`` set."""
-  c, w = call.contraction, call.w
-  index = _adapter_set.index_for(call.path, w)
-  _adapter_set.check_fits(call.path, w, c, index is not None)
-  strategy = None if index is not None else _strategy(call)
-  if strategy == "fold" and call.fold_dtype is not None:
+  index = _adapter_set.index_for(call.path, call.w)
+  _adapter_set.check_fits(call.path, call.w, call.contraction, index is not None)
+  foldable = call.fold_dtype is not None and not _qwix.quantizing()
+  strategy = None if index is not None else _strategy(call, foldable)
+  if strategy == "fold" and foldable:
     return _folded(call)
   y = call.base()
-  # Cast x as the layer casts its inputs, so the delta sees what the base matmul saw.
-  rows = c.to_rows(call.x).astype(y.dtype)
-  if index is not None:
-    delta = _adapter_set.mixed_rows(call.path, rows, w, index)
-  else:
-    delta = ops.block_circulant_matmul(rows, w, strategy=strategy)
-  return y + c.from_rows(delta).astype(y.dtype)
+  # Outside Qwix's interception: Qwix would take the delta's einsums for the layer's own.
+  return y + _qwix.outside(_delta)(call, y.dtype, strategy, index)
 
 
-def _strategy(call: LayerCall) -> ops.Strategy:
+def _strategy(call: LayerCall, foldable: bool) -> ops.Strategy:
   """The strategy ``intercept`` set, with ``"auto"`` resolved for this call's shapes."""
   strategy = _context.strategy.get()
+  if strategy == "fold" and call.quantized:
+    raise ValueError(
+      f"layer {call.path!r} has a kernel quantized by Qwix ({call.quantized}); "
+      "strategy='fold' would add the C3A delta into it, where its bits would round the delta "
+      "away: use strategy='auto' (or 'fft', 'freq_major', 'dense'), which adds the delta to "
+      "the layer's output"
+    )
   if strategy != "auto":
     return strategy
   d_in = call.contraction.d_in
   rows_shape = (call.x.size // d_in, d_in)
-  return ops.choose_strategy(rows_shape, call.w.shape, with_base=call.fold_dtype is not None)
+  return ops.choose_strategy(rows_shape, call.w.shape, with_base=foldable)
+
+
+def _delta(call: LayerCall, dtype: Any, strategy: ops.Strategy | None, index: Any) -> jax.Array:
+  """The C3A delta of the call, laid out as its output, in ``dtype``; per row with ``index``."""
+  c = call.contraction
+  # Cast x as the layer casts its inputs, so the delta sees what the base matmul saw.
+  rows = c.to_rows(call.x).astype(dtype)
+  if index is not None:
+    delta = _adapter_set.mixed_rows(call.path, rows, call.w, index)
+  else:
+    delta = ops.block_circulant_matmul(rows, call.w, strategy=strategy)
+  return c.from_rows(delta).astype(dtype)
 
 
 def _folded(call: LayerCall) -> jax.Array:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from c3a_jax import _contraction, _layer_call, _layout, _merge_record, _tree, ops
+from c3a_jax import _contraction, _layer_call, _layout, _merge_record, _qwix, _tree, ops
 from c3a_jax._layer_call import LayerCall
 from c3a_jax._probe import LayerShape
 
@@ -96,14 +96,23 @@ def _spec(layer: nnx.Module) -> _LayerSpec | None:
   if isinstance(layer, nnx.Einsum):
     return _LayerSpec("kernel", lambda m: m.einsum_str)
   if isinstance(getattr(layer, "einsum_str", None), str):
-    weights = [
-      k for k, v in vars(layer).items() if isinstance(v, nnx.Param) and not isinstance(v, C3AParam)
-    ]
+    weights = [k for k, v in vars(layer).items() if _is_weight(v) and not isinstance(v, C3AParam)]
     if len(weights) == 1:
       return _LayerSpec(weights[0], lambda m: m.einsum_str)
-  if isinstance(getattr(layer, "kernel", None), nnx.Param):
+  if _is_weight(getattr(layer, "kernel", None)):
     return _LayerSpec("kernel", None)  # a layer with a kernel C3A does not know: refused by name
   return None
+
+
+def _is_weight(v: Any) -> bool:
+  """A layer's weight: an ``nnx.Param``, or one Qwix quantized (a pytree of Params)."""
+  return isinstance(v, nnx.Param) or _qwix.is_quantized(v)
+
+
+def weight(layer: nnx.Module, layer_spec: _LayerSpec | None = None) -> Any:
+  """``layer``'s weight: its array, or the quantized weight Qwix put in its place."""
+  held = getattr(layer, (layer_spec or _spec(layer)).kernel)
+  return held if _qwix.is_quantized(held) else held[...]
 
 
 def _supported(layer: nnx.Module, layer_spec: _LayerSpec) -> str | None:
@@ -136,7 +145,7 @@ def _static(layer: nnx.Module, layer_spec: _LayerSpec) -> tuple[LayerShape, tupl
   its kernel (stack axes included) is transposed into the layout rule's "in"-first order
   (None where it already is)."""
   name = type(layer).__name__
-  shape = tuple(np.shape(getattr(layer, layer_spec.kernel)[...]))
+  shape = tuple(np.shape(weight(layer, layer_spec)))
   problem = _supported(layer, layer_spec)
   if problem:
     return LayerShape(name, shape, problem=problem), None
@@ -179,7 +188,7 @@ def contraction(layer: nnx.Module, args: tuple, kwargs: dict) -> _contraction.Co
   """The contraction of ``layer(*args, **kwargs)``, with the actual input."""
   layer_spec = _spec(layer)
   x = args[0] if args else next(iter(kwargs.values()))
-  shape = np.shape(getattr(layer, layer_spec.kernel)[...])
+  shape = np.shape(weight(layer, layer_spec))
   if isinstance(layer, nnx.Einsum):
     spec = args[1] if len(args) > 1 else kwargs.get("einsum_str") or layer.einsum_str
     return _contraction.Contraction.parse(spec, np.shape(x), shape, any_order=True)
@@ -198,7 +207,9 @@ def _nnx_call(layer: nnx.Module, args: tuple, kwargs: dict) -> LayerCall:
   """An adapted NNX layer's call, as :func:`c3a_jax._layer_call.apply` reads it."""
   base = type(layer).c3a_base
   x = args[0] if args else next(iter(kwargs.values()))
-  fold_dtype = _fold_dtype(layer, x)
+  kernel = weight(layer)
+  quantized = _qwix.qtype(kernel) if _qwix.is_quantized(kernel) else None
+  fold_dtype = None if quantized else _fold_dtype(layer, x)
   return LayerCall(
     path=base.__name__,
     x=x,
@@ -208,6 +219,7 @@ def _nnx_call(layer: nnx.Module, args: tuple, kwargs: dict) -> LayerCall:
     fold_dtype=fold_dtype,
     operands=lambda: _operands(layer, x, fold_dtype),
     precision=getattr(layer, "precision", None),
+    quantized=quantized,
   )
 
 
@@ -232,7 +244,7 @@ def _fold_dtype(layer: nnx.Module, x: Any) -> Any:
       return None
   elif not (base.__name__ == "Einsum" and base.__module__.startswith(_EXACT_EINSUM)):
     return None
-  kernel = getattr(layer, _spec(layer).kernel)[...]
+  kernel = weight(layer)
   dtype = jnp.dtype(getattr(layer, "dtype", None) or jnp.result_type(x, kernel))
   precision = getattr(layer, "precision", None)
   foldable = all(ops.can_fold(d, precision=precision) for d in (dtype, kernel.dtype))
@@ -241,7 +253,7 @@ def _fold_dtype(layer: nnx.Module, x: Any) -> Any:
 
 def _operands(layer: nnx.Module, x: Any, dtype: Any) -> tuple[Any, Any, Any]:
   """``x``, the kernel and the bias (or None), in the dtype the layer computes in."""
-  kernel = getattr(layer, _spec(layer).kernel)[...]
+  kernel = weight(layer)
   bias = layer.bias[...] if getattr(layer, "bias", None) is not None else None
   return tuple(None if a is None else a.astype(dtype) for a in (x, kernel, bias))
 
@@ -260,7 +272,8 @@ def _adapted_class(cls: type) -> type:
 
 def set_c3a(layer: nnx.Module, w: jax.Array, layout: _layout.Layout) -> None:
   """Gives ``layer`` the C3A kernel ``w``: named like its kernel's sharding, stack axes first."""
-  kernel = getattr(layer, _spec(layer).kernel).get_metadata()
+  held = getattr(layer, _spec(layer).kernel)
+  kernel = {} if _qwix.is_quantized(held) else held.get_metadata()
   metadata = {k: kernel[k] for k in ("eager_sharding",) if k in kernel}
   for key in ("out_sharding", "sharding_names", "sharding"):
     if kernel.get(key) is not None:
@@ -297,7 +310,7 @@ class View:
         raise ValueError(f"the NNX model has no module {path!r}")
       perm = permutation(module)
       if name == C3A_KERNEL:
-        kernel = np.shape(getattr(module, _spec(module).kernel)[...])
+        kernel = np.shape(weight(module))
         if perm is not None:
           kernel = tuple(kernel[i] for i in perm)
         layout = _layout.of_shapes(kernel, np.shape(value), where=f"{path}.{name}")
@@ -305,6 +318,9 @@ class View:
         continue
       if name == "kernel" and _spec(module):
         attr = _spec(module).kernel
+        if _qwix.is_quantized(value):  # frozen, as the view read it: put back whole
+          setattr(module, attr, value)
+          continue
         if perm is not None:  # the view holds it in the layout rule's order
           value = _merge_record.carry(value, jnp.transpose(value, np.argsort(perm)))
       else:
@@ -347,19 +363,35 @@ def view(model: nnx.Module) -> View:
       layers[key] = shape_of(node, layer_spec)
   tree: dict = {}
   for key, module in modules.items():
-    layer_spec = _spec(module)
-    for name, var in vars(module).items():
-      if isinstance(var, nnx.Param):
-        leaf = "kernel" if layer_spec is not None and name == layer_spec.kernel else name
-        value = var[...]
-        perm = permutation(module) if leaf == "kernel" else None
-        if perm is not None:
-          value = _merge_record.carry(value, jnp.transpose(value, perm))
-        node = tree
-        for part in key.split(".") if key else ():
-          node = node.setdefault(part, {})
-        node[leaf] = value
+    for leaf, value in _leaves(key, module):
+      _tree.set_leaf(tree, key, leaf, value)
   return View(tree, modules, layers)
+
+
+def _leaves(key: str, module: nnx.Module) -> Iterator[tuple[str, Any]]:
+  """``module``'s own params as the view names them: its weight as ``"kernel"``, in the
+  layout rule's axis order; a weight Qwix quantized as it is (frozen, read for its shape)."""
+  layer_spec = _spec(module)
+  for name, var in vars(module).items():
+    is_kernel = layer_spec is not None and name == layer_spec.kernel
+    if not (isinstance(var, nnx.Param) or (is_kernel and _qwix.is_quantized(var))):
+      continue
+    perm = permutation(module) if is_kernel else None
+    if _qwix.is_quantized(var):
+      if perm is not None:
+        raise ValueError(
+          f"layer {key!r} ({type(module).__name__}) has a kernel quantized by Qwix "
+          f"({_qwix.qtype(var)}) whose input axis is not its first (einsum "
+          f"{layer_spec.einsum(module)!r}); c3a reads such kernels transposed, which a quantized "
+          "kernel cannot be without requantizing it. Leave this layer unquantized (Qwix's "
+          "module_path rule), or adapt a layer whose input axis leads"
+        )
+      yield "kernel", var
+      continue
+    value = var[...]
+    if perm is not None:
+      value = _merge_record.carry(value, jnp.transpose(value, perm))
+    yield ("kernel" if is_kernel else name), value
 
 
 def nnx_params(model: nnx.Module) -> dict:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from c3a_jax import _merge_record, _nnx, _tree, ops
+from c3a_jax import _merge_record, _nnx, _qwix, _tree, ops
 from c3a_jax._config import C3AConfig
 from c3a_jax._labels import label
 from c3a_jax._layout import C3A_LEAVES, Layout, box_c3a, of_shapes, rebox
@@ -314,6 +314,7 @@ def merge(params: Mapping, *, safe: bool = False, dtype: Any = None) -> Params:
       layout = _check_fits(path, module, name, w, "merge")
       boxed = module["kernel"]
       kernel = _tree.unbox(boxed)
+      _refuse_quantized(path, kernel)
       delta = layout_delta(w, layout)
       total = ops.compute_dtype(kernel.dtype, delta.dtype)  # float64 stays float64 (x64 mode)
       merged = (kernel.astype(total) + delta).astype(dtype or kernel.dtype)
@@ -335,6 +336,16 @@ def merge(params: Mapping, *, safe: bool = False, dtype: Any = None) -> Params:
       module["kernel"] = rebox(boxed, merged)
   warn_rounding(lossy, "merge", "merge(params, dtype=jnp.float32) keeps the deltas")
   return out
+
+
+def _refuse_quantized(path: str, kernel: Any) -> None:
+  if _qwix.is_quantized(kernel):
+    raise ValueError(
+      f"merge: layer {path!r} has a kernel quantized by Qwix ({_qwix.qtype(kernel)}), which "
+      "would round the C3A delta to its bits; merge the adapter into the full-precision "
+      "params instead (c3a.merge(c3a.combine(adapter, full_precision_params))), then quantize "
+      "that, or serve the quantized base under c3a.intercept()"
+    )
 
 
 def note_rounding(lossy: list, where: str, kernel: Any, merged: Any, delta: Any) -> None:

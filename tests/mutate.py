@@ -61,8 +61,8 @@ VIEW_WRITE = "value = _merge_record.carry(value, jnp.transpose(value, np.argsort
 DELTA_WEIGHT = "return blocks.transpose(1, 3, 0, 2).reshape(n * b, m * b) / (n * b)"
 FFT_SPECTRUM = "return jnp.conj(jnp.fft.rfft(w.astype(dtype), axis=-1)) / (n * b)"
 SPECTRAL = "irfft_weights(b) / (b * n * b), jnp.float32"
-DELTA_ADDED = "return y + c.from_rows(delta).astype(y.dtype)"
-FOLD_IF = 'if strategy == "fold" and call.fold_dtype is not None:'
+DELTA_ADDED = "return y + _qwix.outside(_delta)(call, y.dtype, strategy, index)"
+FOLD_IF = 'if strategy == "fold" and foldable:'
 TO_TORCH = 'return "weight", value.transpose(nd - 1, nd - 2, *range(nd - 2))'
 
 MUTATIONS = (
@@ -183,7 +183,7 @@ MUTATIONS = (
     "additive_delta_twice",
     "_layer_call.py",
     DELTA_ADDED,
-    "return y + 2 * c.from_rows(delta).astype(y.dtype)",
+    "return y + 2 * _qwix.outside(_delta)(call, y.dtype, strategy, index)",
     (LAYER_PATHS,),
   ),
   # 6. The fold decision inverted: the same values, another program (tests/test_precision.py
@@ -192,7 +192,7 @@ MUTATIONS = (
     "fold_decision_inverted",
     "_layer_call.py",
     FOLD_IF,
-    'if strategy != "fold" and call.fold_dtype is not None:',
+    'if strategy != "fold" and foldable:',
     ("tests/test_precision.py", LAYER_PATHS),
   ),
   # 7. PEFT export: a Flax (in, out) kernel saved as torch's (out, in) weight.
