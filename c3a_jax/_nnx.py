@@ -168,7 +168,19 @@ def _static(layer: nnx.Module, layer_spec: _LayerSpec) -> tuple[LayerShape, tupl
   permuted = LayerShape(name, tuple(unstacked[i] for i in c.perm), c.n_in)
   if c.perm == tuple(range(rank)):
     return permuted, None
+  held = weight(layer, layer_spec)
+  if _qwix.is_quantized(held):  # the view leaves it as it is, so no permutation to undo
+    return LayerShape(name, unstacked, problem=_relaid_quantized(spec, held)), None
   return permuted, (*range(n_stack), *(n_stack + p for p in c.perm))
+
+
+def _relaid_quantized(spec: str, held: Any) -> str:
+  return (
+    f"its kernel is quantized by Qwix ({_qwix.qtype(held)}) and its input axis is not the "
+    f"kernel's first (einsum {spec!r}); c3a reads such kernels transposed, which a quantized "
+    "kernel cannot be without requantizing it. Leave this layer unquantized (Qwix's "
+    "module_path rule), or adapt it before quantizing another copy"
+  )
 
 
 def shape_of(layer: nnx.Module, layer_spec: _LayerSpec) -> LayerShape:
@@ -370,24 +382,17 @@ def view(model: nnx.Module) -> View:
 
 def _leaves(key: str, module: nnx.Module) -> Iterator[tuple[str, Any]]:
   """``module``'s own params as the view names them: its weight as ``"kernel"``, in the
-  layout rule's axis order; a weight Qwix quantized as it is (frozen, read for its shape)."""
+  layout rule's axis order; a weight Qwix quantized as it is (frozen; a layer whose quantized
+  kernel would need relaying is refused as a target, :func:`_static`)."""
   layer_spec = _spec(module)
   for name, var in vars(module).items():
     is_kernel = layer_spec is not None and name == layer_spec.kernel
     if not (isinstance(var, nnx.Param) or (is_kernel and _qwix.is_quantized(var))):
       continue
-    perm = permutation(module) if is_kernel else None
     if _qwix.is_quantized(var):
-      if perm is not None:
-        raise ValueError(
-          f"layer {key!r} ({type(module).__name__}) has a kernel quantized by Qwix "
-          f"({_qwix.qtype(var)}) whose input axis is not its first (einsum "
-          f"{layer_spec.einsum(module)!r}); c3a reads such kernels transposed, which a quantized "
-          "kernel cannot be without requantizing it. Leave this layer unquantized (Qwix's "
-          "module_path rule), or adapt a layer whose input axis leads"
-        )
       yield "kernel", var
       continue
+    perm = permutation(module) if is_kernel else None
     value = var[...]
     if perm is not None:
       value = _merge_record.carry(value, jnp.transpose(value, perm))

@@ -50,6 +50,9 @@ def provider(
     tile_size: Qwix's sub-channel tiling of the contracted axis (e.g. 32, 64, 128; a float
       ``1/k`` makes ``k`` tiles); None: one scale per output channel.
     module_path: a regex over Qwix's module paths (``/``-joined, e.g. ``layers/0/attn/q_proj``).
+      For Tunix's models, ``r".*(_proj|_einsum)"`` takes every projection and leaves Gemma's
+      embedder alone (its tied output einsum would quantize the embedding table, which the
+      embedder then indexes as floats).
 
   Tunix's einsum modules cast their weight with ``jnp.astype``, which Qwix 0.1 does not
   intercept; the provider returned here casts a quantized weight as Qwix casts its arrays.

@@ -215,25 +215,38 @@ def test_nnx_either_order_matches_the_dequantized_model(order):
 
 
 def test_nnx_quantized_kernel_whose_input_axis_is_not_first_is_refused_by_name():
-  class GemmaQ(nnx.Module):
-    def __init__(self, rngs):
-      self.einsum_str = "BTD,NDH->BTNH"
-      self.w = nnx.Param(jax.random.normal(rngs.params(), (2, 16, 8)))
+  class Proj(nnx.Module):  # a Tunix / Gemma einsum module
+    def __init__(self, spec, shape, rngs):
+      self.einsum_str = spec
+      self.w = nnx.Param(jax.random.normal(rngs.params(), shape))
 
     def __call__(self, x):
       return jnp.einsum(self.einsum_str, x, self.w[...])
 
-  class Model(nnx.Module):
+  class Attention(nnx.Module):
     def __init__(self, rngs):
-      self.q = GemmaQ(rngs)
+      self.q = Proj("BTD,NDH->BTNH", (2, 16, 8), rngs)  # Gemma's query: D is not first
+      self.o = Proj("BTNH,NHD->BTD", (2, 8, 16), rngs)
 
     def __call__(self, x):
-      return self.q(x)
+      return self.o(self.q(x))
 
   x = jnp.ones((1, 3, 16))
-  q = c3a.quantize.quantize_nnx(Model(nnx.Rngs(0)), x, weights="int8")
-  with pytest.raises(ValueError, match=r"layer 'q' .* quantized by Qwix \(int8\) whose input axis"):
+  q = c3a.quantize.quantize_nnx(Attention(nnx.Rngs(0)), x, weights="int8")
+  with pytest.raises(
+    ValueError, match=r"C3A target 'q' .*quantized by Qwix \(int8\) and its input"
+  ):
     c3a.attach(q, c3a.C3AConfig(block_size=8, target_modules=["q"]), jax.random.key(1))
+  adapted = c3a.attach(q, c3a.C3AConfig(block_size=8, target_modules=["o"]), jax.random.key(1))
+  _bump(adapted)
+  with c3a.intercept():
+    got = adapted(x)
+  reference = Attention(nnx.Rngs(5))
+  for name in ("q", "o"):
+    getattr(reference, name).w[...] = qwix.dequantize(getattr(adapted, name).w.array)
+  c3a.set_nnx_params(reference, {"o": {"c3a_kernel": adapted.o.c3a_kernel[...]}})
+  with c3a.intercept("fft"):
+    np.testing.assert_allclose(got, reference(x), atol=1e-4 * float(jnp.abs(got).max()))
 
 
 # nf4's uint4 values are not a type tensorstore stores; a run re-quantizes its base from the

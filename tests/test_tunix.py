@@ -148,6 +148,48 @@ def test_c3a_jax_adapter_loads_in_peft(pair, tmp_path):
   np.testing.assert_allclose(_logits(adapted), want, atol=ATOL)
 
 
+def test_an_adapter_trained_over_an_int8_base_loads_in_peft_on_the_full_model(pair, tmp_path):
+  """QC3A: train over Tunix's model quantized to int8 by Qwix, save, and PEFT loads the
+  adapter onto the full-precision PyTorch model, which computes what c3a-jax computes over the
+  full-precision Tunix model with the same adapter."""
+  pytest.importorskip("qwix")
+  import optax
+
+  hf, tunix, key_map, base_path, _ = pair
+  tokens = jnp.asarray(TOKENS)
+  positions = jnp.broadcast_to(jnp.arange(TOKENS.shape[1]), TOKENS.shape)
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((TOKENS.shape[1],) * 2, bool)), (*TOKENS.shape, 8))
+  # Every projection; not Gemma's embedder, whose table its tied output einsum would quantize.
+  layers = r".*(_proj|_einsum)"
+  quantized = c3a.quantize.quantize_nnx(
+    tunix, tokens, positions, None, mask, weights="int8", module_path=layers
+  )
+  cfg = c3a.C3AConfig(**{**C3A, "target_modules": ["gate_proj", "down_proj"]})
+  adapted = c3a.attach(quantized, cfg, jax.random.key(0))
+  opt = nnx.Optimizer(adapted, optax.adam(1e-2), wrt=c3a.C3AParam)
+
+  def loss(m):
+    with c3a.intercept():
+      logits = m(tokens, positions, None, mask)[0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
+  @nnx.jit
+  def step(m, opt):
+    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, c3a.C3AParam))(m)
+    opt.update(m, grads)
+    return value
+
+  losses = [float(step(adapted, opt)) for _ in range(3)]
+  assert losses[-1] < losses[0]
+  c3a.save_adapter(str(tmp_path / "adapter"), adapted, cfg, key_map=key_map)
+  full, _ = c3a.load_adapter(str(tmp_path / "adapter"), tunix, key_map=key_map)
+  base = type(hf).from_pretrained(base_path).eval()
+  want = _torch_logits(peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval())
+  np.testing.assert_allclose(_logits(full), want, atol=ATOL)  # PEFT = c3a-jax, full precision
+  quantization_error = np.abs(_logits(quantized) - _logits(tunix)).max()
+  assert 0 < np.abs(_logits(adapted) - want).max() <= 2 * quantization_error + ATOL
+
+
 def test_peft_adapter_loads_in_tunix(pair, tmp_path):
   hf, tunix, key_map, base_path, _ = pair
   base = type(hf).from_pretrained(base_path).eval()
