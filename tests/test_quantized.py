@@ -265,3 +265,29 @@ def test_orbax_restores_a_quantized_base_with_its_adapter_exactly(tmp_path, sett
     assert a.dtype == b.dtype and np.array_equal(
       np.asarray(a, np.float32), np.asarray(b, np.float32)
     )
+
+
+def test_linen_every_order_gives_one_model(tmp_path):
+  """Attach then quantize, quantize then attach, and a saved adapter loaded onto the quantized
+  params: one adapter, one quantized base, the same outputs."""
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral((2, 16), name="proj")(x)
+
+  model = Model()
+  x = jax.random.normal(jax.random.key(0), (4, 16))
+  params = model.init(jax.random.key(1), x)["params"]
+  cfg = c3a.C3AConfig(block_size=8, target_modules=["proj"], init_weights="gaussian")
+  adapted = c3a.attach(
+    params, cfg, jax.random.key(2), forward=lambda p: model.apply({"params": p}, x)
+  )
+  c3a.save_adapter(str(tmp_path / "adapter"), adapted, cfg)
+  qmodel, attach_first = c3a.quantize.quantize_linen(model, adapted, x, weights="int8")
+  _, qparams = c3a.quantize.quantize_linen(model, params, x, weights="int8")
+  adapter, _ = c3a.load_adapter(str(tmp_path / "adapter"), qparams)
+  run = c3a.intercepted(qmodel.apply)
+  want = run({"params": attach_first}, x)
+  np.testing.assert_array_equal(run({"params": c3a.combine(adapter, qparams)}, x), want)
+  assert not np.allclose(want, qmodel.apply({"params": qparams}, x), atol=1e-3)
