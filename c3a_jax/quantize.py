@@ -73,7 +73,13 @@ def provider(
 
       return super().get_intercept_map() | {"jax.numpy.astype": astype}
 
-  rule = qwix.QuantizationRule(module_path=module_path, weight_qtype=qtype, tile_size=tile_size)
+  # Products of weights alone: a convolution's (a ViT's patch embedding) is not C3A's business.
+  rule = qwix.QuantizationRule(
+    module_path=module_path,
+    weight_qtype=qtype,
+    tile_size=tile_size,
+    op_names=("dot_general", "einsum"),
+  )
   return _Provider([rule])
 
 

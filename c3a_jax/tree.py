@@ -6,7 +6,9 @@ For code that walks params, adapters or optimizer state itself (sharding rules, 
 box (``nn.Partitioned``, ``nn.LogicallyPartitioned``) is one leaf: :func:`is_box` tells one,
 :func:`unbox` reads the array inside, :func:`rebox` puts a new value in the same box (names
 and all), as :func:`c3a_jax.attach`, :func:`c3a_jax.merge` and
-:func:`c3a_jax.training.param_shardings` keep boxes.
+:func:`c3a_jax.training.param_shardings` keep boxes. A weight Qwix quantized
+(:mod:`c3a_jax.quantize`) is a pytree of integer values and scales, frozen as one:
+:func:`is_quantized` tells one, so that a walk leaves it whole.
 
 Example:
   >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -22,6 +24,7 @@ Example:
 """
 
 from c3a_jax._layout import C3A_LEAVES, rebox
+from c3a_jax._qwix import is_quantized
 from c3a_jax._tree import is_box, unbox
 
-__all__ = ["C3A_LEAVES", "is_box", "rebox", "unbox"]
+__all__ = ["C3A_LEAVES", "is_box", "is_quantized", "rebox", "unbox"]

@@ -291,3 +291,39 @@ def test_linen_every_order_gives_one_model(tmp_path):
   want = run({"params": attach_first}, x)
   np.testing.assert_array_equal(run({"params": c3a.combine(adapter, qparams)}, x), want)
   assert not np.allclose(want, qmodel.apply({"params": qparams}, x), atol=1e-3)
+
+
+@pytest.mark.parametrize("weights", ["float8_e4m3fn", "int8"])
+def test_a_bfloat16_step_leaves_the_quantized_weights_as_qwix_stored_them(weights):
+  _, qmodel, _, adapted, x, cfg = _adapted_linen(*LINEN["dense"][:2], {"weights": weights})
+  adapter, base = c3a.split(adapted)
+  cast = c3a.training.cast_frozen(base, jnp.bfloat16)
+  assert cast["bias"].dtype == jnp.bfloat16
+  assert jax.tree.map(lambda a: a.dtype, cast["kernel"]) == jax.tree.map(
+    lambda a: a.dtype, base["kernel"]
+  )
+  tx = c3a.optimizer(optax.adam(1e-2), adapted, cfg)
+  step = c3a.make_train_step(
+    lambda p, b, r: jnp.sum(qmodel.apply({"params": p}, b) ** 2), tx, compute_dtype=jnp.bfloat16
+  )
+  new, metrics = jax.jit(step)(c3a.TrainState.create(adapter, tx), base, x)
+  assert np.isfinite(metrics["loss"]) and not np.allclose(
+    new.params["c3a_kernel"], adapter["c3a_kernel"]
+  )
+
+
+def test_the_provider_leaves_convolutions_alone():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(8, name="fc")(nn.Conv(8, (3,), name="conv")(x).reshape(x.shape[0], -1))
+
+  model = Net()
+  x = jnp.ones((2, 4, 3))
+  params = model.init(jax.random.key(0), x)["params"]
+  qmodel, qparams = c3a.quantize.quantize_linen(model, params, x, weights="int8")
+  assert c3a.tree.is_quantized(qparams["fc"]["kernel"])
+  assert not c3a.tree.is_quantized(qparams["conv"]["kernel"])
+  np.testing.assert_allclose(
+    qmodel.apply({"params": qparams}, x), model.apply({"params": params}, x), atol=0.05
+  )

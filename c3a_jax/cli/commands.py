@@ -112,6 +112,8 @@ def train(args: argparse.Namespace) -> int:
       for other, resume, overwrite in runs
     ]
     _print_table(summaries)
+    if job.quantized is not None:
+      print(f"base: {job.quantized}")
     print(f"run directory: {exp.output_dir}")
     _wrap_up(exp, summaries)  # writes the comparison plot into the run directory
   return 0
@@ -185,7 +187,8 @@ def _plot_comparison(exp: Experiment, summaries: list[dict]) -> str:
   runs = {}
   for mode in (s["mode"] for s in summaries):
     baseline = os.path.join(exp.output_dir, "baselines", mode)
-    runs[runner.MODE_NAMES[mode]] = exp.output_dir if mode == exp.train.mode else baseline
+    other = exp.model_copy(update={"train": exp.train.model_copy(update={"mode": mode})})
+    runs[runner.run_name(other)] = exp.output_dir if mode == exp.train.mode else baseline
   path = os.path.join(exp.output_dir, "comparison.png")
   runner.plot_comparison(runs, path, f"{exp.output_dir}: {' vs '.join(runs)}")
   return path
@@ -342,13 +345,25 @@ def _check_merge_target(
     )
 
 
+def full_precision(exp: Experiment) -> Experiment:
+  """``exp`` with its base as loaded (no model.quantize): what merge folds an adapter into."""
+  if exp.model.quantize is None:
+    return exp
+  return exp.model_copy(update={"model": exp.model.model_copy(update={"quantize": None})})
+
+
 def merge(args: argparse.Namespace) -> int:
   """``c3a-jax merge RUN_DIR OUT_DIR``: the adapter folded in, saved as a plain model."""
   import c3a_jax as c3a
 
   exp, params = _load_run(args.run_dir)
   _check_merge_target(args.out_dir, args.run_dir, exp, overwrite=args.overwrite)
-  job = _job(exp)
+  if exp.model.quantize is not None:
+    _log(
+      f"merge: the adapter, trained over the {exp.model.quantize.label()} base, is merged into "
+      "the full-precision base (a quantized kernel would round the delta away)"
+    )
+  job = _job(full_precision(exp))
   if job.base_checkpoint is not None:  # the Hugging Face checkpoint, its weights adapted
     adapter = os.path.join(args.run_dir, "adapter")
     c3a.merge_checkpoint(job.base_checkpoint, adapter, args.out_dir, overwrite=args.overwrite)
@@ -385,7 +400,7 @@ def export_lora(args: argparse.Namespace) -> int:
   _check_merge_target(
     args.out_dir, args.run_dir, exp, overwrite=args.overwrite, command="export-lora"
   )
-  job = _job(exp)
+  job = _job(full_precision(exp))  # the adapter alone is exported: no base to quantize
   with warnings.catch_warnings():
     # The table below names every layer's error; the library's warning would repeat it.
     warnings.filterwarnings("ignore", message=r"save_adapter\(as_lora=\.\.\.\): the rank-")

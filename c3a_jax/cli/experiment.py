@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from typing import Annotated, Any, Literal, Union
@@ -32,7 +33,7 @@ import yaml
 from pydantic import Field
 from pydantic_core import PydanticCustomError, PydanticKnownError
 
-from c3a_jax import C3AConfig, _compat, ops
+from c3a_jax import C3AConfig, _compat, ops, quantize
 from c3a_jax.io import brief
 
 
@@ -75,9 +76,83 @@ class _Section(pydantic.BaseModel):
   model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
 
 
+class QuantizeSpec(_Section):
+  """The frozen base quantized by Qwix's post-training quantization before C3A attaches
+  (QC3A, as QLoRA): ``c3a_jax.quantize``'s settings."""
+
+  weights: Literal[quantize.WEIGHTS] = Field(
+    description="how the frozen weights are stored (the section must set it)"
+  )
+  tile_size: Count | None = Field(
+    None, description="input features per scale (e.g. 32, 64, 128); null: one per output"
+  )
+  module_path: str | None = Field(
+    None,
+    description="a regex over Qwix's layer paths (layers/0/attn/q_proj); null: every linear "
+    "layer (Tunix: *_proj, *_einsum) but c3a.modules_to_save's",
+  )
+
+  @pydantic.field_validator("module_path")
+  @classmethod
+  def _a_regex(cls, module_path: str | None) -> str | None:
+    if module_path is not None:
+      try:
+        re.compile(module_path)
+      except re.error as e:
+        raise ValueError(
+          f"model.quantize.module_path: {brief(module_path)} is not a regular expression ({e})"
+        ) from None
+    return module_path
+
+  def rule_path(self, trained: tuple[str, ...] | None = (), library: str = "transformers") -> str:
+    """The regex Qwix's rule matches layer paths with: ``module_path``, or by default the
+    route's linear layers (:data:`QUANTIZED_LAYERS`) outside the modules ``trained`` names
+    (c3a.modules_to_save: a quantized weight cannot train), matched as PEFT matches them: a
+    module whose path ends with an entry, and what it holds (``head`` takes ``lm_head``)."""
+    if self.module_path is not None:
+      return self.module_path
+    layers = QUANTIZED_LAYERS[library][0]
+    names = "|".join(re.escape(name.replace(".", "/")) for name in trained or ())
+    return f"(?!.*(?:{names})(?:/.*)?$){layers}" if names else layers
+
+  def label(self) -> str:
+    """The storage in short, as plots name it: ``int8 (tile 32)``, ``nf4 (per channel)``."""
+    return f"{self.weights} ({f'tile {self.tile_size}' if self.tile_size else 'per channel'})"
+
+  def describe(self, trained: tuple[str, ...] | None = (), library: str = "transformers") -> str:
+    """How the base is stored, in words: ``int8 (tile 32), Qwix PTQ, every linear layer but
+    classifier``."""
+    if self.module_path is not None:
+      layers = f"the layers matching {self.module_path!r}"
+    else:
+      layers = QUANTIZED_LAYERS[library][1] + (f" but {', '.join(trained)}" if trained else "")
+    return f"{self.label()}, Qwix PTQ, {layers}"
+
+
+# model.library -> (the layers model.quantize quantizes by default, in words). Tunix's: its
+# projections, as c3a.quantize's docs advise (Gemma's tied embedding is no layer to quantize).
+QUANTIZED_LAYERS = {
+  "transformers": (".*", "every linear layer"),
+  "tunix": (".*(?:_proj|_einsum)", "every *_proj and *_einsum layer"),
+}
+
+
+def _quantize_section(value: Any) -> Any:
+  # model.quantize: int8 (or the override model.quantize=int8) is the section with its weights.
+  if isinstance(value, str):
+    return {"weights": value}
+  if value is not None and not isinstance(value, (dict, QuantizeSpec)):
+    raise ValueError(
+      f"model.quantize: a section (weights, tile_size, module_path) or one of "
+      f"{', '.join(quantize.WEIGHTS)}, got {brief(value)}"
+    )
+  return value
+
+
 class ModelSpec(_Section):
   """The base model: a Hugging Face hub name or local directory, run by transformers' Flax
-  models or (``library: tunix``, causal LMs) by Tunix's NNX Qwen 3 / Llama 3."""
+  models or (``library: tunix``, causal LMs) by Tunix's NNX Qwen 3 / Llama 3; ``quantize``
+  stores its frozen weights in 8 or 4 bits (Qwix), for C3A to train over."""
 
   name: str | None = Field(None, description="a hub name or a local model directory")
   from_pt: bool = Field(
@@ -86,6 +161,10 @@ class ModelSpec(_Section):
   revision: str | None = Field(None, description="the hub revision: a branch, tag or commit")
   library: Literal["transformers", "tunix"] = Field(
     "transformers", description="transformers' Flax models, or Tunix's NNX LLMs (causal_lm)"
+  )
+  quantize: Annotated[QuantizeSpec | None, pydantic.BeforeValidator(_quantize_section)] = Field(
+    None,
+    description="the frozen base quantized by Qwix (QC3A; int8 alone sets weights); null: none",
   )
 
 
@@ -237,7 +316,23 @@ class Experiment(_Section):
       raise ValueError("model.library 'tunix' runs causal LMs; set task: causal_lm")
     if self.task != "digits" and not self.data.name:
       raise ValueError(f"task {self.task!r} needs data.name (a dataset or a file)")
+    if self.model.quantize is not None:
+      self._quantizable()
     return self
+
+  def _quantizable(self) -> None:
+    """What trains over a quantized base: the adapter (and the head, biases), never its weights."""
+    weights = self.model.quantize.weights
+    if self.train.mode == "full":
+      raise ValueError(
+        f"train.mode 'full' trains every weight, but model.quantize stores the frozen base in "
+        f"{weights}, which does not train; use train.mode c3a (or head), or drop model.quantize"
+      )
+    if self.train.strategy == "fold":
+      raise ValueError(
+        f"train.strategy 'fold' adds the C3A delta into each kernel, which model.quantize "
+        f"stores in {weights} (the delta would round away); use auto, fft, freq_major or dense"
+      )
 
   @classmethod
   def from_dict(
@@ -287,9 +382,10 @@ def _overridden(d: dict, overrides: tuple[str, ...] | list[str]) -> dict:
     *parents, leaf = key.split(".")
     node = d
     for p in parents:
-      node = node.setdefault(p, {})
-      if not isinstance(node, dict):
+      child = node.setdefault(p, {})
+      if not isinstance(child, dict):
         raise ValueError(f"override {item!r}: {p} is not a section")
+      node[p] = node = dict(child)  # a copy: a section inside a section (model.quantize) too
     try:
       node[leaf] = yaml.safe_load(value)
     except yaml.YAMLError as e:
@@ -323,10 +419,22 @@ def _unknown_key(loc: tuple[str, ...]) -> str:
   *section, _ = loc
   model: Any = Experiment
   for name in section:
-    model = model.model_fields[name].annotation
+    model = _section(model.model_fields[name].annotation)
   where = ".".join(section) or "the top level"
   known = ", ".join(sorted(model.model_fields))
   return f"unknown key {'.'.join(loc)} ({where} has: {known})"
+
+
+def _section(hint: Any) -> Any:
+  """The section model a field's hint holds: ``QuantizeSpec`` for ``QuantizeSpec | None`` (or
+  its ``Annotated`` form); other hints as they are."""
+  if typing.get_origin(hint) is Annotated:
+    return _section(typing.get_args(hint)[0])
+  if typing.get_origin(hint) in (Union, types.UnionType):
+    models = [_section(a) for a in typing.get_args(hint) if a is not type(None)]
+    if len(models) == 1:
+      return models[0]
+  return hint
 
 
 def fields_help(bare: dict | None = None) -> str:
@@ -374,10 +482,28 @@ def _schema() -> typing.Iterator[tuple[str, str, Any, str]]:
       for f in dataclasses.fields(C3AConfig):
         yield f"{name}.{f.name}", _type_name(hints[f.name]), _default(f), ""
     elif isinstance(section, type) and issubclass(section, pydantic.BaseModel):
-      for key, f in section.model_fields.items():
-        yield f"{name}.{key}", _type_name(f.annotation), f.default, f.description or ""
+      yield from _section_schema(name, section)
     else:
       yield name, _type_name(section), field.default, field.description or ""
+
+
+class _Required:
+  def __repr__(self) -> str:
+    return "(required)"
+
+
+_REQUIRED = _Required()  # the default help shows for a field a section must set
+
+
+def _section_schema(prefix: str, section: type[pydantic.BaseModel]) -> typing.Iterator[tuple]:
+  """(dotted key, type, default, meaning) of a section's fields; an optional sub-section
+  (``model.quantize``) as a row of its own, then its fields'."""
+  for key, f in section.model_fields.items():
+    default = _REQUIRED if f.is_required() else f.default
+    yield f"{prefix}.{key}", _type_name(f.annotation), default, f.description or ""
+    inner = _section(f.annotation)
+    if isinstance(inner, type) and issubclass(inner, pydantic.BaseModel):
+      yield from _section_schema(f"{prefix}.{key}", inner)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -395,4 +521,6 @@ def _type_name(hint: Any) -> str:
     return " | ".join(map(_type_name, args))
   if hint is type(None):
     return "None"
+  if isinstance(hint, type) and issubclass(hint, pydantic.BaseModel):
+    return "section"
   return str(hint) if origin else hint.__name__

@@ -8,16 +8,20 @@ directory, or a CSV/JSON(L) file (then ``eval_split`` may name a second file).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
+import c3a_jax as c3a
 from c3a_jax.cli.experiment import DataSpec, Experiment
-from c3a_jax.cli.job import Job, Log
+from c3a_jax.cli.job import Job, Log, describe_quantized, quantize_errors, quantize_rule
 
 FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json"}
 _AUTO = {
@@ -312,13 +316,71 @@ def job(exp: Experiment, log: Log = print) -> Job:
     model.save_pretrained(out_dir, params=params)
     processor.save_pretrained(out_dir)
 
+  params, quantized = model.params, None
+  if exp.model.quantize is not None:
+    one = {k: v[:1] for k, v in train_data.items()}  # an example input, for Qwix's init
+    params, quantized = quantize(exp, model, lambda: logits_fn(model.params, one, None, False))
+    log(f"base: {quantized}")
+
   return Job(
     logits_fn=logits_fn,
-    params=model.params,
+    params=params,
     train_data=train_data,
     eval_data=eval_data,
     kind="lm" if exp.task == "causal_lm" else "classify",
     model_type=model.config.model_type,
     tokens_per_example=tokens,
     save_merged=save_merged,
+    quantized=quantized,
   )
+
+
+class _Called(Exception):
+  """Raised by :class:`_Recorder` once it has the arguments."""
+
+
+@dataclasses.dataclass
+class _Recorder:
+  """Stands in for a transformers model's linen module: records what its ``apply`` is given."""
+
+  args: tuple = ()
+  kwargs: dict = dataclasses.field(default_factory=dict)
+
+  def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
+    self.args, self.kwargs = args, kwargs
+    raise _Called
+
+
+def module_inputs(model: Any, call: Callable[[], Any]) -> tuple:
+  """The arguments with which ``call`` (a call of the transformers Flax ``model``) calls its
+  linen module, in the module's positional order: what its ``init`` takes."""
+  recorder, module = _Recorder(), model.module
+  model._module = recorder  # transformers' model holds its module there (``model.module``)
+  try:
+    call()
+  except _Called:
+    pass
+  finally:
+    model._module = module
+  signature = inspect.signature(type(module).__call__)
+  kwargs = {k: v for k, v in recorder.kwargs.items() if k in signature.parameters}
+  return signature.bind(module, *recorder.args, **kwargs).args[1:]
+
+
+def quantize(exp: Experiment, model: Any, call: Callable[[], Any]) -> tuple[Any, str]:
+  """(``model``'s params with the weights ``model.quantize`` names quantized by Qwix, how, in
+  words); ``model`` holds them and computes Qwix's products from then on (its module is
+  Qwix's). ``call`` calls ``model`` once (its inputs are recorded, never computed)."""
+  spec = exp.model.quantize
+  with quantize_errors(spec):
+    qmodule, params = c3a.quantize.quantize_linen(
+      model.module,
+      model.params,
+      *module_inputs(model, call),
+      weights=spec.weights,
+      tile_size=spec.tile_size,
+      module_path=quantize_rule(exp),
+    )
+  model._module = qmodule
+  model.params = params  # the float weights are let go: the quantized base is what runs
+  return params, describe_quantized(exp, params)

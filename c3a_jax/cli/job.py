@@ -6,6 +6,7 @@ models and datasets); consumed by :func:`c3a_jax.cli.runner.run`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ import numpy as np
 import optax
 
 from c3a_jax import intercept
+from c3a_jax.cli.experiment import Experiment, QuantizeSpec
 
 Batch = dict[str, np.ndarray]
 Log = Callable[[str], None]  # where progress messages go (stderr in the CLI)
@@ -40,6 +42,9 @@ class Job:
   attach: Callable[[Any, Any, jax.Array], Any] | None = None  # (params, cfg, rng) -> params
   key_map: Any = None  # the model's module paths -> PEFT's names, for the adapter files
   base_checkpoint: str | None = None  # merge writes this Hugging Face checkpoint, adapted
+  # How Qwix stores the frozen base (model.quantize), in words, e.g. "int8 (tile 32), Qwix PTQ,
+  # every linear layer but classifier: 24 weights"; None: as loaded.
+  quantized: str | None = None
 
   def loss(
     self, params: Any, batch: Batch, rng: jax.Array | None, train: bool
@@ -86,6 +91,70 @@ class Job:
         return self.row_stats(params, batch)
 
     return stats
+
+
+def is_quantized(x: Any) -> bool:
+  """Whether ``x`` is a weight Qwix quantized (its ``WithAux`` or ``QArray``), not an array."""
+  return type(x).__module__.split(".")[0] == "qwix"
+
+
+def quantized_paths(params: Any) -> list[str]:
+  """The ``/``-joined paths of the weights in ``params`` that Qwix quantized."""
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+  return ["/".join(str(getattr(k, "key", k)) for k in path) for path, x in flat if is_quantized(x)]
+
+
+@contextlib.contextmanager
+def quantize_errors(spec: QuantizeSpec) -> Iterator[None]:
+  """Qwix's errors while quantizing (a tile that does not divide a layer's input, a missing
+  Qwix) as one line naming the settings."""
+  try:
+    yield
+  except ImportError as e:
+    raise ValueError(
+      f'model.quantize needs Qwix ({e.name} is not installed): pip install "c3a-jax[tunix]"'
+    ) from None
+  except (ValueError, TypeError) as e:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    hint = ""
+    if "conv_general_dilated" in first:  # Qwix quantizes a convolution's weights only with
+      hint = (  # its activations: a ViT's patch embedding, say
+        "; leave the convolutions out with model.quantize.module_path (a regex over layer "
+        "paths; for a ViT: '(?!.*(patch_embeddings|classifier)).*')"
+      )
+    raise ValueError(
+      f"model.quantize (weights={spec.weights}, tile_size={spec.tile_size}): Qwix could not "
+      f"quantize the base: {first}{hint}"
+    ) from None
+
+
+def quantize_rule(exp: Experiment) -> str:
+  """The regex over layer paths that ``model.quantize`` quantizes in ``exp``'s model."""
+  return exp.model.quantize.rule_path(exp.c3a.modules_to_save, exp.model.library)
+
+
+def describe_quantized(exp: Experiment, params: Any) -> str:
+  """How ``model.quantize`` stored the base ``params`` (quantized), in words, with how many
+  weights; a ValueError where its ``module_path`` matched no layer."""
+  spec, trained = exp.model.quantize, exp.c3a.modules_to_save
+  paths = quantized_paths(params)
+  if not paths:
+    kernels = list(_kernel_paths(params))[:3]
+    raise ValueError(
+      f"model.quantize.module_path {quantize_rule(exp)!r} matches none of the model's "
+      f"linear layers, so nothing would be quantized (their paths: {', '.join(kernels)}, ...)"
+    )
+  return f"{spec.describe(trained, exp.model.library)}: {len(paths)} weights"
+
+
+def _kernel_paths(params: Any) -> Iterator[str]:
+  """The ``/``-joined paths of the modules in ``params`` that hold a matrix (a ``kernel``, or
+  Gemma's einsum ``w``), as Qwix's ``module_path`` sees them."""
+  flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]
+  for path, x in flat:
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if keys and keys[-1] in ("kernel", "w") and np.ndim(x) >= 2:
+      yield "/".join(keys[:-1])
 
 
 def batches(data: Batch, batch_size: int, seed: int, start: int = 0) -> Iterator[Batch]:

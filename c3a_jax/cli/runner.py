@@ -37,7 +37,15 @@ import c3a_jax as c3a
 from c3a_jax import _compat
 from c3a_jax.cli import rundir
 from c3a_jax.cli.experiment import Experiment, TrainSpec
-from c3a_jax.cli.job import Job, Log, batches, eval_batches
+from c3a_jax.cli.job import (
+  Job,
+  Log,
+  batches,
+  eval_batches,
+  is_quantized,
+  quantize_rule,
+  quantized_paths,
+)
 from c3a_jax.cli.rundir import RunDirError
 from c3a_jax.io import atomic_write
 from c3a_jax.training import Checkpointer, TrainState, cast_frozen, make_train_step
@@ -178,12 +186,35 @@ def _setup(exp: Experiment, job: Job):
   elif t.mode == "c3a":
     params = c3a.attach(params, cfg, jax.random.key(t.seed), model_type=job.model_type)
   trainable, base = c3a.split(params, cfg)
+  _refuse_training_quantized(exp, trainable)
   if not jax.tree.leaves(trainable):
     raise ValueError(
       f"train.mode={t.mode!r} trains nothing: set c3a.modules_to_save "
       "(e.g. [classifier]) or c3a.bias"
     )
   return trainable, base, c3a.optimizer(adamw(t.lr), trainable, cfg, head_tx=adamw(head_lr)), params
+
+
+def _refuse_training_quantized(exp: Experiment, trainable: Any) -> None:
+  """A weight Qwix quantized does not train (its values are integers, or 8-bit floats): one
+  that the run would train (c3a.modules_to_save's, in a module_path that names them) is refused."""
+  paths, q = quantized_paths(trainable), exp.model.quantize
+  if paths and q is not None:
+    raise ValueError(
+      f"model.quantize.module_path {quantize_rule(exp)!r} quantizes "
+      f"{', '.join(paths[:3])}, which train.mode {exp.train.mode} trains (c3a.modules_to_save); "
+      f"a weight stored in {q.weights} does not train: leave it out of module_path (null "
+      "leaves out every module c3a.modules_to_save names)"
+    )
+
+
+def cast_base(base: Any, dtype: Any) -> Any:
+  """``cast_frozen(base, dtype)`` with the weights Qwix quantized kept as they are stored: a
+  float8 weight's values cast to bfloat16 are no longer Qwix's ``float8_e4m3fn`` (Qwix computes
+  its products in the activations' dtype anyway)."""
+  return jax.tree.map(
+    lambda x: x if is_quantized(x) else cast_frozen(x, dtype), base, is_leaf=is_quantized
+  )
 
 
 @contextlib.contextmanager
@@ -217,6 +248,13 @@ def _linear_names(tree: Any) -> Iterator[str]:
 
 # How the console, plots and tables name each train.mode.
 MODE_NAMES = {"c3a": "C3A", "head": "head only", "full": "full fine-tuning"}
+
+
+def run_name(exp: Experiment) -> str:
+  """How plots name a run: its mode's name, and the base's storage where model.quantize set it
+  (``C3A over int8 (tile 32)``)."""
+  name, spec = MODE_NAMES[exp.train.mode], exp.model.quantize
+  return name if spec is None else f"{name} over {spec.label()}"
 
 
 def _figure():
@@ -429,7 +467,7 @@ def run(
     (own if hold_lock is None else hold_lock).enter_context(rundir.locked(exp.output_dir))
     out = prepare_dir(exp, resume=resume, overwrite=overwrite)
     if exp.train.compute_dtype == "bfloat16" and base is not None:
-      base = cast_frozen(base, jnp.bfloat16)  # once, not in every step
+      base = cast_base(base, jnp.bfloat16)  # once, not in every step
     state, last_eval, metrics = _loop(
       exp, job, out, trainable, base, tx, resume=resume, quiet=quiet, log=log
     )
@@ -520,6 +558,10 @@ def _loop(
 def _step_function(t: TrainSpec, job: Job, tx: optax.GradientTransformation) -> Callable:
   """The jitted training step of ``train`` settings ``t``; it donates its state."""
   dtype = jnp.bfloat16 if t.compute_dtype == "bfloat16" else None
+  if job.quantized is not None:
+    # The run casts the frozen base once (cast_base: Qwix's weights kept as stored); the
+    # step's own cast (cast_frozen) would cast a float8 weight's values too, which Qwix refuses.
+    dtype = None
   return jax.jit(
     make_train_step(
       lambda params, batch, rng: job.loss(params, batch, rng, True),
@@ -711,6 +753,8 @@ def _finish(
     "trainable_params": counts.trainable if t.mode != "full" else counts.total,
     "total_params": counts.total,
   }
+  if job.quantized is not None:
+    final["quantized_base"] = job.quantized
   if job.eval_data is not None:
     if last_eval is None:  # resumed a finished run: nothing was evaluated in the loop
       last_eval = evaluate(job, _combined(state, base), t.eval_batch_size)
@@ -720,6 +764,6 @@ def _finish(
     c3a.save_adapter(adapter, state.params, adapter_config(exp), key_map=job.key_map)
   else:
     atomic_write(os.path.join(out, "params.msgpack"), flax.serialization.to_bytes(state.params))
-  _plot(metrics.records, os.path.join(out, "metrics.png"), f"{out} ({MODE_NAMES[t.mode]})")
+  _plot(metrics.records, os.path.join(out, "metrics.png"), f"{out} ({run_name(exp)})")
   atomic_write(os.path.join(out, "summary.json"), strict_json(final, indent=2).encode())
   return final

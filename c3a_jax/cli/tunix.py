@@ -22,7 +22,7 @@ import numpy as np
 import c3a_jax as c3a
 from c3a_jax.cli import hub
 from c3a_jax.cli.experiment import Experiment
-from c3a_jax.cli.job import Job, Log
+from c3a_jax.cli.job import Job, Log, describe_quantized, quantize_errors, quantize_rule
 
 # Hugging Face model_type -> (tunix package, its loader module, its key map).
 FAMILIES = {
@@ -187,6 +187,11 @@ def job(exp: Experiment, log: Log = print) -> Job:
   tokenizer = transformers.AutoTokenizer.from_pretrained(path)
   if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
+  train_data = hub._text(spec, train, spec.train_split, tokenizer, True)
+  quantized = None
+  if exp.model.quantize is not None:
+    model, quantized = quantize(exp, model, {k: v[:1] for k, v in train_data.items()})
+    log(f"base: {quantized}")
   graphdef, state = nnx.split(model)
 
   def build(params):
@@ -195,11 +200,7 @@ def job(exp: Experiment, log: Log = print) -> Job:
     return m
 
   def logits_fn(params, batch, rng, train):
-    tokens, valid = batch["input_ids"], batch["attention_mask"].astype(bool)
-    t = tokens.shape[1]
-    positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
-    mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
-    return build(params)(tokens, positions, None, mask)[0]
+    return build(params)(*_inputs(batch))[0]
 
   def attach(params, cfg, rng):
     return c3a.nnx_params(c3a.attach(build(params), cfg, rng))
@@ -207,7 +208,7 @@ def job(exp: Experiment, log: Log = print) -> Job:
   return Job(
     logits_fn=logits_fn,
     params=jax.tree.map(jnp.asarray, c3a.nnx_params(model)),
-    train_data=hub._text(spec, train, spec.train_split, tokenizer, True),
+    train_data=train_data,
     eval_data=hub._text(spec, evals, spec.eval_split, tokenizer, True)
     if evals is not None
     else None,
@@ -216,4 +217,29 @@ def job(exp: Experiment, log: Log = print) -> Job:
     attach=attach,
     key_map=key_map,
     base_checkpoint=path,
+    quantized=quantized,
   )
+
+
+def _inputs(batch: dict[str, Any]) -> tuple:
+  """The model's arguments for ``batch``: tokens, positions, no cache, the causal mask."""
+  tokens, valid = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"], bool)
+  t = tokens.shape[1]
+  positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
+  mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+  return tokens, positions, None, mask
+
+
+def quantize(exp: Experiment, model: Any, example: dict[str, Any]) -> tuple[Any, str]:
+  """(a copy of the Tunix ``model`` whose weights ``model.quantize`` names Qwix quantized, how,
+  in words); ``example`` is a batch Qwix runs the model on once, to find its layers."""
+  spec = exp.model.quantize
+  with quantize_errors(spec):
+    quantized = c3a.quantize.quantize_nnx(
+      model,
+      *_inputs(example),
+      weights=spec.weights,
+      tile_size=spec.tile_size,
+      module_path=quantize_rule(exp),
+    )
+  return quantized, describe_quantized(exp, c3a.nnx_params(quantized))

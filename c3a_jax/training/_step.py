@@ -42,7 +42,7 @@ from flax import struct
 
 import c3a_jax as c3a  # the library's public names, read at call time: c3a_jax imports training
 from c3a_jax import ops
-from c3a_jax.tree import C3A_LEAVES
+from c3a_jax.tree import C3A_LEAVES, is_quantized
 
 LossFn = Callable[[Any, Any, jax.Array], jax.Array | tuple[jax.Array, dict]]
 
@@ -67,15 +67,18 @@ class TrainState(struct.PyTreeNode):
 
 
 def cast_frozen(tree: Any, dtype: Any) -> Any:
-  """Floating leaves of ``tree`` in ``dtype``, except C3A kernels (they stay float32)."""
+  """Floating leaves of ``tree`` in ``dtype``, except C3A kernels (they stay float32) and
+  quantized weights (their values and scales are Qwix's to keep)."""
 
   def cast(path, x):
     name = getattr(path[-1], "key", None) if path else None
-    if name in C3A_LEAVES or not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    if (
+      name in C3A_LEAVES or is_quantized(x) or not jnp.issubdtype(jnp.result_type(x), jnp.floating)
+    ):
       return x
     return jnp.asarray(x, dtype)
 
-  return jax.tree_util.tree_map_with_path(cast, tree)
+  return jax.tree_util.tree_map_with_path(cast, tree, is_leaf=is_quantized)
 
 
 def _split_micro(batch: Any, n: int) -> Any:
