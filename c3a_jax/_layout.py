@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -89,6 +90,18 @@ def of_shapes(
     + ("(*stack, d_out, d_in)" if out_in else "(*stack, *in axes, *out axes)")
     + " of those sizes"
   )
+
+
+def fits_as_set(fit: Callable[[tuple], Layout], shape: tuple[int, ...]) -> Layout | None:
+  """The layout of a C3A kernel ``shape`` read as a set of adapters (a slot axis before
+  ``(m, n, b)``, :func:`c3a_jax.stack_adapters`) by ``fit`` (:func:`of_shapes` of the layer),
+  or None if it does not fit as one either."""
+  if len(shape) < 4:
+    return None
+  try:
+    return fit((*shape[:-4], *shape[-3:]))
+  except ValueError:
+    return None
 
 
 def delta(w: jax.Array, layout: Layout) -> jax.Array:

@@ -289,8 +289,11 @@ def set_c3a(layer: nnx.Module, w: jax.Array, layout: _layout.Layout) -> None:
   metadata = {k: kernel[k] for k in ("eager_sharding",) if k in kernel}
   for key in ("out_sharding", "sharding_names", "sharding"):
     if kernel.get(key) is not None:
-      metadata[key] = tuple(kernel[key])[: len(layout.stack)] + (None,) * 3
-  if isinstance(getattr(layer, C3A_KERNEL, None), C3AParam):
+      metadata[key] = tuple(kernel[key])[: len(layout.stack)] + (None,) * (
+        np.ndim(w) - len(layout.stack)
+      )
+  held_c3a = getattr(layer, C3A_KERNEL, None)
+  if isinstance(held_c3a, C3AParam) and np.shape(held_c3a[...]) == np.shape(w):
     layer.c3a_kernel[...] = w
   else:
     layer.c3a_kernel = C3AParam(w, **metadata)
@@ -325,7 +328,13 @@ class View:
         kernel = np.shape(weight(module))
         if perm is not None:
           kernel = tuple(kernel[i] for i in perm)
-        layout = _layout.of_shapes(kernel, np.shape(value), where=f"{path}.{name}")
+        fit = functools.partial(_layout.of_shapes, kernel, where=f"{path}.{name}")
+        try:
+          layout = fit(np.shape(value))
+        except ValueError:
+          layout = _layout.fits_as_set(fit, np.shape(value))  # a set of adapters
+          if layout is None:
+            raise
         set_c3a(module, value, layout)
         continue
       if name == "kernel" and _spec(module):

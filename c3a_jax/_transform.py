@@ -38,7 +38,7 @@ from flax import nnx
 from c3a_jax import _merge_record, _nnx, _qwix, _tree, ops
 from c3a_jax._config import C3AConfig
 from c3a_jax._labels import label
-from c3a_jax._layout import C3A_LEAVES, Layout, box_c3a, of_shapes, rebox
+from c3a_jax._layout import C3A_LEAVES, Layout, box_c3a, fits_as_set, of_shapes, rebox
 from c3a_jax._layout import delta as layout_delta
 from c3a_jax._targets import Target, select
 from c3a_jax._tree import Params
@@ -250,7 +250,7 @@ def _check_fits(
   try:
     return fit(shape)
   except ValueError:
-    layout = _fits_as_set(fit, shape)
+    layout = fits_as_set(fit, shape)
     if layout is None:
       raise
   if slots_ok:
@@ -260,17 +260,6 @@ def _check_fits(
     f"(c3a.stack_adapters); {what} takes one adapter: pick slot k with "
     "jax.tree.map(lambda w: w[..., k, :, :, :], adapters), or join them with c3a.weighted_sum"
   )
-
-
-def _fits_as_set(fit: Callable[[tuple], Layout], shape: tuple[int, ...]) -> Layout | None:
-  """The layout of a C3A kernel ``shape`` read as a set of adapters (a slot axis before
-  ``(m, n, b)``), or None if it does not fit as one either."""
-  if len(shape) < 4:
-    return None
-  try:
-    return fit((*shape[:-4], *shape[-3:]))
-  except ValueError:
-    return None
 
 
 # The share of a delta's norm a low-precision merge may round away without a warning.

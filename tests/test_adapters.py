@@ -261,3 +261,23 @@ def test_weighted_sum_refuses_a_sum_that_overflows(three):
   _, adapters = three
   with pytest.raises(ValueError, match=r"weighted_sum: layer '(heads|out)'.* not finite"):
     c3a.weighted_sum({"a": (adapters[0], 1e39), "b": (adapters[1], 1.0)})
+
+
+def test_a_set_of_adapters_sets_into_an_nnx_model_as_a_params_tree():
+  """set_nnx_params takes a set (the command's mixed-batch eval on Tunix models does), and each
+  row computes its own adapter's output."""
+
+  cfg = c3a.C3AConfig(block_size=8, target_modules=".*", init_weights="gaussian")
+  one, two = (
+    c3a.attach(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), cfg, jax.random.key(k)) for k in (1, 2)
+  )
+  kernels = {
+    n: {"c3a_kernel": c3a.nnx_params(m)["c3a_kernel"]} for n, m in (("a", one), ("b", two))
+  }
+  model = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+  c3a.set_nnx_params(model, c3a.stack_adapters(kernels))
+  x = jax.random.normal(jax.random.key(3), (2, 16))
+  with c3a.intercept(adapter_index=jnp.array([0, 1])):
+    mixed = model(x)
+  np.testing.assert_allclose(mixed, jnp.stack([one(x)[0], two(x)[1]]), atol=1e-5)
+  assert not np.allclose(mixed[0], two(x)[0], atol=1e-3)
