@@ -29,8 +29,10 @@ from common import interleaved, machine, markdown_table, wait_for_quiet
 import c3a_jax as c3a
 
 
-def _model(args) -> qwen3.Qwen3:
-  dtype = jnp.dtype(args.dtype)
+def qwen3_model(args, dtype=None, **config) -> qwen3.Qwen3:
+  """Tunix's Qwen 3 at ``args``' width, depth and vocabulary (random weights), in ``dtype``
+  (default ``args.dtype``); ``config``: more ``ModelConfig`` fields."""
+  dtype = jnp.dtype(dtype or args.dtype)
   cfg = qwen3.ModelConfig(
     num_layers=args.layers,
     vocab_size=args.vocab,
@@ -43,11 +45,13 @@ def _model(args) -> qwen3.Qwen3:
     norm_eps=1e-6,
     dtype=dtype,
     param_dtype=dtype,
+    **config,
   )
   return qwen3.Qwen3(cfg, rngs=nnx.Rngs(0))
 
 
-def _inputs(args):
+def inputs(args):
+  """Tokens, positions and a causal mask for ``args.batch`` x ``args.seq``."""
   tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, args.vocab)
   positions = jnp.broadcast_to(jnp.arange(args.seq), tokens.shape)
   mask = jnp.broadcast_to(
@@ -87,15 +91,15 @@ def main() -> None:
   )
   args = p.parse_args()
 
-  tokens, positions, mask = _inputs(args)
-  base = _model(args)
+  tokens, positions, mask = inputs(args)
+  base = qwen3_model(args)
   cfg = c3a.C3AConfig(block_size=args.block_size, target_modules=["q_proj", "v_proj"])
   c3a_model = c3a.attach(base, cfg, jax.random.key(2))
   provider = qwix.LoraProvider(
     module_path=".*(q_proj|v_proj)", rank=args.rank, alpha=2.0 * args.rank
   )
   lora_model = qwix.apply_lora_to_model(
-    _model(args), provider, tokens, positions, None, mask, rngs=nnx.Rngs(3)
+    qwen3_model(args), provider, tokens, positions, None, mask, rngs=nnx.Rngs(3)
   )
   runs, counts = {}, {}
   lora_name = f"lora{args.rank}"

@@ -34,10 +34,26 @@ import jax
 
 from c3a_jax import _probe, _qwix, _tree
 
-__all__ = ["WEIGHTS", "dequantize", "provider", "quantize_linen", "quantize_nnx"]
+__all__ = ["WEIGHTS", "TunixCasts", "dequantize", "provider", "quantize_linen", "quantize_nnx"]
 
 WEIGHTS = ("int8", "int4", "nf4", "float8_e4m3fn")
 """Weight types for a frozen base: Qwix's 8- and 4-bit integer, NormalFloat4 and fp8 types."""
+
+
+class TunixCasts:
+  """Mixed into a Qwix provider (``class P(TunixCasts, qwix.LoraProvider)``), it casts a
+  quantized weight where Tunix's einsum modules call ``jnp.astype`` on their weight, which
+  Qwix 0.1 does not intercept (their call fails on a quantized weight without it)."""
+
+  def get_intercept_map(self) -> dict:
+    import jax.numpy as jnp
+
+    def astype(x, dtype, copy=False, device=None):
+      if _qwix.is_quantized(x):
+        return x.replace(array=x.array.astype(dtype)) if hasattr(x, "how") else x.astype(dtype)
+      return jnp.astype(x, dtype, copy=copy, device=device)
+
+    return super().get_intercept_map() | {"jax.numpy.astype": astype}
 
 
 def provider(
@@ -54,8 +70,8 @@ def provider(
       embedder alone (its tied output einsum would quantize the embedding table, which the
       embedder then indexes as floats).
 
-  Tunix's einsum modules cast their weight with ``jnp.astype``, which Qwix 0.1 does not
-  intercept; the provider returned here casts a quantized weight as Qwix casts its arrays.
+  The provider casts a quantized weight where Tunix's einsum modules call ``jnp.astype``
+  (:class:`TunixCasts`).
   """
   import jax.numpy as jnp
   import qwix
@@ -64,14 +80,8 @@ def provider(
     raise ValueError(f"quantize: weights={weights!r} is not one of {WEIGHTS}")
   qtype = getattr(jnp, weights) if weights.startswith("float8") else weights
 
-  class _Provider(qwix.PtqProvider):
-    def get_intercept_map(self):
-      def astype(x, dtype, copy=False, device=None):
-        if _qwix.is_quantized(x):
-          return x.replace(array=x.array.astype(dtype)) if hasattr(x, "how") else x.astype(dtype)
-        return jnp.astype(x, dtype, copy=copy, device=device)
-
-      return super().get_intercept_map() | {"jax.numpy.astype": astype}
+  class _Provider(TunixCasts, qwix.PtqProvider):
+    pass
 
   # Products of weights alone: a convolution's (a ViT's patch embedding) is not C3A's business.
   rule = qwix.QuantizationRule(

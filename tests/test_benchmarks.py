@@ -71,6 +71,13 @@ def test_tunix_qwix_benchmark():
   assert "| c3a auto |" in out and "| lora8 |" in out and "Target: c3a step" in out
 
 
+def test_quantized_base_benchmark():
+  pytest.importorskip("qwix")
+  pytest.importorskip("tunix.models.qwen3.model")
+  out = run("quantized.py", "--quick", "--repeats", "1", "--weights", "bf16,int8")
+  assert "| int8 |" in out and "Target: C3A step / QLoRA step over int8" in out
+
+
 def test_mixed_adapters_benchmark():
   out = run("mixed.py", *TINY, "--adapters", "2")
   assert "| mixed (2 adapters) |" in out and "Target: mixed / one" in out
