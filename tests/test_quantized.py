@@ -53,9 +53,20 @@ def _adapted_linen(make, x_shape, settings):
   return model, qmodel, params, c3a.combine(_nonzero(adapter), base), x, cfg
 
 
-# Every layer kind and weight type under "auto"; every strategy on one of them.
-CASES = [(layer, setting, "auto") for layer in sorted(LINEN) for setting in sorted(SETTINGS)] + [
-  ("dense_general", "int4", strategy) for strategy in ("fft", "freq_major", "dense")
+# Every layer kind and weight type under "auto", every strategy on one of them; the default
+# tier runs one case per layer kind and weight type.
+DEFAULT = {("dense", "int8"), ("dense_general", "int4"), ("einsum", "nf4-tile8")}
+CASES = [
+  pytest.param(
+    layer,
+    setting,
+    strategy,
+    marks=() if (layer, setting) in DEFAULT and strategy == "auto" else pytest.mark.integration,
+  )
+  for layer, setting, strategy in [
+    *((layer, setting, "auto") for layer in sorted(LINEN) for setting in sorted(SETTINGS)),
+    *(("dense_general", "int4", strategy) for strategy in ("fft", "freq_major", "dense")),
+  ]
 ]
 
 
@@ -73,6 +84,7 @@ def test_linen_output_is_qwix_product_plus_the_reference_delta(layer, setting, s
   assert np.abs(delta).max() > 1e-3  # the adapter is visible at this tolerance
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_linen_error_to_the_full_precision_model_is_the_quantization_error(setting):
   make, x_shape, _ = LINEN["dense"]
@@ -86,6 +98,7 @@ def test_linen_error_to_the_full_precision_model_is_the_quantization_error(setti
   assert 0 < float(jnp.abs(got - full).max()) <= quantization_error + 1e-5
 
 
+@pytest.mark.integration
 def test_linen_gradients_reach_the_c3a_kernels_alone_and_match_the_dequantized_model():
   make, x_shape, _ = LINEN["dense_general"]
   model, qmodel, _, adapted, x, cfg = _adapted_linen(make, x_shape, SETTINGS["int4"])
@@ -110,6 +123,7 @@ def test_linen_gradients_reach_the_c3a_kernels_alone_and_match_the_dequantized_m
   assert not np.allclose(new.params["c3a_kernel"], adapter["c3a_kernel"])
 
 
+@pytest.mark.integration
 def test_scanned_layers_quantize_per_layer_and_match_the_dequantized_model():
   class Block(nn.Module):
     @nn.compact
@@ -183,7 +197,10 @@ def _dequantized(qmodel):
   return model
 
 
-@pytest.mark.parametrize("order", ["quantize_then_attach", "attach_then_quantize"])
+@pytest.mark.parametrize(
+  "order",
+  ["quantize_then_attach", pytest.param("attach_then_quantize", marks=pytest.mark.integration)],
+)
 def test_nnx_either_order_matches_the_dequantized_model(order):
   x = jax.random.normal(jax.random.key(0), (8, 16))
   cfg = c3a.C3AConfig(block_size=8, target_modules=["fc1", "fc2"])
@@ -214,6 +231,7 @@ def test_nnx_either_order_matches_the_dequantized_model(order):
     c3a.merge(model)
 
 
+@pytest.mark.integration
 def test_nnx_quantized_kernel_whose_input_axis_is_not_first_is_refused_by_name():
   class Proj(nnx.Module):  # a Tunix / Gemma einsum module
     def __init__(self, spec, shape, rngs):
@@ -251,7 +269,7 @@ def test_nnx_quantized_kernel_whose_input_axis_is_not_first_is_refused_by_name()
 
 # nf4's uint4 values are not a type tensorstore stores; a run re-quantizes its base from the
 # full-precision weights (deterministic), and its checkpoints hold the adapter alone.
-@pytest.mark.parametrize("setting", ["int8", "int4"])
+@pytest.mark.parametrize("setting", ["int8", pytest.param("int4", marks=pytest.mark.integration)])
 def test_orbax_restores_a_quantized_base_with_its_adapter_exactly(tmp_path, setting):
   orbax = pytest.importorskip("orbax.checkpoint")
   _, _, _, adapted, _, _ = _adapted_linen(*LINEN["dense"][:2], SETTINGS[setting])
@@ -293,7 +311,9 @@ def test_linen_every_order_gives_one_model(tmp_path):
   assert not np.allclose(want, qmodel.apply({"params": qparams}, x), atol=1e-3)
 
 
-@pytest.mark.parametrize("weights", ["float8_e4m3fn", "int8"])
+@pytest.mark.parametrize(
+  "weights", ["int8", pytest.param("float8_e4m3fn", marks=pytest.mark.integration)]
+)
 def test_a_bfloat16_step_leaves_the_quantized_weights_as_qwix_stored_them(weights):
   _, qmodel, _, adapted, x, cfg = _adapted_linen(*LINEN["dense"][:2], {"weights": weights})
   adapter, base = c3a.split(adapted)
