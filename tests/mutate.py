@@ -186,6 +186,21 @@ MUTATIONS = (
     "return y + 2 * _qwix.outside(_delta)(call, y.dtype, strategy, index)",
     (LAYER_PATHS,),
   ),
+  # The quantized base: C3A's delta inside Qwix's interception; a fold into a quantized kernel.
+  Mutation(
+    "qwix_delta_inside",
+    "_layer_call.py",
+    DELTA_ADDED,
+    "return y + _delta(call, y.dtype, strategy, index)",
+    ("tests/test_quantized.py",),
+  ),
+  Mutation(
+    "quantized_fold_allowed",
+    "_layer_call.py",
+    'if strategy == "fold" and call.quantized:',
+    "if False:",
+    ("tests/test_quantized.py",),
+  ),
   # 6. The fold decision inverted: the same values, another program (tests/test_precision.py
   # reads the lowered dots; tests/test_layer_paths.py counts calls of ops.fold).
   Mutation(
