@@ -37,7 +37,8 @@ def is_quantized(x: Any) -> bool:
 
 
 def qtype(x: Any) -> str:
-  """How a quantized weight is stored, for messages: e.g. ``"int8"``, ``"nf4 (tile 32)"``."""
+  """How a quantized weight is stored, for messages: e.g. ``"int8"``, ``"nf4 (tiles {0: 32})"``
+  (Qwix's tiled axes and their tile sizes)."""
   how = getattr(x, "how", None)
   name = getattr(how, "qtype", None) or getattr(getattr(x, "array", x), "qtype", "quantized")
   name = getattr(name, "__name__", None) or getattr(name, "name", None) or str(name)

@@ -19,6 +19,7 @@ import optax
 
 from c3a_jax import intercept
 from c3a_jax.cli.experiment import Experiment, QuantizeSpec
+from c3a_jax.tree import is_quantized
 
 Batch = dict[str, np.ndarray]
 Log = Callable[[str], None]  # where progress messages go (stderr in the CLI)
@@ -91,11 +92,6 @@ class Job:
         return self.row_stats(params, batch)
 
     return stats
-
-
-def is_quantized(x: Any) -> bool:
-  """Whether ``x`` is a weight Qwix quantized (its ``WithAux`` or ``QArray``), not an array."""
-  return type(x).__module__.split(".")[0] == "qwix"
 
 
 def quantized_paths(params: Any) -> list[str]:

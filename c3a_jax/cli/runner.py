@@ -42,7 +42,6 @@ from c3a_jax.cli.job import (
   Log,
   batches,
   eval_batches,
-  is_quantized,
   quantize_rule,
   quantized_paths,
 )
@@ -206,15 +205,6 @@ def _refuse_training_quantized(exp: Experiment, trainable: Any) -> None:
       f"a weight stored in {q.weights} does not train: leave it out of module_path (null "
       "leaves out every module c3a.modules_to_save names)"
     )
-
-
-def cast_base(base: Any, dtype: Any) -> Any:
-  """``cast_frozen(base, dtype)`` with the weights Qwix quantized kept as they are stored: a
-  float8 weight's values cast to bfloat16 are no longer Qwix's ``float8_e4m3fn`` (Qwix computes
-  its products in the activations' dtype anyway)."""
-  return jax.tree.map(
-    lambda x: x if is_quantized(x) else cast_frozen(x, dtype), base, is_leaf=is_quantized
-  )
 
 
 @contextlib.contextmanager
@@ -467,7 +457,7 @@ def run(
     (own if hold_lock is None else hold_lock).enter_context(rundir.locked(exp.output_dir))
     out = prepare_dir(exp, resume=resume, overwrite=overwrite)
     if exp.train.compute_dtype == "bfloat16" and base is not None:
-      base = cast_base(base, jnp.bfloat16)  # once, not in every step
+      base = cast_frozen(base, jnp.bfloat16)  # once, not in every step
     state, last_eval, metrics = _loop(
       exp, job, out, trainable, base, tx, resume=resume, quiet=quiet, log=log
     )
@@ -558,10 +548,6 @@ def _loop(
 def _step_function(t: TrainSpec, job: Job, tx: optax.GradientTransformation) -> Callable:
   """The jitted training step of ``train`` settings ``t``; it donates its state."""
   dtype = jnp.bfloat16 if t.compute_dtype == "bfloat16" else None
-  if job.quantized is not None:
-    # The run casts the frozen base once (cast_base: Qwix's weights kept as stored); the
-    # step's own cast (cast_frozen) would cast a float8 weight's values too, which Qwix refuses.
-    dtype = None
   return jax.jit(
     make_train_step(
       lambda params, batch, rng: job.loss(params, batch, rng, True),
